@@ -1,0 +1,20 @@
+"""Shared CLI behaviour: user errors print one clear message and exit non-zero, never a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from chattune.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+@contextlib.contextmanager
+def main_guard() -> Iterator[None]:
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None

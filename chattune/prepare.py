@@ -1,0 +1,311 @@
+"""Conversations -> token ids and labels, in parallel, cached, with a report of everything that was cut or dropped.
+
+`prepare_dataset` renders every validated conversation with the chat template (`template.render_conversation`),
+tokenizes it with offsets, truncates to `max_length` and drops samples left with no trained token. Nothing
+disappears silently: `DataReport` counts truncated and dropped samples, and per-turn samples of templates that
+rewrite history. The result is cached on disk, keyed by the data, tokenizer, template and settings, so a re-run (and
+every other rank of a distributed run) reads it instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chattune import __version__
+from chattune.template import IGNORE_INDEX, encode_samples, make_renderer, render_conversation
+
+# Below this many conversations worker processes cost more than they save.
+_PARALLEL_MIN_CONVERSATIONS = 4000
+
+
+@dataclass
+class DataReport:
+    files: list[str] = field(default_factory=list)
+    conversations: int = 0
+    skipped_records: int = 0  # invalid records dropped by --skip_invalid_records
+    samples: int = 0  # rendered samples (conversations + turns rendered on their own)
+    own_turn_samples: int = 0  # turns the template rewrites later, trained as samples of their own
+    kept: int = 0
+    tokens: int = 0  # in kept samples, after truncation
+    trained_tokens: int = 0
+    truncated: int = 0  # kept samples cut at max_length
+    truncated_tokens: int = 0  # tokens cut from kept samples
+    dropped_no_trained: int = 0  # samples whose trained part lay wholly beyond max_length
+    eos_appended: int = 0  # last turns the template left without an end-of-turn token; eos appended
+    unstopped_turns: int = 0  # trained turns followed by no end-of-turn token (the model may not learn to stop)
+    max_length: int = 0
+    length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        lines = [
+            f"data: {self.conversations} conversations from {len(self.files)} file(s)"
+            + (f", {self.skipped_records} invalid records skipped" if self.skipped_records else ""),
+            f"  samples {self.samples} ({self.own_turn_samples} turns rendered on their own), kept {self.kept}",
+            f"  tokens {self.tokens:,}, trained {self.trained_tokens:,}"
+            + (f" ({self.trained_tokens / self.tokens:.0%})" if self.tokens else ""),
+            f"  truncated at {self.max_length}: {self.truncated} samples ({self.truncated_tokens:,} tokens cut);"
+            f" dropped with no trained token left: {self.dropped_no_trained}",
+        ]
+        if self.eos_appended:
+            lines.append(f"  eos appended to {self.eos_appended} last turns (the template leaves them open)")
+        if self.unstopped_turns:
+            lines.append(
+                f"  WARNING: {self.unstopped_turns} trained turns end without an end-of-turn token: the model may not "
+                "learn to stop. Use a template that closes assistant turns (--template)."
+            )
+        shown = _trim_empty(self.length_histogram)
+        if shown:
+            lines.append("  sample length (tokens, before truncation):")
+            peak = max(shown.values()) or 1
+            for bucket, count in shown.items():
+                lines.append(f"    {bucket:>13} {count:>8}  {'#' * max(1 if count else 0, round(30 * count / peak))}")
+        return "\n".join(lines)
+
+
+def _trim_empty(histogram: dict[str, int]) -> dict[str, int]:
+    """Drop the empty buckets at both ends, so the table shows the range the data covers."""
+    items = list(histogram.items())
+    nonzero = [i for i, (_, n) in enumerate(items) if n]
+    return dict(items[nonzero[0] : nonzero[-1] + 1]) if nonzero else {}
+
+
+def _bucket_edges(max_length: int) -> list[int]:
+    edges, edge = [], 64
+    while edge < max_length:
+        edges.append(edge)
+        edge *= 2
+    return [*edges, max_length]
+
+
+def length_histogram(lengths: Sequence[int], max_length: int) -> dict[str, int]:
+    """Counts per power-of-two bucket up to max_length, then one bucket for longer samples (those truncated)."""
+    edges = _bucket_edges(max_length)
+    counts = [0] * (len(edges) + 1)
+    for n in lengths:
+        i = next((k for k, e in enumerate(edges) if n <= e), len(edges))
+        counts[i] += 1
+    names, low = [], 1
+    for e in edges:
+        names.append(f"{low}-{e}")
+        low = e + 1
+    names.append(f"> {max_length}")
+    return dict(zip(names, counts))
+
+
+def truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Keep the first `max_length` tokens (the beginning of the conversation and its first answers)."""
+    return input_ids[:max_length], labels[:max_length]
+
+
+@dataclass
+class _Job:
+    """What a tokenizer worker needs; inherited by forked workers instead of pickled for every chunk."""
+    conversations: Sequence[Any]
+    tokenizer: Any
+    template_kwargs: dict[str, Any] | None
+    stop_tokens: list[str]
+    max_length: int
+
+
+_FORKED_JOB: _Job | None = None  # set in the parent just before forking the worker pool, read by the workers
+
+
+def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str, np.ndarray]:
+    """Render, tokenize and truncate conversations[lo:hi]; flat arrays, one entry per sample."""
+    job = job or _FORKED_JOB
+    lo, hi = bounds
+    render = make_renderer(job.tokenizer, job.template_kwargs)
+    rendered, owners = [], []
+    for index in range(lo, hi):
+        messages = job.conversations[index].messages
+        for sample in render_conversation(render, messages, job.stop_tokens):
+            rendered.append(sample)
+            owners.append(index)
+    encoded = encode_samples(job.tokenizer, rendered)
+    ids = [i[: job.max_length] for i, _ in encoded]
+    labels = [lab[: job.max_length] for _, lab in encoded]
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return {
+        "input_ids": flat.astype(np.int32),
+        "labels": (np.concatenate(labels) if labels else flat).astype(np.int32),
+        "kept_length": np.array([len(i) for i in ids], np.int64),
+        "length": np.array([len(i) for i, _ in encoded], np.int64),
+        "trained": np.array([int((lab != IGNORE_INDEX).sum()) for lab in labels], np.int64),
+        "conversation": np.array(owners, np.int64),
+        "own_turn": np.array([s.own_turn for s in rendered], bool),
+        "eos_appended": np.array([s.eos_appended for s in rendered], bool),
+        "unstopped": np.array([s.unstopped_turns for s in rendered], np.int64),
+    }
+
+
+def _encode_all(job: _Job, num_proc: int, chunk: int = 1000) -> dict[str, np.ndarray]:
+    """Encode every conversation, in `num_proc` forked workers when there are enough of them to pay off."""
+    global _FORKED_JOB
+    from tqdm.auto import tqdm
+
+    n = len(job.conversations)
+    ranges = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    bar = tqdm(total=n, desc="Tokenizing conversations", unit="conv", disable=n < chunk)
+    parts = []
+    if num_proc > 1 and len(ranges) > 1:
+        _FORKED_JOB = job
+        try:
+            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+                for (lo, hi), part in zip(ranges, pool.imap(_encode_range, ranges)):
+                    parts.append(part)
+                    bar.update(hi - lo)
+        finally:
+            _FORKED_JOB = None
+    else:
+        for lo, hi in ranges:
+            parts.append(_encode_range((lo, hi), job))
+            bar.update(hi - lo)
+    bar.close()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else _encode_range((0, 0), job)
+
+
+def _to_dataset(encoded: dict[str, np.ndarray], keep: np.ndarray):
+    """A `datasets.Dataset` of the kept samples, built from flat arrays without a Python loop over tokens."""
+    import datasets
+    import pyarrow as pa
+
+    lengths = encoded["kept_length"][keep]
+    token_keep = np.repeat(keep, encoded["kept_length"])
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+
+    def column(flat: np.ndarray) -> pa.ListArray:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat[token_keep]))
+
+    table = pa.table({
+        "input_ids": column(encoded["input_ids"]),
+        "labels": column(encoded["labels"]),
+        "conversation": pa.array(encoded["conversation"][keep]),
+    })
+    return datasets.Dataset(table)
+
+
+def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length) -> str:
+    h = hashlib.sha256()
+    h.update(f"chattune {__version__} prepare v1\n".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    settings = [tokenizer.chat_template, template_kwargs, list(stop_tokens), max_length, tokenizer.special_tokens_map]
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for c in conversations:
+        h.update(json.dumps(c.messages, ensure_ascii=False, sort_keys=True).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CHATTUNE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "chattune")
+    return Path(root).expanduser() / "tokenized"
+
+
+@dataclass
+class Prepared:
+    dataset: Any  # datasets.Dataset with input_ids, labels, conversation (index of the source conversation)
+    report: DataReport
+    cache_path: Path
+    from_cache: bool = False
+
+
+def prepare_dataset(
+    conversations: Sequence[Any],
+    tokenizer: Any,
+    *,
+    stop_tokens: Sequence[str],
+    max_length: int,
+    template_kwargs: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    files: Sequence[str] = (),
+    skipped_records: int = 0,
+) -> Prepared:
+    """Tokenize `conversations` (validated `data.Conversation`s) into a cached `datasets.Dataset` and report."""
+    import datasets
+
+    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / key
+    if (target / "report.json").exists():
+        report = DataReport(**json.loads((target / "report.json").read_text()))
+        report.files, report.skipped_records = list(files), skipped_records
+        return Prepared(datasets.load_from_disk(str(target / "data")), report, target, from_cache=True)
+
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
+    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length)
+    encoded = _encode_all(job, num_proc)
+    report = _report(encoded, max_length, len(conversations), files, skipped_records)
+    dataset = _to_dataset(encoded, encoded["trained"] > 0)
+    tmp = cache / f".{key}.{os.getpid()}.tmp"
+    dataset.save_to_disk(str(tmp / "data"))
+    (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    if not target.exists():
+        os.replace(tmp, target)  # atomic: a crash mid-write never leaves a half cache behind
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(datasets.load_from_disk(str(target / "data")), report, target)
+
+
+def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int, files, skipped_records: int
+            ) -> DataReport:
+    length, trained = encoded["length"], encoded["trained"]
+    kept = trained > 0
+    truncated = kept & (length > max_length)
+    return DataReport(
+        files=list(files), conversations=conversations, skipped_records=skipped_records, max_length=max_length,
+        samples=len(length), own_turn_samples=int(encoded["own_turn"].sum()),
+        eos_appended=int(encoded["eos_appended"].sum()), unstopped_turns=int(encoded["unstopped"].sum()),
+        kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
+        truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
+        dropped_no_trained=int((~kept).sum()), length_histogram=length_histogram(length.tolist(), max_length),
+    )
+
+
+def format_preview(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int], color: bool = False) -> str:
+    """The sample's text with the trained part marked: ⟦trained⟧ (and green when `color`)."""
+    open_, close = ("\x1b[32m⟦", "⟧\x1b[0m") if color else ("⟦", "⟧")
+    parts, run, trained = [], [], None
+    for token, label in zip(input_ids, labels):
+        now = label != IGNORE_INDEX
+        if trained is not None and now != trained:
+            parts.append((trained, run))
+            run = []
+        run.append(token)
+        trained = now
+    if run:
+        parts.append((trained, run))
+    text = "".join(
+        open_ + tokenizer.decode(ids) + close if is_trained else tokenizer.decode(ids) for is_trained, ids in parts
+    )
+    return text
+
+
+def trained_segments(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> list[str]:
+    """The decoded runs of consecutive trained tokens, in order (what the model learns to write)."""
+    segments, run = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            segments.append(tokenizer.decode(run))
+            run = []
+    if run:
+        segments.append(tokenizer.decode(run))
+    return segments

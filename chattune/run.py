@@ -1,0 +1,94 @@
+"""The training run, top to bottom: tokenizer -> data -> model -> train -> save."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+from chattune.data import load_conversations
+from chattune.errors import ConfigError
+from chattune.prepare import Prepared, format_preview, prepare_dataset
+from chattune.template import TemplateSetup
+from chattune.tokenizer import prepare_tokenizer
+
+
+@dataclass
+class Data:
+    train: Prepared
+    eval: Prepared | None
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
+               main_process_first: Any = None) -> Data:
+    """Read and validate every record, then tokenize (main process first; the other ranks read its cache)."""
+    if not data_args.data_path:
+        raise ConfigError("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
+    template_kwargs = data_args.parsed_template_kwargs()
+
+    def prepare(path: str) -> Prepared:
+        loaded = load_conversations(path, skip_invalid=data_args.skip_invalid_records)
+        return prepare_dataset(
+            loaded.conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length,
+            template_kwargs=template_kwargs, cache_dir=data_args.data_cache_dir,
+            num_proc=data_args.preprocessing_num_workers, files=loaded.files, skipped_records=loaded.skipped_records,
+        )
+
+    # Validate the evaluation data too before the (slow) tokenization of the training data starts.
+    if data_args.eval_data_path:
+        load_conversations(data_args.eval_data_path, skip_invalid=data_args.skip_invalid_records)
+    if main_process_first is None:
+        train = prepare(data_args.data_path)
+        evaluation = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
+    else:
+        with main_process_first(desc="tokenizing data"):
+            train = prepare(data_args.data_path)
+            evaluation = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
+    if train.report.kept == 0:
+        raise ConfigError(
+            f"no training sample has a trained token left after truncation to {max_length} tokens; "
+            "raise --model_max_length"
+        )
+    return Data(train, evaluation)
+
+
+def preview(tokenizer: Any, prepared: Prepared, n: int) -> None:
+    color = sys.stderr.isatty()
+    for i in range(min(n, len(prepared.dataset))):
+        row = prepared.dataset[i]
+        log(f"--- sample {i} (trained part in ⟦ ⟧) ---\n{format_preview(tokenizer, row['input_ids'], row['labels'], color)}")
+
+
+def dump_tokenized(prepared: Prepared, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in prepared.dataset.select_columns(["input_ids", "labels"]):
+            f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
+    log(f"wrote {len(prepared.dataset)} tokenized samples to {path}")
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+        lora_args: LoraArguments) -> None:
+    tokenizer, setup = prepare_tokenizer(
+        model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
+                      main_process_first=training_args.main_process_first)
+    if training_args.process_index == 0:
+        log(data.train.report.format())
+        if data.eval is not None:
+            log("eval " + data.eval.report.format())
+        preview(tokenizer, data.train, data_args.preview_data)
+    if data_args.dump_tokenized:
+        if training_args.process_index == 0:
+            dump_tokenized(data.train, data_args.dump_tokenized)
+        return
+    from chattune.train import train_and_save
+
+    train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data)

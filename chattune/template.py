@@ -1,0 +1,294 @@
+"""Render conversations with the model's own chat template and mask the loss from character spans.
+
+Contract (what `render_conversation` + `tokenize_samples` guarantee):
+
+* The text of a sample is exactly `tokenizer.apply_chat_template(messages, tokenize=False)`, and its token ids are
+  exactly `apply_chat_template(messages, tokenize=True)` (the text tokenized once, without extra special tokens).
+* The trained part of assistant turn *i* starts where `apply_chat_template(messages[:i], add_generation_prompt=True)`
+  ends, i.e. it is precisely what the model has to generate at inference after that prompt, and it runs through the
+  turn's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, eos, ...). Whitespace the template writes *after* the
+  end-of-turn token is not trained: at inference the model stops before it.
+* Labels are derived from character spans through the tokenizer's offset mapping: a token is trained when any of its
+  characters is. A BPE merge across the prompt/answer boundary therefore cannot shift the mask.
+* Templates that rewrite earlier turns (Qwen3 drops the reasoning of earlier answers) are not prefix stable: a turn
+  whose rendering is not a prefix of the whole conversation is emitted as its own sample, ending at that turn, so
+  every trained turn sees exactly the history it sees at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from chattune.errors import TemplateError
+
+Messages = Sequence[dict[str, Any]]
+Renderer = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Built-in templates, for tokenizers that ship none (base models, Qwen-7B-Chat's tiktoken tokenizer).
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate:
+    jinja: str
+    special_tokens: tuple[str, ...] = ()  # added to the tokenizer when missing (new embeddings!)
+    stop_tokens: tuple[str, ...] = ()  # end-of-turn tokens generation must stop on ("" = the tokenizer's eos)
+    note: str = ""
+
+
+_CHATML_LOOP = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+BUILTIN_TEMPLATES: dict[str, BuiltinTemplate] = {
+    "chatml": BuiltinTemplate(
+        jinja=_CHATML_LOOP,
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        stop_tokens=("<|im_end|>",),
+        note="ChatML, no default system prompt",
+    ),
+    "qwen": BuiltinTemplate(
+        jinja="{%- if messages[0]['role'] != 'system' -%}"
+        "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}{%- endif -%}" + _CHATML_LOOP,
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        stop_tokens=("<|im_end|>",),
+        note="ChatML with Qwen's default system prompt (Qwen-7B-Chat, Qwen1.5/2)",
+    ),
+    "deepseek": BuiltinTemplate(
+        jinja="{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{- 'User: ' + message['content'] + '\\n\\n' -}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- 'Assistant: ' + message['content'] + eos_token -}}"
+        "{%- else -%}{{- message['content'] + '\\n\\n' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}",
+        stop_tokens=("",),
+        note="DeepSeek-LLM / DeepSeek-Coder-V2 chat",
+    ),
+    "llama3": BuiltinTemplate(
+        jinja="{{- bos_token -}}"
+        "{%- for message in messages -%}"
+        "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+        " + '<|eot_id|>' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}",
+        special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        stop_tokens=("<|eot_id|>",),
+        note="Llama 3 / 3.1 instruct",
+    ),
+    "llama2": BuiltinTemplate(
+        jinja="{%- if messages[0]['role'] == 'system' -%}"
+        "{%- set system = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' -%}"
+        "{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{- bos_token + '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' -}}"
+        "{%- else -%}{{- ' ' + message['content'] + ' ' + eos_token -}}{%- endif -%}"
+        "{%- endfor -%}",
+        stop_tokens=("",),
+        note="Llama 2 chat",
+    ),
+}
+
+
+def template_choices() -> str:
+    return ", ".join(["auto", *BUILTIN_TEMPLATES])
+
+
+@dataclass(frozen=True)
+class TemplateSetup:
+    name: str  # "auto" (the tokenizer's own) or a built-in name
+    added_tokens: tuple[str, ...]  # special tokens that were new to the tokenizer
+    stop_tokens: tuple[str, ...]  # end-of-turn strings, primary first (appended where a template leaves a turn open)
+
+
+def setup_chat_template(tokenizer: Any, name: str = "auto", extra_stop_tokens: Sequence[str] = ()) -> TemplateSetup:
+    """Install the chat template on `tokenizer` (in place) and return what changed.
+
+    `auto` keeps the tokenizer's own `chat_template` and fails when it has none. A built-in name replaces it and adds
+    the template's special tokens when the vocabulary lacks them (the caller must then resize the embeddings).
+    `extra_stop_tokens` are further end-of-turn strings, typically the model's `generation_config.eos_token_id`.
+    """
+    added: list[str] = []
+    stops: list[str] = []
+    if name == "auto":
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "the tokenizer has no chat template (tokenizer_config.json has no `chat_template`, and there is no "
+                f"chat_template.jinja); pass --template with one of: {', '.join(BUILTIN_TEMPLATES)}"
+            )
+    elif name in BUILTIN_TEMPLATES:
+        builtin = BUILTIN_TEMPLATES[name]
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in builtin.special_tokens if t not in vocab]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            added.extend(missing)
+        tokenizer.chat_template = builtin.jinja
+        stops.extend(t for t in builtin.stop_tokens if t)
+    else:
+        raise TemplateError(f"unknown --template {name!r}; choose one of: {template_choices()}")
+    if tokenizer.eos_token:
+        stops.append(tokenizer.eos_token)
+    stops.extend(extra_stop_tokens)
+    if not stops:
+        raise TemplateError(
+            "the tokenizer has no eos_token and the template names no end-of-turn token, so the model could not learn "
+            "to stop; set eos_token in tokenizer_config.json or pass a built-in --template"
+        )
+    return TemplateSetup(name=name, added_tokens=tuple(added), stop_tokens=tuple(dict.fromkeys(stops)))
+
+
+def make_renderer(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> Renderer:
+    """The inference-time rendering function: `apply_chat_template` with the given extra template variables."""
+    kwargs = dict(template_kwargs or {})
+
+    def render(messages: Messages, add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    return render
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering and character spans
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RenderedSample:
+    text: str
+    spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) character ranges that are trained
+    own_turn: bool = False  # rendered on its own because the template rewrites this turn in later history
+    eos_appended: bool = False  # the template closes the last turn with nothing; the eos token was appended
+    unstopped_turns: int = 0  # trained turns not followed by any end-of-turn token (warned about in the report)
+
+
+def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str]) -> list[RenderedSample]:
+    """Render one validated conversation into one or more samples with trained character spans.
+
+    The first sample is the whole conversation; turns the template rewrites later in the conversation come after it
+    as samples of their own (see the module docstring).
+    """
+    full = RenderedSample(render(messages, False))
+    own: list[RenderedSample] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        upto = render(messages[: i + 1], False)
+        if not upto.startswith(prompt):
+            raise TemplateError(
+                f"the chat template is not prefix consistent: rendering the history with add_generation_prompt=True "
+                f"gives {_tail(prompt)!r}, which is not how the assistant turn {i} starts in the rendered "
+                f"conversation ({_tail(upto[: len(prompt) + 20])!r}); the trained part cannot be located. "
+                f"Fix the template or pass --template with one of: {', '.join(BUILTIN_TEMPLATES)}"
+            )
+        end = _answer_end(upto, len(prompt))
+        if full.text.startswith(upto):
+            _add_span(full, len(prompt), end, stop_tokens)
+        else:
+            sample = RenderedSample(upto, own_turn=True)
+            _add_span(sample, len(prompt), end, stop_tokens)
+            own.append(sample)
+    return [full, *own]
+
+
+def _answer_end(upto: str, start: int) -> int:
+    """End of the answer: the rendered turn without the whitespace the template writes after it."""
+    return max(start, len(upto.rstrip()))
+
+
+def _add_span(sample: RenderedSample, start: int, end: int, stop_tokens: Sequence[str]) -> None:
+    """Record [start, end) and make sure an end-of-turn token is inside the trained span.
+
+    Most templates close the assistant turn with a token (ChatML's <|im_end|>); GLM-style templates close it with the
+    next turn's role token, and leave the last turn open: there the following stop token is trained, or the eos is
+    appended, so the model learns to stop.
+    """
+    text = sample.text
+    if not any(text[start:end].endswith(s) for s in stop_tokens):
+        rest = text[end:]
+        gap = len(rest) - len(rest.lstrip())
+        following = next((s for s in stop_tokens if rest[gap:].startswith(s)), None)
+        if following is not None:
+            end += gap + len(following)
+        elif not rest.strip():
+            sample.text = text[:end] + stop_tokens[0] + text[end:]
+            end += len(stop_tokens[0])
+            sample.eos_appended = True
+        else:
+            sample.unstopped_turns += 1
+    sample.spans.append((start, end))
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokens and labels
+# --------------------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+
+
+def trained_token_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Boolean mask over tokens: True where a token overlaps a trained character span.
+
+    `offsets` is the (n, 2) array of [start, end) character offsets of the tokens. A token is trained when any of its
+    characters lies inside a span, a zero-width token when its position does.
+    """
+    if len(offsets) == 0 or not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    ordered = np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    k = np.searchsorted(ordered[:, 1], starts, side="right")  # first span ending after the token's start
+    inside = k < len(ordered)
+    span_start = ordered[np.minimum(k, len(ordered) - 1), 0]
+    return inside & (span_start < np.maximum(ends, starts + 1))
+
+
+def labels_from_offsets(
+    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    """Labels aligned with `input_ids` (not shifted): the id where the token is trained, else -100."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    mask = trained_token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)
+    return np.where(mask, ids, IGNORE_INDEX).tolist()
+
+
+def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize rendered samples exactly as `apply_chat_template(tokenize=True)` does: (input_ids, labels) arrays."""
+    if not samples:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(
+            "masking needs a fast tokenizer (offset mapping); this tokenizer is a slow one. Convert it with "
+            "`AutoTokenizer.from_pretrained(path, use_fast=True)` and save it, or use a model with tokenizer.json"
+        )
+    enc = tokenizer(
+        [s.text for s in samples], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+    )
+    out = []
+    for ids, offsets, sample in zip(enc["input_ids"], enc["offset_mapping"], samples):
+        ids = np.asarray(ids, dtype=np.int64)
+        mask = trained_token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), sample.spans)
+        out.append((ids, np.where(mask, ids, IGNORE_INDEX)))
+    return out
+
+
+def tokenize_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[tuple[list[int], list[int]]]:
+    """`encode_samples` as plain lists."""
+    return [(ids.tolist(), labels.tolist()) for ids, labels in encode_samples(tokenizer, samples)]
