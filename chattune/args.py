@@ -84,6 +84,10 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Maximum sequence length; longer samples are truncated (counted in the data report)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start fresh even when output_dir holds checkpoints (by default a re-run resumes)."},
+    )
 
 
 @dataclass
@@ -98,6 +102,11 @@ class LoraArguments:
     lora_weight_path: str = ""
     lora_bias: str = "none"
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base (or a GPTQ int4 base) + LoRA."})
+    lora_modules_to_save: str = field(
+        default="auto",
+        metadata={"help": "Modules trained in full next to LoRA: auto (input embeddings + output layer when the "
+                          "template uses tokens the base model never learned) | none | comma-separated names."},
+    )
 
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)

@@ -73,7 +73,8 @@ def dump_tokenized(prepared: Prepared, path: str) -> None:
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-        lora_args: LoraArguments) -> None:
+        lora_args: LoraArguments) -> Any:
+    """Run the job; returns the Trainer after training (None for --dump_tokenized)."""
     tokenizer, setup = prepare_tokenizer(
         model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
@@ -88,7 +89,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     if data_args.dump_tokenized:
         if training_args.process_index == 0:
             dump_tokenized(data.train, data_args.dump_tokenized)
-        return
+        return None
     from chattune.train import train_and_save
 
-    train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data)
+    return train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data)

@@ -1,0 +1,276 @@
+"""Trainer wiring: model for the mode, plan, callbacks (preemption, run report), resume and the final save."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+import transformers
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from chattune import __version__
+from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+from chattune.collate import PaddingCollator
+from chattune.errors import ConfigError
+from chattune.model import (
+    ModelInfo,
+    apply_lora,
+    count_parameters,
+    load_model,
+    resize_for_new_tokens,
+    resolve_modules_to_save,
+)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------------------------------------------
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), save a checkpoint at the end of the current step
+    and stop. Every rank stops at the same step: the flag is reduced across ranks once per step."""
+
+    def __init__(self) -> None:
+        self.signal: int = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.signal
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            t = torch.tensor([flag], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        if flag:
+            self.signal = flag
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Wall time and peak GPU memory of the training loop, for the run report."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_resume(training_args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint, or the last checkpoint in output_dir when the same command runs again."""
+    given = training_args.resume_from_checkpoint
+    if given:
+        if given.lower() in ("true", "latest", "last"):
+            last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+            if last is None:
+                raise ConfigError(f"--resume_from_checkpoint {given}: no checkpoint-* in {training_args.output_dir}")
+            return last
+        if not os.path.isdir(given):
+            raise ConfigError(f"--resume_from_checkpoint {given}: no such checkpoint directory")
+        return given
+    if training_args.overwrite_output_dir or not os.path.isdir(training_args.output_dir):
+        return None
+    return get_last_checkpoint(training_args.output_dir)
+
+
+def control_tokens_in_use(tokenizer: Any, dataset: Any) -> list[str]:
+    """Special tokens the rendered template actually uses (looked up in the first samples)."""
+    special = set(tokenizer.all_special_ids)
+    used: set[int] = set()
+    for row in dataset.select(range(min(8, len(dataset)))):
+        used.update(i for i in row["input_ids"] if i in special)
+    return tokenizer.convert_ids_to_tokens(sorted(used))
+
+
+def build_model(model_args, training_args, lora_args, tokenizer, setup, train_dataset) -> tuple[Any, ModelInfo]:
+    model, info = load_model(model_args, training_args, lora_args)
+    grown = resize_for_new_tokens(model, tokenizer)
+    if grown:
+        log(f"embeddings grown by {grown} rows for the template's new tokens {', '.join(setup.added_tokens)}")
+    if training_args.use_lora:
+        info.modules_to_save, info.modules_to_save_reason = resolve_modules_to_save(
+            lora_args.lora_modules_to_save, model, tokenizer, setup.added_tokens,
+            control_tokens_in_use(tokenizer, train_dataset),
+        )
+        model = apply_lora(model, training_args, lora_args, info.modules_to_save)
+    info.trainable_params, info.total_params = count_parameters(model)
+    return model, info
+
+
+def plan(info: ModelInfo, model_args, training_args, data, world_size: int) -> dict[str, Any]:
+    report = data.train.report
+    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
+    steps_per_epoch = max(1, math.ceil(report.kept / per_step))
+    steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+        steps_per_epoch * training_args.num_train_epochs)
+    tokens_per_sample = report.tokens / max(1, report.kept)
+    return {
+        "model": model_args.model_name_or_path,
+        "mode": info.mode,
+        "dtype": str(info.dtype).replace("torch.", ""),
+        "attention": info.attn_implementation,
+        "trainable_params": info.trainable_params,
+        "total_params": info.total_params,
+        "modules_to_save": info.modules_to_save_reason or "-",
+        "processes": world_size,
+        "deepspeed": training_args.deepspeed or "-",
+        "global_batch_samples": per_step,
+        "global_batch_tokens": round(per_step * tokens_per_sample),
+        "steps": steps,
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    pct = 100 * p["trainable_params"] / max(1, p["total_params"])
+    return "\n".join([
+        "plan:",
+        f"  model      {p['model']}",
+        f"  mode       {p['mode']} ({p['dtype']}, attention {p['attention']}, deepspeed {p['deepspeed']})",
+        f"  trainable  {p['trainable_params']:,} of {p['total_params']:,} parameters ({pct:.2f}%)",
+        f"  embeddings {p['modules_to_save']}" if p["mode"] != "full" else "  embeddings trained (full fine-tuning)",
+        f"  processes  {p['processes']}",
+        f"  batch      {p['global_batch_samples']} samples, ~{p['global_batch_tokens']:,} tokens per optimizer step",
+        f"  steps      {p['steps']}",
+    ])
+
+
+def configure_trainer_args(training_args: TrainingArguments) -> None:
+    """Settings this data pipeline needs, whatever the user passed."""
+    training_args.remove_unused_columns = False  # our columns are named for the collator, not the model signature
+    training_args.label_names = ["labels"]  # a PeftModel hides the signature Trainer infers label names from
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.include_num_input_tokens_seen in (False, "no"):
+        training_args.include_num_input_tokens_seen = "non_padding"
+
+
+def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                   lora_args: LoraArguments, tokenizer: Any, setup: Any, data: Any) -> transformers.Trainer:
+    configure_trainer_args(training_args)
+    transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
+    model, info = build_model(model_args, training_args, lora_args, tokenizer, setup, data.train.dataset)
+    the_plan = plan(info, model_args, training_args, data, training_args.world_size)
+    if training_args.process_index == 0:
+        log(format_plan(the_plan))
+    preemption, clock = PreemptionCallback(), ThroughputCallback()
+    trainer = transformers.Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train.dataset,
+        eval_dataset=data.eval.dataset if data.eval else None,
+        data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8),
+        processing_class=tokenizer,
+        callbacks=[preemption, clock],
+    )
+    resume = resolve_resume(training_args)
+    if resume and training_args.process_index == 0:
+        log(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=resume)
+    if preemption.signal:
+        if training_args.process_index == 0:
+            log(f"stopped by signal {preemption.signal}: checkpoint saved in {training_args.output_dir}; "
+                "run the same command again to resume")
+        raise SystemExit(EXIT_PREEMPTED)
+    save_final(trainer, tokenizer, setup, data_args, training_args, info)
+    if trainer.is_world_process_zero():
+        report = run_report(trainer, clock, the_plan, data, info)
+        with open(os.path.join(training_args.output_dir, "run_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        log(f"saved to {training_args.output_dir}: final loss {report['final_loss']}, "
+            f"{report['tokens_per_second']:,.0f} tokens/s, peak GPU memory {report['peak_gpu_memory_gb']} GB")
+    return trainer
+
+
+def save_final(trainer, tokenizer, setup, data_args, training_args, info: ModelInfo) -> None:
+    """Plain Hugging Face files (gathered under ZeRO-3), tokenizer with chat template, generation config, state."""
+    out = training_args.output_dir
+    trainer.save_model(out)  # all ranks take part (ZeRO-3 gathers); only the main process writes
+    trainer.save_state()
+    if not trainer.is_world_process_zero():
+        return
+    tokenizer.save_pretrained(out)
+    stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(setup.stop_tokens)) if i is not None]
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    generation = base.generation_config
+    generation.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
+    with open(os.path.join(out, "chattune.json"), "w") as f:
+        json.dump({"template": setup.name, "template_kwargs": data_args.parsed_template_kwargs(),
+                   "stop_tokens": list(setup.stop_tokens), "mode": info.mode,
+                   "base_model": trainer.model.config._name_or_path, "version": __version__}, f, indent=1)
+
+
+def run_report(trainer, clock: ThroughputCallback, the_plan: dict, data, info: ModelInfo) -> dict[str, Any]:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    tokens = trainer.state.num_input_tokens_seen or 0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return {
+        "plan": the_plan,
+        "data": data.train.report.to_dict(),
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens_seen": tokens,
+        "trained_tokens_per_epoch": data.train.report.trained_tokens,
+        "wall_seconds": round(clock.seconds, 2),
+        "tokens_per_second": tokens / clock.seconds if clock.seconds else 0.0,
+        "peak_gpu_memory_gb": round(peak, 2) if peak is not None else None,
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "versions": {
+            "chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, **_optional_versions(),
+        },
+    }
+
+
+def _optional_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "flash-attn", "liger-kernel"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
