@@ -84,6 +84,27 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Maximum sequence length; longer samples are truncated (counted in the data report)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
+    packing: str = field(
+        default="auto",
+        metadata={"help": "Padding-free packing of samples into token-budget micro-batches: auto (on when the "
+                          "attention kernel skips other samples: flash-attention, or flex_attention on CUDA) | "
+                          "true | false."},
+    )
+    max_tokens_per_batch: int = field(
+        default=0,
+        metadata={"help": "Token budget of a packed micro-batch per device (default per_device_train_batch_size x "
+                          "model_max_length, the padded worst case)."},
+    )
+    fused_ce: str = field(
+        default="auto",
+        metadata={"help": "Loss without full-vocabulary logits: auto (Liger on CUDA, else chunked) | liger | "
+                          "chunked | none."},
+    )
+    liger_kernels: str = field(
+        default="auto",
+        metadata={"help": "Liger's RMSNorm/SwiGLU/RoPE kernels: auto (on CUDA when liger-kernel is installed) | "
+                          "true | false."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start fresh even when output_dir holds checkpoints (by default a re-run resumes)."},
@@ -121,6 +142,18 @@ def rename_flags(argv: list[str]) -> list[str]:
         name, eq, value = arg.partition("=")
         out.append(RENAMED_FLAGS.get(name, name) + eq + value if name in RENAMED_FLAGS else arg)
     return out
+
+
+def flag(value: str, name: str) -> str:
+    """Normalize an auto/true/false flag."""
+    v = str(value).strip().lower()
+    if v in ("auto", "true", "false"):
+        return v
+    if v in ("1", "yes", "on"):
+        return "true"
+    if v in ("0", "no", "off"):
+        return "false"
+    raise ConfigError(f"--{name} {value!r}: choose auto, true or false")
 
 
 def parse_args(argv: list[str] | None = None):

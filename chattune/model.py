@@ -23,6 +23,8 @@ class ModelInfo:
     modules_to_save_reason: str
     trainable_params: int = 0
     total_params: int = 0
+    packing: str = "padded"
+    fused_ce: str = "none"
 
 
 def compute_dtype(training_args: TrainingArguments) -> torch.dtype:
@@ -53,6 +55,16 @@ def resolve_attn_implementation(requested: str, packing: bool = False) -> str:
     if packing and torch.cuda.is_available():
         return "flex_attention"
     return "sdpa"
+
+
+def resolve_packing(requested: str, attn_requested: str) -> bool:
+    """auto: pack when an attention kernel skips the other samples of a packed row (flash-attention on CUDA, or
+    flex_attention on CUDA). sdpa/eager keep samples apart too, through a dense block mask, but gain little."""
+    if requested != "auto":
+        return requested == "true"
+    if not torch.cuda.is_available():
+        return False
+    return attn_requested in ("auto", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def validate_mode(training_args: TrainingArguments, lora_args: LoraArguments) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -14,18 +15,21 @@ from typing import Any
 import torch
 import transformers
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from chattune import __version__
-from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
-from chattune.collate import PaddingCollator
+from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, flag
+from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator
 from chattune.errors import ConfigError
+from chattune.loss import causal_lm_loss, resolve_fused_ce
 from chattune.model import (
     ModelInfo,
     apply_lora,
     count_parameters,
     load_model,
     resize_for_new_tokens,
+    resolve_packing,
     resolve_modules_to_save,
 )
 
@@ -91,6 +95,71 @@ class ThroughputCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Trainer: packed micro-batches and a loss that never holds the whole batch's logits
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ChatTrainer(transformers.Trainer):
+    """`transformers.Trainer` with token-budget packing and fused/chunked cross-entropy.
+
+    Everything else (optimizer, schedule, DeepSpeed, checkpoints, logging) is the stock Trainer. The loss is
+    normalized by the Trainer's `num_items_in_batch` (trained tokens of the whole global batch), so packed and padded
+    runs, any gradient accumulation and any number of ranks give the same loss.
+    """
+
+    def __init__(self, *args, packed_sampler: PackedBatchSampler | None = None, flash_kwargs: bool = False,
+                 fused_ce: str = "none", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed_sampler = packed_sampler
+        self.flash_kwargs = flash_kwargs
+        self.fused_ce = fused_ce
+        self._hidden: list[torch.Tensor] = []
+
+    def get_train_dataloader(self):
+        if self.packed_sampler is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.packed_sampler, collate_fn=PackingCollator(self.flash_kwargs),
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused_ce == "none" or return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        # Run the wrapped model (DDP/DeepSpeed forward semantics intact), keep the decoder's last hidden state and let
+        # the model compute logits for one position only; the loss comes from the hidden states.
+        handle = base.get_decoder().register_forward_hook(self._keep_hidden)
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        hidden = self._hidden.pop()
+        loss = causal_lm_loss(self.fused_ce, base.get_output_embeddings(), hidden, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP/DeepSpeed average gradients over ranks; undo that
+        return loss
+
+    def _keep_hidden(self, module, args, output):
+        self._hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+
+class EpochCallback(TrainerCallback):
+    """Reshuffles the packed micro-batches every epoch (also after a resume)."""
+
+    def __init__(self, trainer: ChatTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer.packed_sampler
+        if sampler is not None:
+            sampler.set_epoch(int(state.epoch or 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------------------------
 
@@ -121,8 +190,11 @@ def control_tokens_in_use(tokenizer: Any, dataset: Any) -> list[str]:
     return tokenizer.convert_ids_to_tokens(sorted(used))
 
 
-def build_model(model_args, training_args, lora_args, tokenizer, setup, train_dataset) -> tuple[Any, ModelInfo]:
-    model, info = load_model(model_args, training_args, lora_args)
+def build_model(model_args, training_args, lora_args, tokenizer, setup, train_dataset, packing: bool = False
+                ) -> tuple[Any, ModelInfo]:
+    model, info = load_model(model_args, training_args, lora_args, packing=packing)
+    if flag(training_args.liger_kernels, "liger_kernels") != "false":
+        apply_liger_kernels(model, required=flag(training_args.liger_kernels, "liger_kernels") == "true")
     grown = resize_for_new_tokens(model, tokenizer)
     if grown:
         log(f"embeddings grown by {grown} rows for the template's new tokens {', '.join(setup.added_tokens)}")
@@ -136,10 +208,23 @@ def build_model(model_args, training_args, lora_args, tokenizer, setup, train_da
     return model, info
 
 
-def plan(info: ModelInfo, model_args, training_args, data, world_size: int) -> dict[str, Any]:
+def sample_lengths(dataset: Any) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+
+
+def plan(info: ModelInfo, model_args, training_args, data, world_size: int, micro_batches: int | None = None
+         ) -> dict[str, Any]:
+    """What the run will do. With packing a micro-batch is one bin of samples, so samples per step are an average."""
     report = data.train.report
-    per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world_size
-    steps_per_epoch = max(1, math.ceil(report.kept / per_step))
+    accumulation = training_args.gradient_accumulation_steps * world_size
+    if micro_batches:
+        steps_per_epoch = max(1, math.ceil(micro_batches / accumulation))
+        per_step = report.kept / (micro_batches / accumulation)
+    else:
+        per_step = training_args.per_device_train_batch_size * accumulation
+        steps_per_epoch = max(1, math.ceil(report.kept / per_step))
     steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         steps_per_epoch * training_args.num_train_epochs)
     tokens_per_sample = report.tokens / max(1, report.kept)
@@ -148,12 +233,14 @@ def plan(info: ModelInfo, model_args, training_args, data, world_size: int) -> d
         "mode": info.mode,
         "dtype": str(info.dtype).replace("torch.", ""),
         "attention": info.attn_implementation,
+        "batches": info.packing,
+        "loss": "fused linear+CE (" + info.fused_ce + ")" if info.fused_ce != "none" else "standard",
         "trainable_params": info.trainable_params,
         "total_params": info.total_params,
         "modules_to_save": info.modules_to_save_reason or "-",
         "processes": world_size,
         "deepspeed": training_args.deepspeed or "-",
-        "global_batch_samples": per_step,
+        "global_batch_samples": round(per_step, 1),
         "global_batch_tokens": round(per_step * tokens_per_sample),
         "steps": steps,
     }
@@ -165,12 +252,31 @@ def format_plan(p: dict[str, Any]) -> str:
         "plan:",
         f"  model      {p['model']}",
         f"  mode       {p['mode']} ({p['dtype']}, attention {p['attention']}, deepspeed {p['deepspeed']})",
+        f"  batches    {p['batches']}, loss {p['loss']}",
         f"  trainable  {p['trainable_params']:,} of {p['total_params']:,} parameters ({pct:.2f}%)",
         f"  embeddings {p['modules_to_save']}" if p["mode"] != "full" else "  embeddings trained (full fine-tuning)",
         f"  processes  {p['processes']}",
         f"  batch      {p['global_batch_samples']} samples, ~{p['global_batch_tokens']:,} tokens per optimizer step",
         f"  steps      {p['steps']}",
     ])
+
+
+def apply_liger_kernels(model: Any, required: bool) -> None:
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels (CUDA only), patched into the model before any adapter wraps it."""
+    import importlib.util
+
+    if not (torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
+        if required:
+            raise ConfigError("--liger_kernels true needs liger-kernel on CUDA: pip install liger-kernel")
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    try:
+        _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+    except Exception as e:  # an architecture Liger does not know: the plain modules stay
+        if required:
+            raise ConfigError(f"--liger_kernels true: {e}") from None
+        log(f"liger kernels not applied: {e}")
 
 
 def configure_trainer_args(training_args: TrainingArguments) -> None:
@@ -186,13 +292,30 @@ def configure_trainer_args(training_args: TrainingArguments) -> None:
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
                    lora_args: LoraArguments, tokenizer: Any, setup: Any, data: Any) -> transformers.Trainer:
     configure_trainer_args(training_args)
+    packing = resolve_packing(flag(training_args.packing, "packing"), model_args.attn_implementation)
+    budget = training_args.max_tokens_per_batch or (
+        training_args.per_device_train_batch_size * training_args.model_max_length)
+    if packing and budget < training_args.model_max_length:
+        raise ConfigError(f"--max_tokens_per_batch {budget} is below --model_max_length "
+                          f"{training_args.model_max_length}: the longest samples would fit no micro-batch")
+    sampler = None
+    if packing:
+        training_args.include_num_input_tokens_seen = "all"  # no padding in packed rows
+        sampler = PackedBatchSampler(sample_lengths(data.train.dataset), budget,
+                                     seed=training_args.data_seed or training_args.seed)
     transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
-    model, info = build_model(model_args, training_args, lora_args, tokenizer, setup, data.train.dataset)
-    the_plan = plan(info, model_args, training_args, data, training_args.world_size)
+    model, info = build_model(model_args, training_args, lora_args, tokenizer, setup, data.train.dataset, packing)
+    fused = resolve_fused_ce(training_args.fused_ce, model.get_output_embeddings(), is_deepspeed_zero3_enabled())
+    if fused != "none" and "logits_to_keep" not in inspect.signature(type(model.get_base_model() if hasattr(
+            model, "get_base_model") else model).forward).parameters:
+        fused = "none"  # remote-code models without logits_to_keep: the model's own loss
+    info.packing, info.fused_ce = (f"packed, {budget} tokens per micro-batch" if packing else "padded"), fused
+    the_plan = plan(info, model_args, training_args, data, training_args.world_size,
+                    micro_batches=len(sampler) if sampler else None)
     if training_args.process_index == 0:
         log(format_plan(the_plan))
     preemption, clock = PreemptionCallback(), ThroughputCallback()
-    trainer = transformers.Trainer(
+    trainer = ChatTrainer(
         model=model,
         args=training_args,
         train_dataset=data.train.dataset,
@@ -200,7 +323,11 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
         data_collator=PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8),
         processing_class=tokenizer,
         callbacks=[preemption, clock],
+        packed_sampler=sampler,
+        flash_kwargs=info.attn_implementation.startswith("flash_attention"),
+        fused_ce=fused,
     )
+    trainer.add_callback(EpochCallback(trainer))
     resume = resolve_resume(training_args)
     if resume and training_args.process_index == 0:
         log(f"resuming from {resume}")

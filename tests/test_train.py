@@ -179,3 +179,16 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path):
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
     assert "run the same command again to resume" in err
+
+
+def test_packed_run_with_fused_loss_trains_and_reports(model_dirs, tmp_path):
+    out = tmp_path / "packed"
+    train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 8, "--learning_rate", 3e-2, "--max_steps", 10,
+          "--packing", "true", "--max_tokens_per_batch", 256, "--model_max_length", 256, "--fused_ce", "chunked")
+    loss = losses(out)
+    assert len(loss) == 10 and loss[-1] < loss[0] - 1.5
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["plan"]["batches"] == "packed, 256 tokens per micro-batch"
+    assert report["plan"]["loss"] == "fused linear+CE (chunked)"
+    # 620 tokens in bins of <= 256: 3 micro-batches per epoch, every token counted once per epoch
+    assert report["plan"]["steps"] == 10 and report["tokens_seen"] > 0
