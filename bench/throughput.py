@@ -85,8 +85,14 @@ def build_model(setting: Setting, device: str, attn: str, liger: bool):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = Qwen2Config(**QWEN25[setting.size], max_position_embeddings=32768, use_cache=False,
                          attn_implementation=attn)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.float32 if setting.mode == "full" else dtype)
+    init_dtype = torch.float32 if setting.mode == "full" else dtype  # full fine-tuning keeps fp32 master weights
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(init_dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.config.use_cache = False
     if liger:
         from chattune.train import apply_liger_kernels

@@ -1,0 +1,129 @@
+"""Adapters -> merged models, and loading any output of a run (adapter, merged or GPTQ) for inference."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+
+from chattune.errors import ConfigError
+
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "adapter_config.json"))
+
+
+def run_info(path: str) -> dict[str, Any]:
+    """chattune.json of a training output (template, template variables, mode, base), or {}."""
+    file = os.path.join(path, "chattune.json")
+    return json.loads(open(file).read()) if os.path.isfile(file) else {}
+
+
+def parse_dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _base_of(adapter_path: str, base: str | None) -> str:
+    if base:
+        return base
+    config = json.loads(open(os.path.join(adapter_path, "adapter_config.json")).read())
+    name = config.get("base_model_name_or_path")
+    if not name:
+        raise ConfigError(f"{adapter_path}/adapter_config.json names no base model; pass --base_model_name_or_path")
+    return name
+
+
+def _refuse_quantized_base(base: str) -> None:
+    """Merging into 4-bit (or GPTQ) weights would round the adapter away or fail: merge into full precision."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=True)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise ConfigError(
+            f"{base} is a quantized ({method}) model: merging a (Q-)LoRA adapter into quantized weights loses it. "
+            "Merge into the full-precision base model instead (--base_model_name_or_path /path/to/bf16-model); "
+            "quantize the merged model afterwards with run_gptq.py"
+        )
+
+
+def load_tokenizer_for(path: str) -> Any:
+    from chattune.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = "auto",
+                       device_map: Any = None) -> tuple[Any, Any]:
+    """Base model + adapter (unmerged), with the adapter's tokenizer (which carries the training template)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = _base_of(adapter_path, base)
+    tokenizer = load_tokenizer_for(adapter_path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=True, device_map=device_map)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        # the run added template tokens: the adapter carries the grown embeddings (modules_to_save)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    return PeftModel.from_pretrained(model, adapter_path), tokenizer
+
+
+def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto") -> tuple[Any, Any]:
+    """Fold the adapter into full-precision base weights; refuses a quantized base and an adapter with no effect."""
+    base = _base_of(adapter_path, base)
+    _refuse_quantized_base(base)
+    model, tokenizer = load_adapter_model(adapter_path, base, dtype)
+    if not any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n):
+        raise ConfigError(f"{adapter_path}: every lora_B weight is zero, so the merged model would equal its base "
+                          "(the adapter was never trained, or saved empty)")
+    merged = model.merge_and_unload()
+    merged.config.use_cache = True
+    return merged, tokenizer
+
+
+def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size: str = "5GB") -> None:
+    """Safetensors shards + tokenizer (with chat template) + generation config and chattune.json from the run."""
+    from transformers import GenerationConfig
+
+    os.makedirs(out, exist_ok=True)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        pass
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(out)
+    info = run_info(source)
+    if info:
+        info["merged_from"] = os.path.abspath(source)
+        with open(os.path.join(out, "chattune.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+def load_for_inference(path: str, adapter_path: str | None = None, base: str | None = None, dtype: Any = "auto",
+                       merge: bool = False, device_map: Any = None) -> tuple[Any, Any]:
+    """Any run output: a merged/full/GPTQ model directory, or an adapter directory (or model + --adapter_path).
+
+    Returns (model, tokenizer) ready for generation; with `merge`, an adapter is folded in memory (as run_gptq.py
+    needs a plain model).
+    """
+    from transformers import AutoModelForCausalLM
+
+    if adapter_path is None and is_adapter_dir(path):
+        adapter_path, base = path, base
+    elif adapter_path is not None:
+        base = path
+    if adapter_path is not None:
+        if merge:
+            return merge_adapter(adapter_path, base, dtype)
+        model, tokenizer = load_adapter_model(adapter_path, base, dtype, device_map)
+        return model.eval(), tokenizer
+    tokenizer = load_tokenizer_for(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, device_map=device_map)
+    return model.eval(), tokenizer

@@ -1,0 +1,120 @@
+"""merge_lora.py and chat.py: merged logits equal base+adapter, refusals, and batch chat for every model kind."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from chattune.args import parse_args
+from chattune.merge import load_adapter_model
+from chattune.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "sharegpt.json"
+
+
+def script(name, *args, rc=0):
+    proc = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == rc, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dirs, tmp_path_factory):
+    """Tiny adapters trained a few steps: (family, template) -> output dir."""
+    root = tmp_path_factory.mktemp("adapters")
+    made = {}
+
+    def get(family, template="auto"):
+        if (family, template) not in made:
+            out = root / f"{family}-{template}"
+            run(*parse_args([
+                "--model_name_or_path", str(model_dirs(family)), "--data_path", str(DATA), "--output_dir", str(out),
+                "--use_lora", "--lora_r", "8", "--max_steps", "3", "--learning_rate", "3e-2", "--use_cpu", "True",
+                "--report_to", "none", "--preview_data", "0", "--save_strategy", "no", "--template", template,
+                "--data_cache_dir", str(root / "cache"),
+            ]))
+            made[(family, template)] = out
+        return made[(family, template)]
+
+    return get
+
+
+@torch.no_grad()
+def logits(model, tok):
+    batch = tok.apply_chat_template([{"role": "user", "content": "Name the largest planet."}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return model(**batch).logits.float()
+
+
+@pytest.mark.parametrize("family,template", [("qwen2", "auto"), ("deepseek", "auto"), ("deepseek", "chatml")])
+def test_merged_logits_equal_base_plus_adapter(model_dirs, adapters, tmp_path, family, template):
+    adapter = adapters(family, template)
+    out = tmp_path / "merged"
+    script("merge_lora.py", "--adapter_path", adapter, "--output_path", out, "--dtype", "float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    reference, _ = load_adapter_model(str(adapter), dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, tok), logits(reference.eval(), tok), rtol=1e-4, atol=1e-4)
+    # not silently equal to its base: the adapted projections moved
+    base = load_file(str(model_dirs(family) / "model.safetensors"))
+    merged_state = load_file(str(out / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged_state[key], base[key])
+    assert json.loads((out / "chattune.json").read_text())["mode"] == "lora"
+    assert tok.chat_template == AutoTokenizer.from_pretrained(adapter).chat_template
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == json.loads((adapter / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_merge_refuses_quantized_base_and_untrained_adapter(model_dirs, adapters, tmp_path):
+    adapter = adapters("qwen2")
+    quantized = tmp_path / "base-4bit"
+    shutil.copytree(model_dirs("qwen2"), quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    proc = script("merge_lora.py", "--adapter_path", adapter, "--output_path", tmp_path / "x",
+                  "--base_model_name_or_path", quantized, rc=2)
+    assert "Merge into the full-precision base model instead" in proc.stderr and "Traceback" not in proc.stderr
+    untrained = tmp_path / "untrained"
+    shutil.copytree(adapter, untrained)
+    weights = load_file(str(untrained / "adapter_model.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(untrained / "adapter_model.safetensors"))
+    proc = script("merge_lora.py", "--adapter_path", untrained, "--output_path", tmp_path / "y", rc=2)
+    assert "the merged model would equal its base" in proc.stderr
+    proc = script("merge_lora.py", "--adapter_path", model_dirs("qwen2"), "--output_path", tmp_path / "z", rc=2)
+    assert "holds no adapter_config.json" in proc.stderr
+
+
+def test_chat_answers_a_batch_for_every_model_kind(model_dirs, adapters, tmp_path):
+    adapter = adapters("qwen2")
+    merged = tmp_path / "merged"
+    script("merge_lora.py", "--adapter_path", adapter, "--output_path", merged)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n'
+                       '{"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},'
+                       ' {"role": "user", "content": "C"}]}\n')
+    answers = {}
+    for kind, args in {"adapter dir": [adapter], "base + adapter": [model_dirs("qwen2"), "--adapter_path", adapter],
+                       "merged": [merged]}.items():
+        out = tmp_path / f"{kind}.jsonl"
+        script("chat.py", "--model_name_or_path", *args, "--input_file", prompts, "--output_file", out,
+               "--max_new_tokens", 6)
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["prompt"] for r in rows] == ["Hi", "C"] and all(isinstance(r["response"], str) for r in rows)
+        answers[kind] = rows
+    # greedy decoding: the three ways of loading the same weights answer the same
+    assert answers["adapter dir"] == answers["base + adapter"] == answers["merged"]
+    proc = script("chat.py", "--model_name_or_path", tmp_path / "missing", "--prompt", "x", rc=2)
+    assert "no such directory" in proc.stderr
