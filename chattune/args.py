@@ -105,6 +105,13 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Liger's RMSNorm/SwiGLU/RoPE kernels: auto (on CUDA when liger-kernel is installed) | "
                           "true | false."},
     )
+    estimate_memory: bool = field(
+        default=False,
+        metadata={"help": "Print the per-GPU memory estimate for this run (config only, no weights) and exit."},
+    )
+    estimate_gpus: int = field(
+        default=0, metadata={"help": "GPU count for --estimate_memory (default: the processes of this launch)."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start fresh even when output_dir holds checkpoints (by default a re-run resumes)."},
@@ -159,6 +166,11 @@ def flag(value: str, name: str) -> str:
 def parse_args(argv: list[str] | None = None):
     """Parse the command line into (model, data, training, lora) arguments; unknown flags are an error."""
     argv = rename_flags(list(sys.argv[1:] if argv is None else argv))
+    if "--estimate_memory" in argv and "--use_cpu" not in argv:
+        import torch
+
+        if not torch.cuda.is_available():  # planning on a machine without the GPUs: nothing trains here
+            argv += ["--use_cpu", "True"]
     parser = transformers.HfArgumentParser(ALL_ARGUMENTS)
     try:
         if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):

@@ -24,7 +24,15 @@ from torch.utils.checkpoint import checkpoint
 from chattune.errors import ConfigError
 from chattune.template import IGNORE_INDEX
 
-CHUNK_TOKENS = 4096
+MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 256, 4096
+
+
+def chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Positions per chunk so that one chunk's logits take about as much memory as the batch's hidden states
+    (Liger's rule), within [256, 4096] so small models do not loop over tiny matmuls."""
+    ratio = max(1, -(-vocab_size // hidden_size))
+    want = max(1, -(-n_tokens // ratio))
+    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 1 << (want - 1).bit_length()))
 
 
 def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +47,11 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) 
     return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
 
 
-def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
-                     chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
     total = h.sum().float() * 0  # keeps the graph (and every rank's backward) alive for a chunk-free micro-batch
-    for start in range(0, h.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
+    step = chunk_tokens(h.shape[0], vocab_size, h.shape[-1])
+    for start in range(0, h.shape[0], step):
+        stop = start + step
         total = total + checkpoint(_chunk_loss_sum, lm_head, h[start:stop], y[start:stop], use_reentrant=False)
     return total
 
@@ -54,6 +62,13 @@ def liger_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -
     return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
         lm_head.weight, h, y, getattr(lm_head, "bias", None)
     )
+
+
+def _out_features(lm_head: torch.nn.Module) -> int:
+    for module in lm_head.modules():  # a plain Linear, or one inside a peft ModulesToSaveWrapper
+        if isinstance(module, torch.nn.Linear):
+            return module.out_features
+    return getattr(lm_head, "out_features", 32768)
 
 
 def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool) -> str:
@@ -76,7 +91,10 @@ def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool) -> s
 def causal_lm_loss(kind: str, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                    num_items_in_batch: Any = None) -> torch.Tensor:
     h, y = shifted_targets(hidden, labels)
-    total = liger_loss_sum(lm_head, h, y) if kind == "liger" else chunked_loss_sum(lm_head, h, y)
+    if kind == "liger":
+        total = liger_loss_sum(lm_head, h, y)
+    else:
+        total = chunked_loss_sum(lm_head, h, y, _out_features(lm_head))
     denominator = num_items_in_batch if num_items_in_batch is not None else y.numel()
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)

@@ -72,9 +72,36 @@ def dump_tokenized(prepared: Prepared, path: str) -> None:
     log(f"wrote {len(prepared.dataset)} tokenized samples to {path}")
 
 
+def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> str:
+    from transformers import AutoConfig
+
+    from chattune.memory import Setup, format_estimate, shape_from_config, zero_setup_from_config
+    from chattune.model import mode_of
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
+    stage, offload = zero_setup_from_config(training_args.deepspeed)
+    setup = Setup(
+        mode=mode_of(training_args, lora_args), gpus=training_args.estimate_gpus or training_args.world_size,
+        zero_stage=stage, offload=offload,
+        micro_batch_tokens=training_args.max_tokens_per_batch or (
+            training_args.per_device_train_batch_size * training_args.model_max_length),
+        gradient_checkpointing=training_args.gradient_checkpointing, fused_ce=training_args.fused_ce != "none",
+        lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
+        bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,
+    )
+    return format_estimate(shape_from_config(config), setup, model_args.model_name_or_path)
+
+
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
         lora_args: LoraArguments) -> Any:
-    """Run the job; returns the Trainer after training (None for --dump_tokenized)."""
+    """Run the job; returns the Trainer after training (None for --dump_tokenized / --estimate_memory)."""
+    if training_args.estimate_memory:
+        print(memory_estimate(model_args, training_args, lora_args))
+        return None
     tokenizer, setup = prepare_tokenizer(
         model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
