@@ -383,12 +383,18 @@ def run_report(trainer, clock: ThroughputCallback, the_plan: dict, data, info: M
         "tokens_per_second": tokens / clock.seconds if clock.seconds else 0.0,
         "peak_gpu_memory_gb": round(peak, 2) if peak is not None else None,
         "first_loss": history[0]["loss"] if history else None,
-        "final_loss": history[-1]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else _train_loss(trainer),
         "versions": {
             "chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, **_optional_versions(),
         },
     }
+
+
+def _train_loss(trainer) -> float | None:
+    """The run's mean loss when no step was logged (fewer steps than --logging_steps)."""
+    summary = [h for h in trainer.state.log_history if "train_loss" in h]
+    return summary[-1]["train_loss"] if summary else None
 
 
 def _optional_versions() -> dict[str, str]:
