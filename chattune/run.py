@@ -75,7 +75,7 @@ def dump_tokenized(prepared: Prepared, path: str) -> None:
 def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> str:
     from transformers import AutoConfig
 
-    from chattune.memory import Setup, format_estimate, shape_from_config, zero_setup_from_config
+    from chattune.memory import format_estimate, run_setup, shape_from_config
     from chattune.model import mode_of
 
     try:
@@ -83,16 +83,8 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
                                             trust_remote_code=model_args.trust_remote_code)
     except OSError as e:
         raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
-    stage, offload = zero_setup_from_config(training_args.deepspeed)
-    setup = Setup(
-        mode=mode_of(training_args, lora_args), gpus=training_args.estimate_gpus or training_args.world_size,
-        zero_stage=stage, offload=offload,
-        micro_batch_tokens=training_args.max_tokens_per_batch or (
-            training_args.per_device_train_batch_size * training_args.model_max_length),
-        gradient_checkpointing=training_args.gradient_checkpointing, fused_ce=training_args.fused_ce != "none",
-        lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
-        bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,
-    )
+    setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args),
+                      training_args.estimate_gpus or training_args.world_size)
     return format_estimate(shape_from_config(config), setup, model_args.model_name_or_path)
 
 

@@ -214,8 +214,19 @@ def sample_lengths(dataset: Any) -> list[int]:
     return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
 
 
-def plan(info: ModelInfo, model_args, training_args, data, world_size: int, micro_batches: int | None = None
-         ) -> dict[str, Any]:
+def _estimated_gb(info: ModelInfo, training_args, lora_args, world_size: int, config: Any) -> float | None:
+    from chattune.memory import GB, estimate, run_setup, shape_from_config
+
+    try:
+        shape = shape_from_config(config)
+    except Exception:  # an architecture that cannot be built on the meta device: no estimate, no failure
+        return None
+    setup = run_setup(training_args, lora_args, info.mode, world_size)
+    return round(estimate(shape, setup)["total"] / GB, 1)
+
+
+def plan(info: ModelInfo, model_args, training_args, lora_args, data, world_size: int, config: Any,
+         micro_batches: int | None = None) -> dict[str, Any]:
     """What the run will do. With packing a micro-batch is one bin of samples, so samples per step are an average."""
     report = data.train.report
     accumulation = training_args.gradient_accumulation_steps * world_size
@@ -243,6 +254,7 @@ def plan(info: ModelInfo, model_args, training_args, data, world_size: int, micr
         "global_batch_samples": round(per_step, 1),
         "global_batch_tokens": round(per_step * tokens_per_sample),
         "steps": steps,
+        "estimated_gb_per_gpu": _estimated_gb(info, training_args, lora_args, world_size, config),
     }
 
 
@@ -258,6 +270,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"  processes  {p['processes']}",
         f"  batch      {p['global_batch_samples']} samples, ~{p['global_batch_tokens']:,} tokens per optimizer step",
         f"  steps      {p['steps']}",
+        f"  memory     ~{p['estimated_gb_per_gpu']} GB per GPU (estimate; --estimate_memory for the breakdown)"
+        if p["estimated_gb_per_gpu"] else "  memory     (no estimate for this architecture)",
     ])
 
 
@@ -289,6 +303,20 @@ def configure_trainer_args(training_args: TrainingArguments) -> None:
         training_args.include_num_input_tokens_seen = "non_padding"
 
 
+def zero3_fused_ce(fused: str, requested: str, model: Any) -> str:
+    """The chunked loss recomputes the output layer in backward, outside any module's backward. ZeRO-3 re-gathers a
+    trainable output layer there but not a frozen one (LoRA, Q-LoRA): the recompute sees an empty weight and fails
+    (deepspeed 0.19.8). There the model's own loss is used."""
+    if fused != "chunked" or not is_deepspeed_zero3_enabled():
+        return fused
+    if any(p.requires_grad for p in model.get_output_embeddings().parameters()):
+        return fused
+    if requested == "chunked":
+        raise ConfigError("--fused_ce chunked does not work with a frozen output layer under ZeRO-3 (LoRA/Q-LoRA); "
+                          "use --fused_ce auto or none, or ZeRO-2")
+    return "none"
+
+
 def train_and_save(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
                    lora_args: LoraArguments, tokenizer: Any, setup: Any, data: Any) -> transformers.Trainer:
     configure_trainer_args(training_args)
@@ -309,8 +337,9 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     if fused != "none" and "logits_to_keep" not in inspect.signature(type(model.get_base_model() if hasattr(
             model, "get_base_model") else model).forward).parameters:
         fused = "none"  # remote-code models without logits_to_keep: the model's own loss
+    fused = zero3_fused_ce(fused, training_args.fused_ce, model)
     info.packing, info.fused_ce = (f"packed, {budget} tokens per micro-batch" if packing else "padded"), fused
-    the_plan = plan(info, model_args, training_args, data, training_args.world_size,
+    the_plan = plan(info, model_args, training_args, lora_args, data, training_args.world_size, model.config,
                     micro_batches=len(sampler) if sampler else None)
     if training_args.process_index == 0:
         log(format_plan(the_plan))
