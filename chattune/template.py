@@ -127,6 +127,10 @@ def setup_chat_template(tokenizer: Any, name: str = "auto", extra_stop_tokens: S
                 "the tokenizer has no chat template (tokenizer_config.json has no `chat_template`, and there is no "
                 f"chat_template.jinja); pass --template with one of: {', '.join(BUILTIN_TEMPLATES)}"
             )
+        # A tokenizer carrying one of our built-in templates (a chattune output, Qwen(1)) keeps its stop tokens.
+        known = next((b for b in BUILTIN_TEMPLATES.values() if b.jinja == tokenizer.chat_template), None)
+        if known is not None:
+            stops.extend(t for t in known.stop_tokens if t)
     elif name in BUILTIN_TEMPLATES:
         builtin = BUILTIN_TEMPLATES[name]
         vocab = tokenizer.get_vocab()

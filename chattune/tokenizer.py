@@ -19,33 +19,43 @@ def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_rem
     """AutoTokenizer, converted to a fast tokenizer when the model ships a slow one, with a pad token set."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {e}") from None
-    if not getattr(tok, "is_fast", False):
-        tok = _fast_from_tiktoken(tok, name_or_path) or tok
+    if os.path.isfile(os.path.join(name_or_path, "qwen.tiktoken")):
+        tok = qwen_tiktoken_tokenizer(name_or_path)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise ConfigError(f"cannot load a tokenizer from {name_or_path!r}: {e}") from None
     if tok.pad_token is None:
         # Padding positions are masked from attention and loss, so any existing token will do.
         tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
     return tok
 
 
-def _fast_from_tiktoken(slow: Any, name_or_path: str) -> Any | None:
-    """Qwen-7B-Chat ships `qwen.tiktoken` and a remote-code slow tokenizer with no offset mapping: convert it."""
-    vocab_file = os.path.join(name_or_path, "qwen.tiktoken")
-    if not os.path.isfile(vocab_file):
-        return None
+def qwen_tiktoken_tokenizer(folder: str) -> Any:
+    """Qwen(1)-7B/14B/72B-Chat: a tiktoken BPE (`qwen.tiktoken`) behind a remote-code slow tokenizer with no offset
+    mapping. Build the equivalent fast tokenizer from the BPE file instead (no remote code runs): same ranks, same
+    pre-tokenizer pattern, NFC normalization as in Qwen's tokenizer, special tokens at ids 151643+.
+
+    Qwen(1) ships its chat format in code (ChatML with a default system prompt), not as a template, so the built-in
+    `qwen` template is installed; --template overrides it.
+    """
+    from tokenizers import normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(vocab_file=vocab_file, pattern=QWEN_TIKTOKEN_PATTERN).converted()
-    fast = PreTrainedTokenizerFast(tokenizer_object=backend)
+    from chattune.template import BUILTIN_TEMPLATES
+
+    backend = TikTokenConverter(vocab_file=os.path.join(folder, "qwen.tiktoken"),
+                                pattern=QWEN_TIKTOKEN_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False)
     fast.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS)})
     fast.eos_token = "<|endoftext|>"
     fast.pad_token = "<|endoftext|>"
-    fast.chat_template = getattr(slow, "chat_template", None)
-    fast.model_max_length = getattr(slow, "model_max_length", 8192)
+    fast.chat_template = BUILTIN_TEMPLATES["qwen"].jinja
+    fast.model_max_length = 8192
+    fast.name_or_path = folder
     return fast
 
 
