@@ -256,9 +256,9 @@ def prepare_dataset(
     tmp = cache / f".{key}.{os.getpid()}.tmp"
     dataset.save_to_disk(str(tmp / "data"))
     (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
-    if not target.exists():
+    try:
         os.replace(tmp, target)  # atomic: a crash mid-write never leaves a half cache behind
-    else:
+    except OSError:  # another process (another node's main process) wrote the same cache first
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(datasets.load_from_disk(str(target / "data")), report, target)
 

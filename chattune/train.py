@@ -46,8 +46,13 @@ def log(message: str) -> None:
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), save a checkpoint at the end of the current step
-    and stop. Every rank stops at the same step: the flag is reduced across ranks once per step."""
+    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), or when the file named by $CHATTUNE_STOP_FILE
+    appears, save a checkpoint at the end of the current step and stop. Every rank stops at the same step: the flag is
+    reduced across ranks once per step.
+
+    The stop file is for launchers that do not forward signals to the training processes intact (torchrun gives its
+    workers 30 s after a SIGTERM, which is too short to save a large model): finetune/slurm.sbatch traps the
+    scheduler's signal and touches the file instead."""
 
     def __init__(self) -> None:
         self.signal: int = 0
@@ -61,6 +66,9 @@ class PreemptionCallback(TrainerCallback):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
+        stop_file = os.environ.get("CHATTUNE_STOP_FILE")
+        if stop_file and os.path.exists(stop_file):
+            self.signal = self.signal or signal.SIGUSR1
         flag = self.signal
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             device = args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
