@@ -1,0 +1,482 @@
+"""GPTQ quantization of a merged model (or an adapter, folded first), calibrated on the user's own conversations.
+
+The run reads top to bottom in `quantize`: validate -> tokenizer and data (rendered exactly as in training) -> float
+model and its perplexity on held-out conversations -> GPTQ (GPTQModel) -> output fixed up to load as is -> the
+quantized model reloaded with `from_pretrained` and its perplexity -> report.
+
+Perplexity is exp(mean cross-entropy) over the trained tokens only (assistant answers and their end-of-turn token,
+labels != -100), i.e. over what the fine-tuned model was taught to write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from chattune.errors import ConfigError, UserError
+from chattune.merge import DTYPES, is_adapter_dir, load_for_inference, run_info, save_model
+from chattune.template import IGNORE_INDEX
+
+BITS = (4, 8)
+REPORT_FILE = "gptq_report.json"
+# GPTQModel's worker pool nests a 2-worker model-loader pool inside the CPU pool, so the CPU pool needs at least 2
+# workers; its default is half the cores, which is 1 on a 2-core machine ("Virtual pool 'model_loader:cpu' requests
+# 2 workers but parent 'cpu' only has 1").
+_MIN_GPTQ_CPU_WORKERS = 2
+
+
+@dataclass
+class GptqArgs:
+    model_name_or_path: str
+    data_path: str
+    out_path: str
+    bits: int = 4
+    group_size: int = 128  # -1: one group per column
+    num_samples: int = 128  # calibration conversations
+    max_len: int = 2048  # tokens per sample (calibration and evaluation), as --model_max_length in training
+    eval_samples: int = 32  # held-out conversations for perplexity; 0 skips the evaluation
+    template: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0  # of the calibration / evaluation split
+    skip_invalid_records: bool = False  # drop invalid records (counted) instead of stopping
+    data_cache_dir: str | None = None
+
+
+def validate(args: GptqArgs) -> None:
+    """Every problem with the flags and paths, raised at once, before anything heavy is loaded."""
+    problems = []
+    if not os.path.isdir(args.model_name_or_path):
+        problems.append(f"--model_name_or_path {args.model_name_or_path}: no such directory (pass a merged/full model "
+                        "directory or the output_dir of a finetune.py --use_lora run)")
+    elif not (is_adapter_dir(args.model_name_or_path)
+              or os.path.isfile(os.path.join(args.model_name_or_path, "config.json"))):
+        problems.append(f"--model_name_or_path {args.model_name_or_path}: holds neither config.json (a model) nor "
+                        "adapter_config.json (an adapter)")
+    if not args.data_path:
+        problems.append("--data_path is required: the conversations to calibrate and evaluate on")
+    if args.bits not in BITS:
+        problems.append(f"--bits {args.bits}: choose 4 or 8")
+    if args.group_size != -1 and args.group_size < 1:
+        problems.append(f"--group_size {args.group_size}: use a positive size (128 is usual) or -1 (per column)")
+    if args.num_samples < 1:
+        problems.append(f"--num_samples {args.num_samples}: at least 1 calibration conversation is needed")
+    if args.eval_samples < 0:
+        problems.append(f"--eval_samples {args.eval_samples}: use 0 (no evaluation) or more")
+    if args.max_len < 16:
+        problems.append(f"--max_len {args.max_len}: too short to hold a conversation; 2048 is usual")
+    if args.dtype not in DTYPES:
+        problems.append(f"--dtype {args.dtype!r}: choose one of {', '.join(DTYPES)}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        problems.append(f"--device {args.device!r}: choose auto, cpu or cuda")
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA GPU is visible here; use --device cpu (slow but works)")
+    out, model = os.path.abspath(args.out_path or ""), os.path.abspath(args.model_name_or_path)
+    if not args.out_path:
+        problems.append("--out_path is required: where the quantized model goes")
+    elif out == model:
+        problems.append("--out_path must differ from --model_name_or_path (the source is read while writing)")
+    elif os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)):
+        problems.append(f"--out_path {args.out_path}: exists and is not empty; choose a new directory or remove it")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems with the arguments:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: split the conversations, render them as in training
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    eval: list[int]  # indices of held-out conversations
+    calibration: list[int]  # indices of calibration conversations, disjoint from `eval`
+    shortfall: str | None = None  # why fewer conversations than asked for are used, for the user
+
+
+def split_conversations(count: int, eval_samples: int, num_samples: int, seed: int = 0) -> Split:
+    """Disjoint held-out and calibration sets of conversation indices, the same for the same count and seed.
+
+    With enough data the first `eval_samples` of a seeded permutation are held out and the next `num_samples`
+    calibrate. With too little, the conversations are shared in the asked-for proportion, keeping at least one on
+    each side, and `shortfall` says so.
+    """
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    if count >= eval_samples + num_samples:
+        return Split(sorted(order[:eval_samples]), sorted(order[eval_samples:eval_samples + num_samples]))
+    if eval_samples and count < 2:
+        raise UserError(f"the data holds {count} conversation(s): at least 2 are needed, one held out to measure "
+                        "perplexity and one to calibrate on (or pass --eval_samples 0 to skip the evaluation)")
+    n_eval = min(eval_samples, max(1, round(count * eval_samples / (eval_samples + num_samples))), count - 1)
+    n_calibration = count - n_eval  # < num_samples, as count < eval_samples + num_samples
+    shortfall = f"only {count} conversations in the data, fewer than --num_samples {num_samples}"
+    if eval_samples:
+        shortfall = (f"only {count} conversations in the data, fewer than --eval_samples {eval_samples} + "
+                     f"--num_samples {num_samples}: holding out {n_eval} for evaluation and calibrating on "
+                     f"{n_calibration}. A perplexity over {n_eval} conversations is a rough estimate")
+    shortfall += f". GPTQ calibrates better on {num_samples}+ conversations."
+    return Split(sorted(order[:n_eval]), sorted(order[n_eval:]), shortfall)
+
+
+@dataclass
+class Samples:
+    input_ids: list[list[int]]
+    labels: list[list[int]]
+    conversations: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+@dataclass
+class Data:
+    eval: Samples
+    calibration: Samples
+    conversations: int
+    split: Split
+
+
+def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict | None) -> Data:
+    """Read and validate the conversations, split them, and tokenize each side with the training code."""
+    from chattune.data import load_conversations
+    from chattune.prepare import prepare_dataset
+
+    loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records)
+    if loaded.skipped_records:
+        log(f"skipped {loaded.skipped_records} invalid records (--skip_invalid_records)")
+    split = split_conversations(len(loaded.conversations), args.eval_samples, args.num_samples, args.seed)
+
+    def samples(indices: list[int]) -> Samples:
+        if not indices:
+            return Samples([], [], 0)
+        prepared = prepare_dataset(
+            [loaded.conversations[i] for i in indices], tokenizer, stop_tokens=setup.stop_tokens,
+            max_length=args.max_len, template_kwargs=template_kwargs, cache_dir=args.data_cache_dir,
+            files=loaded.files,
+        ).dataset
+        return Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(indices))
+
+    data = Data(samples(split.eval), samples(split.calibration), len(loaded.conversations), split)
+    if not data.calibration.input_ids:
+        raise UserError(f"no calibration sample has a trained token within --max_len {args.max_len}; raise --max_len")
+    return data
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Perplexity over trained tokens
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Perplexity:
+    value: float
+    nll: float  # summed cross-entropy (nats)
+    tokens: int  # scored (trained) tokens
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def perplexity(model: Any, samples: Samples, desc: str = "perplexity") -> Perplexity:
+    """exp(mean CE) over the tokens whose label is not -100 (the assistant's part), one sample per forward.
+
+    Only the logits of scored positions are computed where the model supports `logits_to_keep` (a 150k vocabulary
+    over 2048 positions is 1.2 GB of float32 logits otherwise).
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    sparse_logits = _accepts_logits_to_keep(model)
+    nll, count = 0.0, 0
+    pairs = list(zip(samples.input_ids, samples.labels, strict=True))
+    for ids, labels in tqdm(pairs, desc=desc, unit="sample", leave=False):
+        input_ids = torch.tensor([ids], device=device)
+        target = torch.tensor(labels[1:], device=device)  # position t predicts token t + 1
+        positions = (target != IGNORE_INDEX).nonzero().squeeze(-1)
+        if not len(positions):
+            continue
+        if sparse_logits:
+            logits = model(input_ids=input_ids, logits_to_keep=positions, use_cache=False).logits[0]
+        else:
+            logits = model(input_ids=input_ids, use_cache=False).logits[0, positions]
+        nll += torch.nn.functional.cross_entropy(logits.float(), target[positions], reduction="sum").item()
+        count += len(positions)
+    return Perplexity(math.exp(nll / count) if count else float("nan"), nll, count)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_float_model(path: str, dtype: Any, device: str) -> Any:
+    """The full-precision model; an adapter directory is folded into its base in memory."""
+    if is_adapter_dir(path):
+        model, _ = load_for_inference(path, dtype=dtype, merge=True)
+        return model.to(device).eval()
+    model, _ = load_for_inference(path, dtype=dtype, device_map={"": device} if device == "cuda" else None)
+    return model
+
+
+def check_group_size(model: Any, group_size: int) -> None:
+    """GPTQ groups split each weight's input dimension; kernels need the group size to divide it."""
+    if group_size == -1:
+        return
+    output = model.get_output_embeddings()
+    widths = sorted({m.in_features for m in model.modules()
+                     if isinstance(m, torch.nn.Linear) and m is not output and m.in_features % group_size})
+    if widths:
+        raise ConfigError(f"--group_size {group_size} must divide the input width of every linear layer, and "
+                          f"{', '.join(map(str, widths))} is not a multiple of it; use a divisor of it, or -1")
+
+
+def quantized_linear_count(model: Any) -> int:
+    """Linear layers replaced by GPTQ modules (they hold packed `qweight` buffers instead of a float weight)."""
+    return sum(1 for m in model.modules() if hasattr(m, "qweight"))
+
+
+def _gptq_engine() -> Any:
+    workers = os.environ.get("GPTQMODEL_CPU_WORKERS")
+    if workers is None and ((os.cpu_count() or 1) + 1) // 2 < _MIN_GPTQ_CPU_WORKERS:
+        os.environ["GPTQMODEL_CPU_WORKERS"] = str(_MIN_GPTQ_CPU_WORKERS)
+    try:
+        import gptqmodel
+    except ImportError as e:
+        raise ConfigError(f"GPTQ needs the gptqmodel package ({e}); install the pins in requirements.txt "
+                          "(pip install -r requirements.txt)") from None
+    return gptqmodel
+
+
+def run_gptq(model_dir: str, calibration: Samples, out: str, *, bits: int, group_size: int, device: str,
+             dtype: torch.dtype) -> str:
+    """Quantize the model in `model_dir` with GPTQModel on the calibration samples and save it to `out`.
+
+    Returns the engine's name and version. desc_act=False and sym=True are the settings every GPTQ kernel (and
+    transformers' loader) supports; pack_impl="original" is GPTQModel's reference packer (the tested round trip).
+    """
+    gptqmodel = _gptq_engine()
+    config = gptqmodel.QuantizeConfig(bits=bits, group_size=group_size, desc_act=False, sym=True,
+                                      offload_to_disk=False, pack_impl="original")
+    model_dir, out = os.path.abspath(model_dir), os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    # GPTQModel writes its logs to ./logs: keep them with the output instead of the user's working directory.
+    with contextlib.chdir(out):
+        model = gptqmodel.GPTQModel.load(model_dir, config, device=device, dtype=dtype, trust_remote_code=True)
+        examples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration.input_ids]
+        model.quantize(examples)
+        model.save(out)
+        del model
+    return f"gptqmodel {gptqmodel.__version__}"
+
+
+def generation_config_of(source: str, model: Any) -> Any:
+    """The source directory's generation config (an adapter dir carries the run's stop tokens), else the model's."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:
+        return model.generation_config
+
+
+def finish_output(out: str, tokenizer: Any, generation_config: Any, source: str, bits: int, group_size: int) -> None:
+    """Make `out` the user's model: the training tokenizer and template, the source's generation config, chattune.json.
+
+    GPTQModel saves the tokenizer through its own wrapper (which rewrites tokenizer_config.json) and a generation
+    config with sampling switched on; both are replaced by the source's.
+    """
+    tokenizer.save_pretrained(out)
+    generation_config.save_pretrained(out)
+    info = run_info(source)
+    if info:
+        info["quantized_from"] = os.path.abspath(source)
+        info["gptq"] = {"bits": bits, "group_size": group_size}
+        with open(os.path.join(out, "chattune.json"), "w") as f:
+            json.dump(info, f, indent=1)
+
+
+def weights_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path)
+               if name.endswith((".safetensors", ".bin")))
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    model: str
+    source: str  # "adapter" (folded into its base first) or "model"
+    out_path: str
+    engine: str
+    bits: int
+    group_size: int
+    dtype: str
+    device: str
+    conversations: int  # in the data
+    eval_conversations: int
+    calibration_conversations: int
+    eval_samples: int
+    calibration_samples: int
+    calibration_tokens: int
+    eval_trained_tokens: int  # tokens the perplexity is over
+    shortfall: str | None
+    perplexity_before: float | None
+    perplexity_after: float | None
+    relative_change: float | None  # (after - before) / before
+    weights_bytes_before: int
+    weights_bytes_after: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        def size(n: int) -> str:
+            return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+        def row(name: str, perplexity: str, weights: str = "") -> str:
+            return f"  {name:<20} {perplexity:>12} {weights:>10}"
+
+        def ppl(value: float | None) -> str:
+            return "-" if value is None else f"{value:.3f}"
+
+        evaluated = (f"perplexity over {self.eval_trained_tokens:,} trained tokens of {self.eval_conversations} "
+                     "held-out conversations:") if self.eval_conversations else "not evaluated (--eval_samples 0):"
+        calibrated = (f"GPTQ {self.bits}-bit, group size {self.group_size}, {self.engine}; calibrated on "
+                      f"{self.calibration_conversations} conversations ({self.calibration_samples} samples, "
+                      f"{self.calibration_tokens:,} tokens)")
+        lines = [
+            calibrated,
+            evaluated,
+            row("model", "perplexity", "weights"),
+            row(f"float ({self.dtype})", ppl(self.perplexity_before), size(self.weights_bytes_before)),
+            row(f"GPTQ {self.bits}-bit", ppl(self.perplexity_after), size(self.weights_bytes_after)),
+            row("change", "-" if self.relative_change is None else f"{self.relative_change:+.2%}"),
+            "time: " + ", ".join(f"{step} {s:.1f} s" for step, s in self.seconds.items()),
+        ]
+        if self.shortfall:
+            lines.append(f"WARNING: {self.shortfall}")
+        return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _tokenizer_and_template(args: GptqArgs) -> tuple[Any, Any, dict]:
+    """The tokenizer with the chat template installed exactly as finetune.py does, and the run's template variables."""
+    from chattune.tokenizer import prepare_tokenizer
+
+    tokenizer, setup = prepare_tokenizer(args.model_name_or_path, args.template)
+    if setup.added_tokens:
+        raise ConfigError(
+            f"--template {args.template} adds tokens the model has never seen ({', '.join(setup.added_tokens)}): "
+            "quantize the output of a finetune.py run trained with that template (its tokenizer carries it), "
+            "with --template auto")
+    return tokenizer, setup, run_info(args.model_name_or_path).get("template_kwargs") or {}
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], step: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[step] = round(time.perf_counter() - start, 2)
+
+
+def load_quantized(path: str, dtype: torch.dtype, device: str) -> Any:
+    """The output as a user loads it (transformers + GPTQModel kernels), refusing one that came back unquantized."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, device_map={"": device})
+    if not quantized_linear_count(model):
+        raise RuntimeError(f"{path} reloaded without GPTQ layers: the quantized checkpoint is not usable")
+    return model.eval()
+
+
+def quantize(args: GptqArgs) -> Report:
+    """Quantize args.model_name_or_path to args.out_path, measure perplexity before and after, write the report."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    validate(args)
+    tokenizer, setup, template_kwargs = _tokenizer_and_template(args)
+    data = build_data(args, tokenizer, setup, template_kwargs)
+    if data.split.shortfall:
+        log(f"WARNING: {data.split.shortfall}")
+    device, adapter = resolve_device(args.device), is_adapter_dir(args.model_name_or_path)
+    with timed(seconds, "load"):
+        model = load_float_model(args.model_name_or_path, DTYPES[args.dtype], device)
+        check_group_size(model, args.group_size)
+    dtype, generation_config = model.dtype, generation_config_of(args.model_name_or_path, model)
+    with timed(seconds, "evaluate float"):
+        before = perplexity(model, data.eval, "perplexity before") if data.eval.input_ids else None
+
+    os.makedirs(args.out_path, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".chattune-merged-", dir=os.path.dirname(os.path.abspath(args.out_path))
+                                     ) as tmp:
+        source_dir = args.model_name_or_path
+        if adapter:  # GPTQModel reads a model directory: the folded model is saved next to the output for it
+            with timed(seconds, "save merged"):
+                save_model(model, tokenizer, tmp, source=args.model_name_or_path)
+            source_dir = tmp
+        weights_before = weights_bytes(source_dir)
+        del model  # GPTQModel loads its own copy
+        _release_memory()
+        log(f"quantizing to {args.bits} bits on {device} with {len(data.calibration.input_ids)} calibration samples")
+        with timed(seconds, "quantize"):
+            engine = run_gptq(source_dir, data.calibration, args.out_path, bits=args.bits,
+                              group_size=args.group_size, device=device, dtype=dtype)
+    finish_output(args.out_path, tokenizer, generation_config, args.model_name_or_path, args.bits, args.group_size)
+
+    with timed(seconds, "evaluate GPTQ"):
+        quantized = load_quantized(args.out_path, dtype, device)
+        after = perplexity(quantized, data.eval, "perplexity after") if data.eval.input_ids else None
+    seconds["total"] = round(time.perf_counter() - started, 2)
+    report = Report(
+        model=os.path.abspath(args.model_name_or_path), source="adapter" if adapter else "model",
+        out_path=os.path.abspath(args.out_path), engine=engine, bits=args.bits, group_size=args.group_size,
+        dtype=str(dtype).removeprefix("torch."), device=device, conversations=data.conversations,
+        eval_conversations=data.eval.conversations, calibration_conversations=data.calibration.conversations,
+        eval_samples=len(data.eval.input_ids), calibration_samples=len(data.calibration.input_ids),
+        calibration_tokens=data.calibration.tokens, eval_trained_tokens=before.tokens if before else 0,
+        shortfall=data.split.shortfall,
+        perplexity_before=before.value if before else None, perplexity_after=after.value if after else None,
+        relative_change=(after.value - before.value) / before.value if before and after else None,
+        weights_bytes_before=weights_before, weights_bytes_after=weights_bytes(args.out_path), seconds=seconds,
+    )
+    with open(os.path.join(args.out_path, REPORT_FILE), "w") as f:
+        json.dump(report.to_dict(), f, indent=1)
+    return report
