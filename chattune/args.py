@@ -139,15 +139,20 @@ class LoraArguments:
 
 ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments, LoraArguments)
 
-# Flags transformers has renamed since Qwen's launch lines were written: old -> new.
-RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+# Flags of Qwen's launch lines that transformers 5 renamed: old -> new. warmup_steps takes a ratio as a float < 1.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 
 
 def rename_flags(argv: list[str]) -> list[str]:
+    """Map renamed flags to their new names, where the installed transformers no longer knows the old one."""
+    import dataclasses
+
+    known = {f"--{f.name}" for f in dataclasses.fields(transformers.TrainingArguments)}
+    renames = {old: new for old, new in RENAMED_FLAGS.items() if old not in known}
     out = []
     for arg in argv:
         name, eq, value = arg.partition("=")
-        out.append(RENAMED_FLAGS.get(name, name) + eq + value if name in RENAMED_FLAGS else arg)
+        out.append(renames[name] + eq + value if name in renames else arg)
     return out
 
 
