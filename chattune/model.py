@@ -121,6 +121,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
         kwargs["quantization_config"] = quant
         if not is_deepspeed_zero3_enabled():
             kwargs["device_map"] = {"": training_args.device}
+    if is_deepspeed_zero3_enabled():
+        _attach_deepspeed_comm()
     try:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
@@ -129,13 +131,35 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
     return model, ModelInfo(mode, dtype, attn, [], "")
 
 
+def _attach_deepspeed_comm() -> None:
+    """Start deepspeed.comm on the process group that is already running.
+
+    With `--use_cpu True` transformers starts torch.distributed (gloo) but not deepspeed.comm, so ZeRO-3's zero.Init
+    (inside from_pretrained) sees a world of one process and rejects the train_batch_size transformers filled in for
+    all of them. On GPUs accelerate has already done this and the call is a no-op.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from deepspeed import comm
+
+    if not comm.is_initialized():
+        comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def resize_for_new_tokens(model: Any, tokenizer: Any) -> int:
     """Grow the embeddings when the template added tokens; new rows start at the mean of the old ones."""
-    old = model.get_input_embeddings().weight.shape[0]
+    old = embedding_rows(model)
     if len(tokenizer) <= old:
         return 0
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=True)
-    return model.get_input_embeddings().weight.shape[0] - old
+    return embedding_rows(model) - old
+
+
+def embedding_rows(model: Any) -> int:
+    """Vocabulary rows of the input embedding; under ZeRO-3 the local weight is an empty shard, ds_shape is the
+    real one (reading .shape there would 'grow' the vocabulary to len(tokenizer), i.e. shrink it)."""
+    weight = model.get_input_embeddings().weight
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
 
 
 def untrained_control_tokens(model: Any, tokenizer: Any, tokens: list[str]) -> list[str]:

@@ -1,0 +1,136 @@
+"""DeepSpeed ZeRO-2/3, two CPU processes under torchrun (gloo): full and LoRA fine-tuning of the tiny Qwen2.
+
+The final output must be plain Hugging Face files that load where DeepSpeed is not installed, hold complete trained
+tensors (not ZeRO-3's empty local shards), and equal the state recovered independently from the last DeepSpeed
+checkpoint with deepspeed's own zero_to_fp32.
+"""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "sharegpt.json"
+STEPS = 3
+LORA_R = 8
+
+# Runs in a fresh interpreter in which `import deepspeed` fails and find_spec("deepspeed") is None, as on a machine
+# without it. Writes the loaded model's state dict and its logits on a short prompt.
+LOADER = r"""
+import importlib.util, sys
+sys.modules["deepspeed"] = None
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+base, out, mode, dump = sys.argv[1:]
+assert importlib.util.find_spec("deepspeed") is None
+model = AutoModelForCausalLM.from_pretrained(out if mode == "full" else base)
+if mode == "lora":
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, out)
+model.eval()
+ids = torch.tensor([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]])
+tensors = {name: t.detach().clone() for name, t in model.state_dict().items()}
+with torch.no_grad():
+    tensors["@logits"] = model(input_ids=ids).logits
+    if mode == "lora":
+        with model.disable_adapter():
+            tensors["@base_logits"] = model(input_ids=ids).logits
+assert sys.modules["deepspeed"] is None
+save_file(tensors, dump)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(model_dir: Path, out: Path, stage: int, mode: str, cache: Path) -> None:
+    args = [
+        "finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(DATA), "--output_dir", str(out),
+        "--deepspeed", f"ds_configs/zero{stage}.json", "--use_cpu", "True", "--max_steps", str(STEPS),
+        "--save_strategy", "steps", "--save_steps", str(STEPS), "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--report_to", "none", "--preview_data", "0",
+        "--data_cache_dir", str(cache), "--seed", "0",
+    ]
+    if mode == "lora":
+        args += ["--use_lora", "--lora_r", str(LORA_R)]
+    for _ in range(2):  # a second try only if another process took the free port before torchrun bound it
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port())]
+        proc = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        if "Address already in use" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def load_without_deepspeed(model_dir: Path, out: Path, mode: str, dump: Path) -> dict[str, torch.Tensor]:
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(model_dir), str(out), mode, str(dump)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_file(str(dump))
+
+
+def recovered_from_checkpoint(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_process_deepspeed_saves_plain_trained_weights(stage, mode, model_dirs, tmp_path):
+    model_dir = model_dirs("qwen2")
+    out = tmp_path / "out"
+    train(model_dir, out, stage, mode, tmp_path / "cache")
+    plan = json.loads((out / "run_report.json").read_text())["plan"]
+    assert (plan["processes"], plan["steps"], plan["deepspeed"]) == (2, STEPS, f"ds_configs/zero{stage}.json")
+
+    base = load_file(str(model_dir / "model.safetensors"))
+    recovered = recovered_from_checkpoint(out / f"checkpoint-{STEPS}")
+    loaded = load_without_deepspeed(model_dir, out, mode, tmp_path / "loaded.safetensors")
+
+    if mode == "full":
+        saved = load_file(str(out / "model.safetensors"))
+        # The output layer is tied to the embeddings. Under ZeRO-2 the Trainer hands save_pretrained a state dict
+        # whose tied tensors no longer share storage, so lm_head.weight is written too: a copy, tied again on load.
+        if "lm_head.weight" in saved:
+            assert stage == 2 and torch.equal(saved.pop("lm_head.weight"), saved["model.embed_tokens.weight"])
+        assert set(saved) == set(base)
+        for name, before in base.items():
+            assert saved[name].shape == before.shape, name  # complete tensors, not empty ZeRO-3 shards
+            assert not torch.equal(saved[name], before), f"{name} did not train"
+            close(saved[name], recovered[name])
+            assert torch.equal(loaded[name], saved[name])
+    else:
+        saved = load_file(str(out / "adapter_model.safetensors"))
+        # zero_to_fp32 names the trainable parameters as in the PeftModel (adapter name included); the adapter file
+        # leaves the adapter name out
+        trained = {name.replace(".default.", "."): t for name, t in recovered.items()}
+        assert set(saved) == set(trained) and len(saved) == 2 * 7 * 2  # A and B, 7 linear layers, 2 layers
+        for name, tensor in saved.items():
+            assert tensor.numel() > 0 and tensor.shape == trained[name].shape, name
+            assert LORA_R in tensor.shape
+            close(tensor, trained[name])
+            assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor)
+            if "lora_B" in name:
+                assert tensor.abs().max() > 0, f"{name} is still at its zero initialization"
+        for name, tensor in loaded.items():  # the frozen base under the adapter is the base model
+            base_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            if base_name in base:
+                assert torch.equal(tensor, base[base_name]), name
+        assert not torch.allclose(loaded["@logits"], loaded["@base_logits"], atol=1e-4)
