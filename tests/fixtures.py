@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -172,3 +173,10 @@ def build_model(family: str, path: Path) -> Path:
 
 
 FAMILIES = ("qwen2", "qwen3", "deepseek", "deepseek_v2", "glm4")
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for a test's own rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

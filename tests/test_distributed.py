@@ -6,7 +6,6 @@ checkpoint with deepspeed's own zero_to_fp32.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.modules["deepspeed"] = None
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
+from fixtures import free_port
 
 base, out, mode, dump = sys.argv[1:]
 assert importlib.util.find_spec("deepspeed") is None
@@ -46,12 +46,6 @@ with torch.no_grad():
 assert sys.modules["deepspeed"] is None
 save_file(tensors, dump)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(model_dir: Path, out: Path, stage: int, mode: str, cache: Path) -> None:

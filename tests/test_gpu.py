@@ -5,13 +5,13 @@ Run on a GPU machine with `python -m pytest -m gpu`; skipped elsewhere.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"
@@ -32,12 +32,6 @@ def cli(model_dir, out, *extra, launcher=()):
 
 def losses(out):
     return [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_default_cuda_path_is_packed_flex_with_fused_loss(model_dirs, tmp_path):

@@ -4,13 +4,13 @@
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = str(ROOT / "finetune.py")
@@ -25,12 +25,6 @@ LAUNCH_ENV = ("GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_POR
 
 A100 = "\n".join(f"GPU {i}: NVIDIA A100-SXM4-80GB (UUID: GPU-{i}abc)" for i in range(4))
 RTX3090 = "\n".join(f"GPU {i}: NVIDIA GeForce RTX 3090 (UUID: GPU-{i}def)" for i in range(4))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
