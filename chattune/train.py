@@ -381,7 +381,17 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
             json.dump(report, f, indent=1)
         log(f"saved to {training_args.output_dir}: final loss {report['final_loss']}, "
             f"{report['tokens_per_second']:,.0f} tokens/s, peak GPU memory {report['peak_gpu_memory_gb']} GB")
+    finish_distributed()
     return trainer
+
+
+def finish_distributed() -> None:
+    """Every rank waits until the main process has written all files, then the process group is shut down before the
+    interpreter exits. Without this a rank that finished first sometimes aborted at exit ("terminate called without
+    an active exception", gloo, torch 2.13) and torchrun killed the main process while it was writing the model."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def save_final(trainer, tokenizer, setup, data_args, training_args, info: ModelInfo) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,6 @@ sys.modules["deepspeed"] = None
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
-from fixtures import free_port
 
 base, out, mode, dump = sys.argv[1:]
 assert importlib.util.find_spec("deepspeed") is None
