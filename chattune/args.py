@@ -69,7 +69,8 @@ class DataArguments:
         try:
             value = json.loads(self.template_kwargs)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--template_kwargs is not valid JSON ({e}); example: '{{\"enable_thinking\": false}}'")
+            raise ConfigError(
+                f"--template_kwargs is not valid JSON ({e}); example: '{{\"enable_thinking\": false}}'") from None
         if not isinstance(value, dict):
             raise ConfigError("--template_kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
         return value

@@ -62,7 +62,8 @@ def preview(tokenizer: Any, prepared: Prepared, n: int) -> None:
     color = sys.stderr.isatty()
     for i in range(min(n, len(prepared.dataset))):
         row = prepared.dataset[i]
-        log(f"--- sample {i} (trained part in ⟦ ⟧) ---\n{format_preview(tokenizer, row['input_ids'], row['labels'], color)}")
+        text = format_preview(tokenizer, row["input_ids"], row["labels"], color)
+        log(f"--- sample {i} (trained part in ⟦ ⟧) ---\n{text}")
 
 
 def dump_tokenized(prepared: Prepared, path: str) -> None:

@@ -4,7 +4,6 @@ Run on a GPU machine with `python -m pytest -m gpu`; skipped elsewhere.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,7 +1,6 @@
 """Training end to end on CPU: full, LoRA and Q-LoRA; what changed, what did not, reload, resume, preemption."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
