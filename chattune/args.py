@@ -119,6 +119,11 @@ class TrainingArguments(transformers.TrainingArguments):
     )
 
 
+    def micro_batch_tokens(self) -> int:
+        """Tokens per device micro-batch: --max_tokens_per_batch, else the padded worst case (batch x max length)."""
+        return self.max_tokens_per_batch or self.per_device_train_batch_size * self.model_max_length
+
+
 @dataclass
 class LoraArguments:
     lora_r: int = 64

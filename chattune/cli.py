@@ -11,6 +11,11 @@ from chattune.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def log(message: str) -> None:
+    """Progress and reports go to stderr, so stdout stays free for results (estimates, chat answers)."""
+    print(message, file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def main_guard() -> Iterator[None]:
     try:

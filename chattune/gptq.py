@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +24,9 @@ from typing import Any
 
 import torch
 
+from chattune.cli import log
 from chattune.errors import ConfigError, UserError
+from chattune.loss import accepts_logits_to_keep
 from chattune.merge import DTYPES, is_adapter_dir, load_for_inference, run_info, save_model
 from chattune.template import IGNORE_INDEX
 
@@ -191,10 +191,6 @@ class Perplexity:
     tokens: int  # scored (trained) tokens
 
 
-def _accepts_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def perplexity(model: Any, samples: Samples, desc: str = "perplexity") -> Perplexity:
     """exp(mean CE) over the tokens whose label is not -100 (the assistant's part), one sample per forward.
@@ -205,7 +201,7 @@ def perplexity(model: Any, samples: Samples, desc: str = "perplexity") -> Perple
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    sparse_logits = _accepts_logits_to_keep(model)
+    sparse_logits = accepts_logits_to_keep(model)
     nll, count = 0.0, 0
     pairs = list(zip(samples.input_ids, samples.labels, strict=True))
     for ids, labels in tqdm(pairs, desc=desc, unit="sample", leave=False):
@@ -391,10 +387,6 @@ class Report:
         if self.shortfall:
             lines.append(f"WARNING: {self.shortfall}")
         return "\n".join(lines)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _tokenizer_and_template(args: GptqArgs) -> tuple[Any, Any, dict]:

@@ -15,6 +15,7 @@ computed by the Trainer across gradient accumulation and data-parallel ranks), e
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from typing import Any
 
 import torch
@@ -69,6 +70,13 @@ def _out_features(lm_head: torch.nn.Module) -> int:
         if isinstance(module, torch.nn.Linear):
             return module.out_features
     return getattr(lm_head, "out_features", 32768)
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the (unwrapped) model's forward computes logits for the last positions only (remote-code models
+    predating `logits_to_keep` do not, and then need their own full-logits loss)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool) -> str:

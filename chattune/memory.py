@@ -209,19 +209,12 @@ def zero_setup_from_config(path: str | None) -> tuple[int, bool]:
     return int(zero.get("stage", 0)), offload
 
 
-def micro_batch_tokens(per_device_batch: int, max_length: int, max_tokens_per_batch: int, packing: bool) -> int:
-    if packing and max_tokens_per_batch:
-        return max_tokens_per_batch
-    return per_device_batch * max_length
-
-
 def run_setup(training_args: Any, lora_args: Any, mode: str, gpus: int) -> Setup:
     """The planner's view of a finetune.py command line."""
     stage, offload = zero_setup_from_config(training_args.deepspeed)
     return Setup(
         mode=mode, gpus=gpus, zero_stage=stage, offload=offload,
-        micro_batch_tokens=training_args.max_tokens_per_batch or (
-            training_args.per_device_train_batch_size * training_args.model_max_length),
+        micro_batch_tokens=training_args.micro_batch_tokens(),
         gradient_checkpointing=bool(training_args.gradient_checkpointing), fused_ce=training_args.fused_ce != "none",
         lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
         bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
+from chattune.cli import log
 from chattune.data import load_conversations
 from chattune.errors import ConfigError
 from chattune.prepare import Prepared, format_preview, prepare_dataset
@@ -19,10 +20,6 @@ from chattune.tokenizer import prepare_tokenizer
 class Data:
     train: Prepared
     eval: Prepared | None
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import platform
 import signal
-import sys
 import time
 from typing import Any
 
@@ -20,24 +18,21 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from chattune import __version__
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments, flag
+from chattune.cli import log
 from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator
 from chattune.errors import ConfigError
-from chattune.loss import causal_lm_loss, resolve_fused_ce
+from chattune.loss import accepts_logits_to_keep, causal_lm_loss, resolve_fused_ce
 from chattune.model import (
     ModelInfo,
     apply_lora,
     count_parameters,
     load_model,
     resize_for_new_tokens,
-    resolve_packing,
     resolve_modules_to_save,
+    resolve_packing,
 )
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -329,8 +324,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
                    lora_args: LoraArguments, tokenizer: Any, setup: Any, data: Any) -> transformers.Trainer:
     configure_trainer_args(training_args)
     packing = resolve_packing(flag(training_args.packing, "packing"), model_args.attn_implementation)
-    budget = training_args.max_tokens_per_batch or (
-        training_args.per_device_train_batch_size * training_args.model_max_length)
+    budget = training_args.micro_batch_tokens()
     if packing and budget < training_args.model_max_length:
         raise ConfigError(f"--max_tokens_per_batch {budget} is below --model_max_length "
                           f"{training_args.model_max_length}: the longest samples would fit no micro-batch")
@@ -342,8 +336,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
     model, info = build_model(model_args, training_args, lora_args, tokenizer, setup, data.train.dataset, packing)
     fused = resolve_fused_ce(training_args.fused_ce, model.get_output_embeddings(), is_deepspeed_zero3_enabled())
-    if fused != "none" and "logits_to_keep" not in inspect.signature(type(model.get_base_model() if hasattr(
-            model, "get_base_model") else model).forward).parameters:
+    if fused != "none" and not accepts_logits_to_keep(model):
         fused = "none"  # remote-code models without logits_to_keep: the model's own loss
     fused = zero3_fused_ce(fused, training_args.fused_ce, model)
     info.packing, info.fused_ce = (f"packed, {budget} tokens per micro-batch" if packing else "padded"), fused

@@ -83,7 +83,7 @@ def test_perplexity_is_exp_mean_cross_entropy_over_trained_tokens(model_dirs, mo
     result = perplexity(model, samples)
     assert result.tokens == 8 + 25
     assert result.value == pytest.approx(math.exp(nll / result.tokens), rel=1e-5)
-    monkeypatch.setattr(gptq, "_accepts_logits_to_keep", lambda model: False)  # models without logits_to_keep
+    monkeypatch.setattr(gptq, "accepts_logits_to_keep", lambda model: False)  # models without logits_to_keep
     assert perplexity(model, samples).value == pytest.approx(result.value, rel=1e-5)
 
 
