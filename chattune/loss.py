@@ -1,39 +1,86 @@
-"""Causal-LM loss without materializing the logits of the whole batch.
+"""Causal-LM loss: the model's own objective, as a sum over trained tokens, without whole-batch logits.
 
 With a 152k vocabulary the fp32 logits of a 4096-token micro-batch take 2.5 GB, more than a 7B Q-LoRA model's
-weights. Both paths here compute the loss from the final hidden states instead:
+weights. The fused paths compute the loss from the final hidden states instead:
 
-* `liger`: Liger's fused linear + cross-entropy Triton kernel (CUDA), on a plain `lm_head` weight.
+* `liger`: Liger's fused linear + cross-entropy Triton kernel (CUDA; on CPU under `TRITON_INTERPRET=1`).
 * `chunked`: the output layer and cross-entropy over chunks of trained positions, each chunk recomputed in backward
   (activation checkpointing), so at most one chunk of logits is alive. Positions with label -100 are skipped
   entirely, which also saves their output-layer matmul. Works everywhere (CPU, ZeRO-3, PEFT-wrapped heads).
+* `none`: the model's own logits (its forward applies whatever it applies), cross-entropy on them.
 
-The result is the sum of token losses divided by `num_items_in_batch` (the trained-token count of the global batch,
-computed by the Trainer across gradient accumulation and data-parallel ranks), exactly like transformers' loss.
+A fused path must reproduce what the model's forward does to the output layer's result before the loss
+(`LogitTransform`: Gemma-2/3 soft-capping, Cohere's `logit_scale`, Granite's `logits_scaling`). `probe_matches`
+checks that on real inputs at the start of training, so a family with a transform we do not know is caught.
+
+Every function returns a *sum* over the trained tokens; the trainer divides by the trained-token count of the whole
+global batch, which it counts itself (never trusting a model's `num_items_in_batch` support).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from chattune.errors import ConfigError
 from chattune.template import IGNORE_INDEX
 
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 256, 4096
+FUSED_CE_CHOICES = ("auto", "liger", "chunked", "none")
 
 
-def chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """Positions per chunk so that one chunk's logits take about as much memory as the batch's hidden states
-    (Liger's rule), within [256, 4096] so small models do not loop over tiny matmuls."""
-    ratio = max(1, -(-vocab_size // hidden_size))
-    want = max(1, -(-n_tokens // ratio))
-    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 1 << (want - 1).bit_length()))
+# --------------------------------------------------------------------------------------------------------------
+# What the model does to lm_head's output
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """logits = softcap(scale * lm_head(h)), as the model's forward computes them."""
+
+    scale: float = 1.0  # Cohere: logit_scale; Granite: 1 / logits_scaling
+    softcap: float | None = None  # Gemma-2/3: final_logit_softcapping (cap * tanh(logits / cap))
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def describe(self) -> str:
+        parts = [f"scale {self.scale:g}"] if self.scale != 1.0 else []
+        parts += [f"soft-cap {self.softcap:g}"] if self.softcap is not None else []
+        return ", ".join(parts) or "none"
+
+
+def logit_transform(config: Any) -> LogitTransform:
+    """The transform the model family applies after its output layer, read from its config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = 1.0
+    logit_scale = getattr(text, "logit_scale", None)  # Cohere, Cohere2
+    if isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool):
+        scale *= float(logit_scale)
+    logits_scaling = getattr(text, "logits_scaling", None)  # Granite, GraniteMoe
+    if isinstance(logits_scaling, (int, float)) and not isinstance(logits_scaling, bool) and logits_scaling:
+        scale /= float(logits_scaling)
+    softcap = getattr(text, "final_logit_softcapping", None)  # Gemma-2, Gemma-3
+    return LogitTransform(scale, float(softcap) if softcap else None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Targets and the loss sums
+# --------------------------------------------------------------------------------------------------------------
 
 
 def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,25 +91,71 @@ def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return h[keep], y[keep]
 
 
-def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+def trained_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Tokens the loss is over: labels after the shift that are not -100."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
-def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    total = h.sum().float() * 0  # keeps the graph (and every rank's backward) alive for a chunk-free micro-batch
+def chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Positions per chunk so that one chunk's logits take about as much memory as the batch's hidden states
+    (Liger's rule), within [256, 4096] so small models do not loop over tiny matmuls."""
+    ratio = max(1, -(-vocab_size // hidden_size))
+    want = max(1, -(-n_tokens // ratio))
+    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 1 << (want - 1).bit_length()))
+
+
+def zero_loss(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """0, but connected to the output layer and the hidden states: a micro-batch with no trained token still takes
+    part in every rank's backward (DDP and ZeRO wait for every parameter's gradient), and nothing divides by 0."""
+    return lm_head(hidden.reshape(-1, hidden.shape[-1])[:1]).float().sum() * 0
+
+
+def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
+                    transform: LogitTransform) -> torch.Tensor:
+    return F.cross_entropy(transform.apply(lm_head(h).float()), y, reduction="sum")
+
+
+def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, vocab_size: int,
+                     transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+    total = None
     step = chunk_tokens(h.shape[0], vocab_size, h.shape[-1])
     for start in range(0, h.shape[0], step):
         stop = start + step
-        total = total + checkpoint(_chunk_loss_sum, lm_head, h[start:stop], y[start:stop], use_reentrant=False)
+        part = checkpoint(_chunk_loss_sum, lm_head, h[start:stop], y[start:stop], transform, use_reentrant=False)
+        total = part if total is None else total + part
     return total
 
 
-def liger_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _plain_linear(lm_head: torch.nn.Module) -> torch.nn.Linear:
+    """The nn.Linear that holds the output weight (a peft ModulesToSaveWrapper keeps it as the active copy)."""
+    if isinstance(lm_head, torch.nn.Linear):
+        return lm_head
+    active = getattr(lm_head, "modules_to_save", None)
+    if active is not None and getattr(lm_head, "active_adapter", None) in active:
+        return active[lm_head.active_adapter]
+    original = getattr(lm_head, "original_module", None)
+    if isinstance(original, torch.nn.Linear):
+        return original
+    raise TypeError(f"Liger's fused loss needs a plain nn.Linear output layer, not {type(lm_head).__name__}")
+
+
+def liger_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
+                   transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(
-        lm_head.weight, h, y, getattr(lm_head, "bias", None)
-    )
+    linear = _plain_linear(lm_head)
+    bias = linear.bias
+    if transform.scale != 1.0:  # scale * (W h + b) = W (scale h) + scale b: the kernel stays fused
+        h = h * transform.scale
+        bias = bias * transform.scale if bias is not None else None
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=transform.softcap)
+    weight = linear.weight
+    # The kernel does its own matmuls and needs one dtype: the autocast dtype where the forward ran under autocast
+    # (as the model's own lm_head would compute), else the weight's.
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
+    weight, h = weight.to(dtype), h.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    return loss(weight, h, y, bias)
 
 
 def _out_features(lm_head: torch.nn.Module) -> int:
@@ -72,6 +165,32 @@ def _out_features(lm_head: torch.nn.Module) -> int:
     return getattr(lm_head, "out_features", 32768)
 
 
+def fused_loss_sum(kind: str, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                   transform: LogitTransform = LogitTransform()) -> torch.Tensor:
+    """Sum of cross-entropy over the trained tokens, from the decoder's last hidden states (`kind`: liger|chunked)."""
+    h, y = shifted_targets(hidden, labels)
+    if y.numel() == 0:
+        return zero_loss(lm_head, hidden)
+    if kind == "liger":
+        return liger_loss_sum(lm_head, h, y, transform)
+    return chunked_loss_sum(lm_head, h, y, _out_features(lm_head), transform)
+
+
+def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over the trained tokens, from the model's own logits."""
+    vocab = logits.shape[-1]
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    if not bool(keep.any()):
+        return logits.float().sum() * 0
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab)[keep].float(), y[keep], reduction="sum")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Choosing the path
+# --------------------------------------------------------------------------------------------------------------
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the (unwrapped) model's forward computes logits for the last positions only (remote-code models
     predating `logits_to_keep` do not, and then need their own full-logits loss)."""
@@ -79,31 +198,35 @@ def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool) -> str:
-    """auto: Liger on CUDA for a plain nn.Linear head (not ZeRO-3 partitioned), else chunked."""
-    choices = ("auto", "liger", "chunked", "none")
-    if requested not in choices:
-        raise ConfigError(f"--fused_ce {requested!r}: choose one of {', '.join(choices)}")
-    liger_ok = (
-        torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-        and type(lm_head) is torch.nn.Linear and not zero3
-    )
-    if requested == "liger" and not liger_ok:
-        raise ConfigError("--fused_ce liger needs liger-kernel on CUDA and a plain (not ZeRO-3 partitioned, not "
-                          "adapter-wrapped) output layer; use --fused_ce chunked")
-    if requested == "auto":
-        return "liger" if liger_ok else "chunked"
-    return requested
+def liger_runs_here() -> str | None:
+    """Why Liger's Triton kernels cannot run in this process, or None when they can: CUDA, or the Triton interpreter
+    on CPU (`TRITON_INTERPRET=1`, slow, for tests)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return "no CUDA GPU here (on CPU Liger runs only under TRITON_INTERPRET=1, for tests)"
 
 
-def causal_lm_loss(kind: str, lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                   num_items_in_batch: Any = None) -> torch.Tensor:
-    h, y = shifted_targets(hidden, labels)
-    if kind == "liger":
-        total = liger_loss_sum(lm_head, h, y)
-    else:
-        total = chunked_loss_sum(lm_head, h, y, _out_features(lm_head))
-    denominator = num_items_in_batch if num_items_in_batch is not None else y.numel()
-    if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device)
-    return total / denominator
+def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool, use_cpu: bool = False) -> str:
+    """auto: Liger on CUDA for a plain output layer that ZeRO-3 does not partition, else chunked."""
+    if requested not in FUSED_CE_CHOICES:
+        raise ValueError(f"--fused_ce {requested!r}: choose one of {', '.join(FUSED_CE_CHOICES)}")
+    if requested in ("chunked", "none"):
+        return requested
+    try:
+        _plain_linear(lm_head)
+        layer_problem = "ZeRO-3 partitions the output layer" if zero3 else None
+    except TypeError as e:
+        layer_problem = str(e)
+    runtime_problem = liger_runs_here()
+    if requested == "liger":
+        problem = layer_problem or runtime_problem
+        if problem:
+            from chattune.errors import ConfigError
+
+            raise ConfigError(f"--fused_ce liger: {problem}; use --fused_ce chunked")
+        return "liger"
+    # auto: Liger only where it is fast (CUDA); the interpreter is for tests that ask for it explicitly
+    cuda = torch.cuda.is_available() and not use_cpu
+    return "liger" if cuda and not layer_problem and runtime_problem is None else "chunked"

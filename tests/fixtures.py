@@ -167,11 +167,25 @@ def build_model(family: str, path: Path) -> Path:
         config = tf.Glm4Config(**_small(vocab_size=151936, head_dim=16, pad_token_id=tok.pad_token_id))
         model = tf.Glm4ForCausalLM(config)
         eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    elif family in LOGIT_TRANSFORM_FAMILIES:  # Qwen's vocabulary and ChatML; the family's forward and logit transform
+        tok = qwen_tokenizer()
+        config_cls, model_cls, transform = LOGIT_TRANSFORM_FAMILIES[family]
+        config = getattr(tf, config_cls)(**_small(vocab_size=151936, head_dim=16, pad_token_id=tok.pad_token_id,
+                                                  bos_token_id=None, eos_token_id=151645), **transform)
+        model = getattr(tf, model_cls)(config)
+        eos = [151645, 151643]
     else:
         raise ValueError(family)
     return _save(path, model, tok, eos)
 
 
+# Families whose forward changes lm_head's output before the loss (the transform exaggerated so a loss that forgets it
+# is far off): Gemma-2 soft-caps, Cohere scales, Granite divides.
+LOGIT_TRANSFORM_FAMILIES = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": 3.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+}
 FAMILIES = ("qwen2", "qwen3", "deepseek", "deepseek_v2", "glm4")
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins
-from chattune.loss import causal_lm_loss
+from chattune.loss import fused_loss_sum
 
 SAMPLES = [
     {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
@@ -77,7 +77,7 @@ def loss_and_grads(model, batch, fused: bool, num_items):
     labels = batch.pop("labels")
     if fused:
         hidden = model.model(**batch).last_hidden_state
-        loss = causal_lm_loss("chunked", model.lm_head, hidden, labels, num_items)
+        loss = fused_loss_sum("chunked", model.lm_head, hidden, labels) / num_items
     else:
         loss = model(**batch, labels=labels, num_items_in_batch=num_items).loss
     loss.backward()

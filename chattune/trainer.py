@@ -1,0 +1,218 @@
+"""`ChatTrainer`: the stock Trainer with packed micro-batches, our own loss normalization and a token-weighted eval.
+
+The loss of an optimizer step is the mean cross-entropy over the trained tokens of the whole global batch (every
+micro-batch of the accumulation window, on every rank). The trainer counts those tokens itself (`labels[..., 1:] !=
+-100`, summed over the window and all ranks), whatever transformers believes about the model's loss kwargs, so the
+result is the same packed or padded, for any accumulation and any number of ranks, and for remote-code models and
+classes with `accepts_loss_kwargs = False` too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+
+from chattune.cli import log
+from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins
+from chattune.errors import ConfigError
+from chattune.loss import (
+    LogitTransform,
+    fused_loss_sum,
+    logits_loss_sum,
+    trained_token_count,
+)
+
+PROBE_TOKENS = 128  # positions of the first micro-batch used to check the fused loss against the model's own
+
+
+@dataclass
+class LossSetup:
+    kind: str  # liger | chunked | none
+    requested: str  # what --fused_ce asked for (auto may fall back to none)
+    transform: LogitTransform = LogitTransform()
+
+
+class LossMismatch(ConfigError):
+    """The fused loss differs from the model's own loss on real inputs."""
+
+
+class ChatTrainer(transformers.Trainer):
+    """`transformers.Trainer` with token-budget packing, a fused (or the model's own) loss normalized by our own count
+    of the global batch's trained tokens, and an evaluation that is a token-weighted mean over the whole eval set.
+
+    Everything else (optimizer, schedule, DeepSpeed, checkpoints, logging, callbacks) is the stock Trainer.
+    """
+
+    # compute_loss returns sum / (trained tokens of the global batch) * ranks: already scaled for accumulation
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss: LossSetup, packed_sampler: PackedBatchSampler | None = None,
+                 flash_kwargs: bool = False, eval_tokens_per_batch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss = loss
+        self.packed_sampler = packed_sampler
+        self.flash_kwargs = flash_kwargs
+        self.eval_tokens_per_batch = eval_tokens_per_batch  # > 0: evaluate in packed rows of this many tokens
+        self.loss_checked = loss.kind == "none"
+        self._hidden: list[torch.Tensor] = []
+
+    # ---- data ------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        if self.packed_sampler is None:
+            return super().get_train_dataloader()
+        loader = torch.utils.data.DataLoader(
+            self.train_dataset, batch_sampler=self.packed_sampler, collate_fn=PackingCollator(self.flash_kwargs),
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Trained tokens of the global batch: this accumulation window's micro-batches, summed over all ranks."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(trained_token_count(b["labels"]).to(device) for b in batch_samples)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        if not self.loss_checked:
+            self.check_loss(model, inputs)
+        total = self.loss_sum(model, inputs, labels)
+        if num_items_in_batch is None:  # outside the training loop: this micro-batch's own mean
+            return total / trained_token_count(labels).clamp(min=1)
+        # DDP and DeepSpeed average gradients over ranks; this rank's share of the global sum is worth `ranks` times
+        # its loss, so the average is the global token mean.
+        ranks = self.accelerator.num_processes
+        return total / num_items_in_batch.to(total.device).clamp(min=1) * ranks
+
+    def loss_sum(self, model, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the trained tokens of one micro-batch, through the configured path."""
+        if self.loss.kind == "none":
+            logits = model(**inputs).logits
+            return logits_loss_sum(logits, labels)
+        hidden = self._forward_hidden(model, inputs, logits_to_keep=1)
+        with self.accelerator.autocast():  # the output layer's matmuls in the forward's precision (bf16, not fp32)
+            return fused_loss_sum(self.loss.kind, self._output_layer(), hidden, labels, self.loss.transform)
+
+    def _output_layer(self) -> torch.nn.Module:
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return base.get_output_embeddings()
+
+    def _forward_hidden(self, model, inputs: dict[str, Any], **kwargs) -> torch.Tensor:
+        """Run the wrapped model (DDP/DeepSpeed forward semantics intact) and keep the decoder's last hidden state."""
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        handle = base.get_decoder().register_forward_hook(self._keep_hidden)
+        try:
+            self._last_output = model(**inputs, **kwargs)
+        finally:
+            handle.remove()
+        return self._hidden.pop()
+
+    def _keep_hidden(self, module, args, output):
+        self._hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    def check_loss(self, model, inputs: dict[str, Any]) -> None:
+        """On the first micro-batch: the fused loss must equal the model's own loss (its forward with labels) on the
+        same positions of the same forward. A model family whose logit transform we do not apply fails here instead
+        of training the wrong objective for the whole run."""
+        self.loss_checked = True
+        ids = inputs["input_ids"][:1, :PROBE_TOKENS]
+        cuda = [ids.device] if ids.device.type == "cuda" else []
+        # fork_rng: the check's dropout draws must not shift the run's random stream (a resumed run checks again)
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+            hidden = self._forward_hidden(model, {"input_ids": ids}, labels=ids, logits_to_keep=0)
+            own = self._last_output.loss.float()
+            with self.accelerator.autocast():
+                fused = fused_loss_sum(self.loss.kind, self._output_layer(), hidden, ids, self.loss.transform)
+            fused = fused.float() / max(1, ids.shape[1] - 1)
+        self._last_output = None
+        exact = hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
+        tolerance = 1e-4 if exact else 2e-2
+        bad = torch.tensor(float(abs(fused - own) > tolerance * max(1.0, abs(own.item()))), device=hidden.device)
+        if self.args.world_size > 1:  # every rank must take the same path
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bad.item():
+            return
+        message = (f"the fused loss ({self.loss.kind}, logit transform {self.loss.transform.describe()}) gives "
+                   f"{fused.item():.5f} where the model's own loss is {own.item():.5f} on the first micro-batch: this "
+                   "model's forward changes its logits in a way chattune does not reproduce")
+        if self.loss.requested != "auto":
+            raise LossMismatch(f"{message}. Use --fused_ce none (the model's own logits).")
+        log(f"WARNING: {message}; using the model's own logits instead (--fused_ce none).")
+        self.loss.kind = "none"
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean cross-entropy over every trained token of the eval set (summed over batches and ranks, then divided
+        once), through the training loss path, so it depends neither on the eval batch size nor on packing."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ConfigError("evaluation needs --eval_data_path")
+        start = time.time()
+        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        was_training = model.training
+        model.eval()
+        device = self.args.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        with torch.no_grad():
+            for batch, real in self._eval_batches(dataset):
+                batch = self._prepare_inputs(batch)
+                labels = batch.pop("labels")
+                with self.compute_loss_context_manager():
+                    loss_sum = self.loss_sum(model, batch, labels)
+                if real:
+                    total += loss_sum.double()
+                    count += trained_token_count(labels)
+        model.train(was_training)
+        if self.args.world_size > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+            count = self.accelerator.reduce(count, reduction="sum")
+        tokens = int(count.item())
+        metrics = {
+            f"{metric_key_prefix}_loss": total.item() / tokens if tokens else float("nan"),
+            f"{metric_key_prefix}_tokens": tokens,
+            f"{metric_key_prefix}_runtime": round(time.time() - start, 4),
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _eval_batches(self, dataset):
+        """This rank's eval batches, each with whether it counts. Every rank runs the same number of forwards (ZeRO-3
+        gathers weights collectively), so short ranks repeat a batch that is not counted."""
+        lengths = [len(x) for x in dataset["input_ids"]]
+        if self.eval_tokens_per_batch:
+            groups = pack_bins(lengths, max(self.eval_tokens_per_batch, max(lengths, default=1)))
+            collate = PackingCollator(self.flash_kwargs)
+        else:
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            size = self.args.per_device_eval_batch_size
+            groups = [order[i:i + size] for i in range(0, len(order), size)]
+            collate = self.data_collator
+        ranks, rank = self.args.world_size, self.args.process_index
+        per_rank = math.ceil(len(groups) / ranks) if groups else 0
+        mine = groups[rank::ranks]
+        for group in mine:
+            yield collate([dataset[i] for i in group]), True
+        for _ in range(per_rank - len(mine)):
+            yield collate([dataset[i] for i in groups[0]]), False
+
+
+def padding_collator(tokenizer: Any) -> PaddingCollator:
+    return PaddingCollator(tokenizer.pad_token_id, pad_to_multiple_of=8)
