@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.cli import log
 from chattune.data import load_conversations
@@ -83,7 +85,28 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
         raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
     setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args),
                       training_args.estimate_gpus or training_args.world_size)
-    return format_estimate(shape_from_config(config), setup, model_args.model_name_or_path)
+    shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
+    return format_estimate(shape, setup, model_args.model_name_or_path)
+
+
+def model_config_and_attention(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
+    """The model's config (no weights) and the attention/packing decision its class allows: errors come before any
+    data is tokenized."""
+    from transformers import AutoConfig
+
+    from chattune.model import choose_attention, compute_dtype, flash_attn_problem, model_class
+
+    try:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
+    cuda = torch.cuda.is_available() and not training_args.use_cpu
+    attention = choose_attention(
+        model_args.attn_implementation, training_args.packing, model_class(config, model_args.trust_remote_code),
+        cuda=cuda, flash_problem=flash_attn_problem(compute_dtype(training_args)) if cuda else "no CUDA GPU",
+    )
+    return config, attention
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
@@ -96,6 +119,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
     )
+    config, attention = (None, None) if data_args.dump_tokenized else model_config_and_attention(model_args,
+                                                                                                 training_args)
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
                       main_process_first=training_args.main_process_first)
     if training_args.process_index == 0:
@@ -109,4 +134,4 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         return None
     from chattune.train import train_and_save
 
-    return train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data)
+    return train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data, config, attention)

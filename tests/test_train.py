@@ -136,23 +136,36 @@ def test_template_with_new_tokens_trains_embeddings(model_dirs, tmp_path):
     assert tok.convert_tokens_to_ids("<|im_end|>") is not None and "<|im_start|>" in tok.chat_template
 
 
-def test_rerun_resumes_from_last_checkpoint(model_dirs, tmp_path):
+@pytest.mark.parametrize("batches", ["padded", "packed"])
+def test_rerun_resumes_from_last_checkpoint(model_dirs, tmp_path, batches):
+    """Stopped mid-epoch (padded: 4 steps per epoch; packed: 3 micro-batches of <= 256 tokens per epoch), the same
+    command resumes at the next step and continues exactly as an uninterrupted run (data order, optimizer state and
+    dropout RNG)."""
     model_dir = model_dirs("qwen2")
     out = tmp_path / "resume"
-    common = ["--use_lora", "--lora_r", 8, "--learning_rate", 1e-2, "--save_strategy", "steps", "--save_steps", 3,
+    stop = 3 if batches == "padded" else 2
+    common = ["--use_lora", "--lora_r", 8, "--learning_rate", 1e-2, "--save_strategy", "steps", "--save_steps", stop,
               "--lr_scheduler_type", "constant"]  # the schedule must not depend on max_steps for the comparison
-    train(model_dir, out, *common, "--max_steps", 3)  # an "interrupted" run: stops after its checkpoint
-    assert (out / "checkpoint-3").is_dir()
+    if batches == "packed":
+        common += ["--packing", "true", "--max_tokens_per_batch", 256, "--model_max_length", 256]
+    train(model_dir, out, *common, "--max_steps", stop)  # an "interrupted" run: stops after its checkpoint
+    assert (out / f"checkpoint-{stop}").is_dir()
     first = losses(out)
-    train(model_dir, out, *common, "--max_steps", 6)  # the same command, longer: continues at step 4
+    train(model_dir, out, *common, "--max_steps", 6)  # the same command, longer: continues at the next step
     state = json.loads((out / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "loss" in h]
     assert steps == [1, 2, 3, 4, 5, 6] and state["global_step"] == 6
-    assert losses(out)[:3] == first
+    assert losses(out)[:stop] == first
+    # throughput counts this process's own tokens and time, not the tokens of the run it resumed
+    report = json.loads((out / "run_report.json").read_text())
+    assert 0 < report["tokens_this_process"] < report["tokens_seen"]
+    assert report["tokens_per_second"] == pytest.approx(report["tokens_this_process"] / report["wall_seconds"],
+                                                        rel=0.02)
     # uninterrupted reference: the same six steps in one go give the same losses
     ref = tmp_path / "ref"
     train(model_dir, ref, *common, "--max_steps", 6)
     torch.testing.assert_close(torch.tensor(losses(out)), torch.tensor(losses(ref)), rtol=1e-4, atol=1e-4)
+    assert json.loads((ref / "run_report.json").read_text())["tokens_seen"] == report["tokens_seen"]
 
 
 def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path):
@@ -191,3 +204,76 @@ def test_packed_run_with_fused_loss_trains_and_reports(model_dirs, tmp_path):
     assert report["plan"]["loss"] == "fused linear+CE (chunked)"
     # 620 tokens in bins of <= 256: 3 micro-batches per epoch, every token counted once per epoch
     assert report["plan"]["steps"] == 10 and report["tokens_seen"] > 0
+
+
+def test_signal_after_the_last_step_still_saves_the_result(model_dirs, tmp_path, monkeypatch, capsys):
+    """A SIGTERM that lands after the last step's preemption check stops nothing: the finished model is saved, the
+    run exits normally, and no checkpoint is claimed."""
+    import os
+
+    from transformers import TrainerCallback
+
+    import chattune.train
+
+    class LateSignal(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # runs after PreemptionCallback's check
+            if state.global_step == state.max_steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    build = chattune.train.build_trainer
+
+    def with_late_signal(*args, **kwargs):
+        trainer, clock, preemption = build(*args, **kwargs)
+        trainer.add_callback(LateSignal())
+        return trainer, clock, preemption
+
+    monkeypatch.setattr(chattune.train, "build_trainer", with_late_signal)
+    out = tmp_path / "late"
+    train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 4, "--max_steps", 2)
+    err = capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").exists() and (out / "run_report.json").exists()
+    assert "received after the last step: saving the finished result" in err
+    assert "checkpoint saved" not in err and not list(out.glob("checkpoint-*"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+
+
+def test_eval_data_is_evaluated_token_weighted_independent_of_batching(model_dirs, tmp_path):
+    """--eval_data_path alone means evaluation happens (here once, after training: no checkpoints). eval_loss is the
+    mean over every trained token of the eval set, computed here from the saved model, for any eval batch size,
+    padded or packed."""
+    import torch.nn.functional as F
+
+    model_dir = model_dirs("qwen2")
+    out = tmp_path / "eval"
+    trainer = train(model_dir, out, "--eval_data_path", DATA, "--max_steps", 2, "--learning_rate", 1e-3,
+                    "--per_device_eval_batch_size", 3)
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["plan"]["evaluation"] == "once, after training"
+    dataset = trainer.eval_dataset
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in dataset:
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            target = torch.tensor(row["labels"][1:])
+            keep = target != -100
+            total += F.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    assert report["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    values = []
+    for batch_size, packed_tokens in [(1, 0), (5, 0), (1, 96), (1, 4096)]:
+        trainer.args.per_device_eval_batch_size = batch_size
+        trainer.eval_tokens_per_batch = packed_tokens
+        metrics = trainer.evaluate()
+        assert metrics["eval_tokens"] == count
+        values.append(metrics["eval_loss"])
+    assert values == pytest.approx([total / count] * 4, rel=1e-5)
+
+
+def test_eval_runs_with_every_checkpoint_by_default(model_dirs, tmp_path):
+    out = tmp_path / "eval-steps"
+    train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 4, "--eval_data_path", DATA, "--max_steps", 4,
+          "--save_strategy", "steps", "--save_steps", 2)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2, 4]
+    assert json.loads((out / "run_report.json").read_text())["plan"]["evaluation"].startswith("every 2 steps")

@@ -1,0 +1,98 @@
+"""Trainer callbacks: preemption (signals, a stop file), the run's clock, per-epoch reshuffling of packed bins."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), or when the file named by $CHATTUNE_STOP_FILE
+    appears, save a checkpoint at the end of the current step and stop. Every rank stops at the same step: the flag is
+    reduced across ranks once per step.
+
+    A signal that lands after the last step's check stops nothing: `stopped_early` stays False, training has finished
+    and the caller saves the result as usual. `checkpoint` is the directory actually written for the stop, if any.
+
+    The stop file is for launchers that do not forward signals to the training processes intact (torchrun gives its
+    workers 30 s after a SIGTERM, which is too short to save a large model): finetune/slurm.sbatch traps the
+    scheduler's signal and touches the file instead."""
+
+    def __init__(self) -> None:
+        self.signal: int = 0  # the signal received (on this rank), whenever it came
+        self.stopped_early = False  # training stopped before its last step because of a signal (same on all ranks)
+        self.checkpoint: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop_file = os.environ.get("CHATTUNE_STOP_FILE")
+        if stop_file and os.path.exists(stop_file):
+            self.signal = self.signal or signal.SIGUSR1
+        flag = self.signal
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            device = args.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+            t = torch.tensor([flag], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        if flag:
+            self.signal = flag
+            self.stopped_early = state.global_step < state.max_steps
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped_early:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            self.checkpoint = path if os.path.isdir(path) else None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class ThroughputCallback(TrainerCallback):
+    """Wall time and tokens of this process's training loop (a resumed run counts only its own tokens and time)."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+        self.seconds = 0.0
+        self.tokens_at_start = 0
+        self.tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = time.perf_counter()
+        self.tokens_at_start = state.num_input_tokens_seen or 0  # restored from the checkpoint when resuming
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+        self.tokens = (state.num_input_tokens_seen or 0) - self.tokens_at_start
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+class EpochCallback(TrainerCallback):
+    """Reshuffles the packed micro-batches every epoch (also after a resume)."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.sampler is not None:
+            self.sampler.set_epoch(int(state.epoch or 0))
