@@ -19,7 +19,8 @@ DATA = ROOT / "examples" / "sharegpt.json"  # 13 conversations
 GROUP_SIZE = 32  # the tiny models are 64 wide: the default 128 does not divide their layers
 # Relative L2 error of the logits against the float model, measured on the tiny random qwen2 (gptqmodel 7.6.0, CPU):
 # 4-bit 0.357, 8-bit 0.021 (0.018 for the adapter). Its wide random init (initializer_range 0.2) amplifies weight
-# error far more than a trained model does; plain round-to-nearest gives 0.43 / 0.031 on it.
+# error far more than a trained model does. Plain round-to-nearest with the same grid (round_to_nearest below) gives
+# 0.43 / 0.031: GPTQ must beat it, or its calibration did nothing.
 MAX_LOGIT_ERROR = {4: 0.6, 8: 0.05}
 # Perplexity change on the 3 held-out conversations, measured: 4-bit +15.9%, 8-bit +0.75%.
 MAX_PERPLEXITY_CHANGE = {4: 0.4, 8: 0.03}
@@ -113,6 +114,8 @@ def test_quantized_model_reloads_quantized_and_close_to_float(model_dirs, tmp_pa
     assert torch.isfinite(quantized_logits).all()
     error = relative_error(quantized_logits, float_logits)
     assert error < MAX_LOGIT_ERROR[bits]
+    rtn_error = relative_error(logits(round_to_nearest(float_model, bits), tok), float_logits)
+    assert error < 0.95 * rtn_error, (error, rtn_error)  # calibrated GPTQ beats uncalibrated rounding
 
     report = json.loads((out / "gptq_report.json").read_text())
     assert (report["bits"], report["source"], report["engine"].split()[0]) == (bits, "model", "gptqmodel")
@@ -122,6 +125,25 @@ def test_quantized_model_reloads_quantized_and_close_to_float(model_dirs, tmp_pa
     assert math.isfinite(before) and math.isfinite(after) and before > 1 and after > 1
     assert report["relative_change"] == pytest.approx((after - before) / before)
     assert abs(report["relative_change"]) < MAX_PERPLEXITY_CHANGE[bits]
+
+
+@torch.no_grad()
+def round_to_nearest(model, bits):
+    """The float model with every decoder linear rounded to GPTQ's grid (symmetric, groups of GROUP_SIZE inputs, zero
+    point 2^(bits-1)) without any calibration: the baseline a GPTQ calibration must improve on."""
+    import copy
+
+    rounded = copy.deepcopy(model)
+    maxq = 2**bits - 1
+    for module in rounded.model.layers.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        w = module.weight.view(module.out_features, -1, GROUP_SIZE)
+        scale = (2 * w.abs().amax(-1, keepdim=True) / maxq).clamp(min=1e-8)
+        zero = (maxq + 1) / 2
+        q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+        module.weight.copy_((scale * (q - zero)).view_as(module.weight))
+    return rounded
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +199,37 @@ def test_user_errors_exit_with_a_message_and_no_traceback(model_dirs, tmp_path):
                       "--out_path", tmp_path / "out", "--data_cache_dir", tmp_path / "cache", rc=2)
         assert message in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "out").exists()  # nothing written before the data is known to be usable
+
+
+def test_qlora_on_a_gptq_base_trains_and_the_adapter_reproduces_it(model_dirs, tmp_path):
+    """Qwen's own Q-LoRA path (Qwen-7B-Chat-Int4): LoRA on a GPTQ int4 base, here one made by run_gptq.py. The
+    default all-linear targets resolve to the quantized linears, the kernel has a backward, the adapter reloads."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import GPTQConfig
+
+    from chattune.args import parse_args
+    from chattune.run import run
+
+    base = tmp_path / "gptq-int4"
+    quantize(model_dirs("qwen2"), base, 4, tmp_path / "cache")
+    out = tmp_path / "qlora"
+    trainer = run(*parse_args([
+        "--model_name_or_path", str(base), "--data_path", str(DATA), "--output_dir", str(out), "--use_lora",
+        "--q_lora", "--lora_r", "8", "--max_steps", "2", "--learning_rate", "3e-2", "--use_cpu", "True",
+        "--report_to", "none", "--preview_data", "0", "--save_strategy", "no", "--logging_steps", "1",
+        "--data_cache_dir", str(tmp_path / "cache"), "--per_device_train_batch_size", "4"]))
+    history = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(history) == 2 and history[1] != history[0]
+    adapter_weights = load_file(str(out / "adapter_model.safetensors"))
+    assert len(adapter_weights) == 2 * 7 * 2  # A and B on q k v o gate up down of both layers: the quantized ones
+    assert all(v.abs().sum() > 0 for k, v in adapter_weights.items() if "lora_B" in k)
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["plan"]["mode"] == "qlora" and "gptq base" in " ".join(report["plan"]["notes"])
+
+    trained = trainer.model.eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    fresh = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map={"": "cpu"},
+                                                 quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
+    reloaded = PeftModel.from_pretrained(fresh, out).eval()
+    torch.testing.assert_close(logits(reloaded, tok), logits(trained, tok))

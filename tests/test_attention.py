@@ -1,0 +1,193 @@
+"""Attention and packing: decided from what the model class declares; packed samples isolated in forward and backward.
+
+The decision runs with a pretended CUDA device (it is a pure function of the flags, the class and the runtime), so the
+CUDA branches are covered here; flex_attention's forward runs on CPU (torch 2.13), its backward only on CUDA.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from chattune.collate import PackingCollator
+from chattune.errors import ConfigError
+from chattune.model import (
+    ModelClass,
+    choose_attention,
+    flash_attn_problem,
+    model_class,
+    use_common_dtype_in_flex_attention,
+)
+
+NATIVE = ModelClass("Qwen2ForCausalLM", remote_code=False, sdpa=True, flash=True, flex=True, attention_backend=True)
+REMOTE = ModelClass("QWenLMHeadModel", remote_code=True)
+NO_FLEX = ModelClass("GPT2LMHeadModel", remote_code=False, sdpa=True, flash=True, flex=False, attention_backend=True)
+OLD_STYLE = ModelClass("BloomForCausalLM", remote_code=False, sdpa=False, flash=False, flex=False)
+
+
+@pytest.mark.parametrize("cls, cuda, flash_problem, expected", [
+    (NATIVE, True, None, ("flash_attention_2", True)),  # flash-attn runs: first choice, packed
+    (NATIVE, True, "flash-attn does not import", ("flex_attention", True)),  # else flex for packed rows
+    (NATIVE, False, "no CUDA GPU", ("sdpa", False)),  # CPU: padded sdpa
+    (NO_FLEX, True, "flash-attn does not import", ("sdpa", False)),  # no kernel that skips blocks: padded
+    (NO_FLEX, True, None, ("flash_attention_2", True)),
+    (REMOTE, True, None, (None, False)),  # remote code: its own attention, padded
+    (OLD_STYLE, True, None, ("eager", False)),  # no sdpa declared: eager
+])
+def test_auto_decision_asks_the_model_class(cls, cuda, flash_problem, expected):
+    choice = choose_attention("auto", "auto", cls, cuda=cuda, flash_problem=flash_problem)
+    assert (choice.implementation, choice.packing) == expected
+    if not choice.packing:  # the plan says why batches are padded
+        assert any("padded" in note for note in choice.notes)
+
+
+def test_explicit_packing_or_kernel_the_class_cannot_honour_is_an_error():
+    with pytest.raises(ConfigError, match="QWenLMHeadModel cannot train on packed rows .*remote.*--packing false"):
+        choose_attention("auto", "true", REMOTE, cuda=True, flash_problem=None)
+    with pytest.raises(ConfigError, match="BloomForCausalLM cannot train on packed rows"):
+        choose_attention("auto", "true", OLD_STYLE, cuda=True, flash_problem=None)
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel does not support it"):
+        choose_attention("flex_attention", "auto", NO_FLEX, cuda=True, flash_problem=None)
+    with pytest.raises(ConfigError, match="flash-attn does not import"):
+        choose_attention("flash_attention_2", "auto", NATIVE, cuda=True, flash_problem="flash-attn does not import")
+    # what can be honoured is: packing on CPU with sdpa (isolation tested below), padded flex on CUDA
+    assert choose_attention("auto", "true", NATIVE, cuda=False, flash_problem="x").packing
+    assert choose_attention("auto", "false", NATIVE, cuda=True, flash_problem="x").implementation == "sdpa"
+
+
+def test_model_class_reads_declared_support_and_remote_code(model_dirs):
+    config = AutoConfig.from_pretrained(model_dirs("qwen2"))
+    cls = model_class(config, trust_remote_code=True)
+    assert (cls.name, cls.remote_code, cls.flex, cls.flash, cls.packs) == ("Qwen2ForCausalLM", False, True, True, True)
+    config.auto_map = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}  # what Qwen-7B-Chat's config says
+    assert model_class(config, trust_remote_code=True) == ModelClass("QWenLMHeadModel", remote_code=True)
+    assert not model_class(config, trust_remote_code=True).packs
+    assert model_class(config, trust_remote_code=False).name == "Qwen2ForCausalLM"  # no remote code runs then
+
+
+def test_flash_attn_detected_by_import_capability_and_dtype(monkeypatch):
+    """Package presence is not enough: it must import, on Ampere+, computing in bf16/fp16."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    broken = types.ModuleType("flash_attn")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # installed but broken: import raises
+    assert "does not import" in flash_attn_problem(torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "flash_attn", broken)
+    assert flash_attn_problem(torch.bfloat16) is None
+    assert "bf16" in flash_attn_problem(torch.float32)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))  # T4, V100-class
+    assert "Ampere" in flash_attn_problem(torch.bfloat16)
+
+
+def test_run_refuses_packing_on_a_remote_code_model_before_tokenizing(model_dirs, tmp_path):
+    import json
+
+    from chattune.args import parse_args
+    from chattune.run import run
+
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    for f in model_dirs("qwen2").iterdir():
+        (remote / f.name).write_bytes(f.read_bytes())
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "modeling_fake.py").write_text(
+        "from transformers import Qwen2ForCausalLM\nclass FakeRemoteLM(Qwen2ForCausalLM):\n    pass\n")
+    (remote / "configuration_fake.py").write_text(
+        "from transformers import Qwen2Config\nclass FakeConfig(Qwen2Config):\n    model_type = 'qwen2'\n")
+    config["auto_map"] = {"AutoConfig": "configuration_fake.FakeConfig",
+                          "AutoModelForCausalLM": "modeling_fake.FakeRemoteLM"}
+    (remote / "config.json").write_text(json.dumps(config))
+    cache = tmp_path / "cache"
+    argv = ["--model_name_or_path", str(remote), "--data_path", "examples/sharegpt.json", "--output_dir",
+            str(tmp_path / "out"), "--use_cpu", "True", "--packing", "true", "--data_cache_dir", str(cache)]
+    with pytest.raises(ConfigError, match="FakeRemoteLM cannot train on packed rows"):
+        run(*parse_args(argv))
+    assert not cache.exists()  # refused before any tokenization
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Isolation of packed samples
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(model_dirs):
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32, attn_implementation="sdpa")
+    m.config.use_cache = False
+    return m
+
+
+def samples(lengths=(9, 14, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(100, 5000, (n,), generator=g).tolist(), "labels": [1] * n} for n in lengths]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_loss_on_one_packed_sample_gives_zero_gradient_to_the_others(model, attn):
+    """Backward isolation: a loss on sample 1 alone must not reach the inputs of samples 0 and 2 (exactly zero)."""
+    model.set_attn_implementation(attn)
+    batch = PackingCollator()(samples())
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"]).logits
+    logits[0, 9:23].float().logsumexp(-1).sum().backward()
+    grad = embeds.grad[0].abs().sum(-1)
+    assert torch.all(grad[:9] == 0) and torch.all(grad[23:] == 0)
+    assert torch.all(grad[9:23] > 0)
+    model.set_attn_implementation("sdpa")
+
+
+def test_flex_attention_forward_on_cpu_isolates_packed_samples(model_dirs):
+    """flex_attention runs its forward on CPU: the block mask built from restarting position_ids keeps samples apart
+    and gives the padded-free result of each sample run alone."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32,
+                                             attn_implementation="flex_attention").eval()
+    m.config.use_cache = False
+    parts = samples(lengths=(40, 70, 18), seed=3)
+    batch = PackingCollator()(parts)
+    assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0] * 40 + [1] * 70 + [2] * 18]
+    with torch.no_grad():
+        packed = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        start = 0
+        for part in parts:
+            n = len(part["input_ids"])
+            alone = m(input_ids=torch.tensor([part["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+
+
+def test_flex_attention_with_fp32_master_weights_under_bf16_autocast(model_dirs):
+    """Full fine-tuning keeps fp32 weights; under bf16 autocast RoPE leaves q/k in fp32 and v in bf16. The kernel gets
+    one dtype (the autocast one) and the result matches sdpa, which autocast casts the same way."""
+    from transformers import AttentionInterface
+
+    use_common_dtype_in_flex_attention()
+    use_common_dtype_in_flex_attention()  # idempotent: registered once
+    wrapper = AttentionInterface._global_mapping["flex_attention"]
+    assert wrapper.casts_to_common_dtype
+    seen = []
+    inner = wrapper.__closure__[0].cell_contents  # transformers' own flex_attention_forward
+
+    def spy(module, q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return inner(module, q, k, v, *args, **kwargs)
+
+    wrapper.__closure__[0].cell_contents = spy
+    try:
+        batch = PackingCollator()(samples(lengths=(20, 30), seed=5))
+        out = {}
+        for attn in ("flex_attention", "sdpa"):
+            m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32,
+                                                     attn_implementation=attn).eval()
+            m.config.use_cache = False
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out[attn] = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.float()
+    finally:
+        wrapper.__closure__[0].cell_contents = inner
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
+    error = (out["flex_attention"] - out["sdpa"]).norm() / out["sdpa"].norm()
+    assert error < 1e-2  # bf16 rounding in different kernels
