@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import transformers
 
 from chattune.errors import ConfigError
+from chattune.template import BUILTIN_TEMPLATES
 
 
 @dataclass
@@ -23,10 +24,12 @@ class ModelArguments:
         default=True,
         metadata={"help": "Run the model's own code (Qwen-7B-Chat, ChatGLM need it; Qwen's script always sets it)."},
     )
-    attn_implementation: str = field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
+                                 "flex_attention"] = field(
         default="auto",
-        metadata={"help": "auto (flash_attention_2 if installed on CUDA, else sdpa) | sdpa | eager | "
-                          "flash_attention_2 | flex_attention."},
+        metadata={"help": "auto: flash_attention_2 where it runs (CUDA, Ampere+, bf16/fp16) and the model supports it, "
+                          "else flex_attention for packed batches on CUDA, else sdpa. Remote-code models use their "
+                          "own."},
     )
 
 
@@ -42,7 +45,8 @@ class DataArguments:
     )
     template: str = field(
         default="auto",
-        metadata={"help": "Chat template: auto (the tokenizer's own) | chatml | qwen | deepseek | llama3 | llama2."},
+        metadata={"help": "Chat template: auto (the tokenizer's own) or a built-in one.",
+                  "choices": ["auto", *BUILTIN_TEMPLATES]},
     )
     template_kwargs: Optional[str] = field(
         default=None, metadata={"help": 'JSON of extra template variables, e.g. \'{"enable_thinking": false}\'.'}
@@ -85,7 +89,7 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Maximum sequence length; longer samples are truncated (counted in the data report)."},
     )
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    packing: str = field(
+    packing: Literal["auto", "true", "false"] = field(
         default="auto",
         metadata={"help": "Padding-free packing of samples into token-budget micro-batches: auto (on when the "
                           "attention kernel skips other samples: flash-attention, or flex_attention on CUDA) | "
@@ -96,12 +100,13 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Token budget of a packed micro-batch per device (default per_device_train_batch_size x "
                           "model_max_length, the padded worst case)."},
     )
-    fused_ce: str = field(
+    fused_ce: Literal["auto", "liger", "chunked", "none"] = field(
         default="auto",
         metadata={"help": "Loss without full-vocabulary logits: auto (Liger on CUDA, else chunked) | liger | "
-                          "chunked | none."},
+                          "chunked | none (the model's own logits). Checked against the model's own loss on the "
+                          "first micro-batch."},
     )
-    liger_kernels: str = field(
+    liger_kernels: Literal["auto", "true", "false"] = field(
         default="auto",
         metadata={"help": "Liger's RMSNorm/SwiGLU/RoPE kernels: auto (on CUDA when liger-kernel is installed) | "
                           "true | false."},
@@ -134,7 +139,7 @@ class LoraArguments:
         metadata={"help": "Module names to adapt, or all-linear (every linear layer of the decoder, MoE experts too)."},
     )
     lora_weight_path: str = ""
-    lora_bias: str = "none"
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
     q_lora: bool = field(default=False, metadata={"help": "Q-LoRA: 4-bit NF4 base (or a GPTQ int4 base) + LoRA."})
     lora_modules_to_save: str = field(
         default="auto",
@@ -147,49 +152,154 @@ ALL_ARGUMENTS = (ModelArguments, DataArguments, TrainingArguments, LoraArguments
 
 # Flags of Qwen's launch lines that transformers 5 renamed: old -> new. warmup_steps takes a ratio as a float < 1.
 RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
+# auto/true/false flags: the spellings people use for booleans (True, 1, yes, on) are accepted.
+TRISTATE_FLAGS = ("--packing", "--liger_kernels")
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 def rename_flags(argv: list[str]) -> list[str]:
-    """Map renamed flags to their new names, where the installed transformers no longer knows the old one."""
+    """Map renamed flags to their new names (where the installed transformers no longer knows the old one), and the
+    boolean spellings of auto/true/false flags to true/false."""
     import dataclasses
 
     known = {f"--{f.name}" for f in dataclasses.fields(transformers.TrainingArguments)}
     renames = {old: new for old, new in RENAMED_FLAGS.items() if old not in known}
-    out = []
-    for arg in argv:
+    out: list[str] = []
+    for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        out.append(renames[name] + eq + value if name in renames else arg)
+        if name in renames:
+            arg = renames[name] + eq + value
+        if eq and name in TRISTATE_FLAGS:
+            arg = name + "=" + _tristate(value)
+        elif i > 0 and argv[i - 1] in TRISTATE_FLAGS:
+            arg = _tristate(arg)
+        out.append(arg)
     return out
+
+
+def _tristate(value: str) -> str:
+    v = value.strip().lower()
+    return "true" if v in _TRUE else "false" if v in _FALSE else v
 
 
 def flag(value: str, name: str) -> str:
     """Normalize an auto/true/false flag."""
-    v = str(value).strip().lower()
+    v = _tristate(str(value))
     if v in ("auto", "true", "false"):
         return v
-    if v in ("1", "yes", "on"):
-        return "true"
-    if v in ("0", "no", "off"):
-        return "false"
     raise ConfigError(f"--{name} {value!r}: choose auto, true or false")
 
 
+def _field_names() -> set[str]:
+    import dataclasses
+
+    return {f.name for cls in ALL_ARGUMENTS for f in dataclasses.fields(cls)}
+
+
+def config_file_argv(path: str) -> list[str]:
+    """A JSON/YAML file of flags as command-line arguments, so it goes through the same renames and checks as the
+    command line, and flags after it override it."""
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path}: no such file")
+    import yaml  # a dependency of transformers
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid JSON ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: cannot be read ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of flag names to values, "
+                          f"got {type(values).__name__}")
+    known = _field_names() | {old.lstrip("-") for old in RENAMED_FLAGS}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)} (see python finetune.py --help)")
+    argv: list[str] = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+class _Parser(transformers.HfArgumentParser):
+    """argparse errors as ConfigError (one line, no usage dump of 200 flags, no traceback)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see python finetune.py --help)")
+
+
+def choices_by_flag() -> dict[str, tuple[str, ...]]:
+    """--flag -> its allowed values, for every enumerated flag (Literal types and `choices` metadata)."""
+    import dataclasses
+    import typing
+
+    out = {}
+    for cls in ALL_ARGUMENTS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints.get(f.name)
+            if typing.get_origin(hint) is Literal:
+                out[f"--{f.name}"] = tuple(str(a) for a in typing.get_args(hint))
+            elif "choices" in f.metadata:
+                out[f"--{f.name}"] = tuple(f.metadata["choices"])
+    return out
+
+
+def split_bad_choices(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without enumerated flags whose value is not a choice, one problem line per such flag)."""
+    choices = choices_by_flag()
+    kept: list[str] = []
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name in choices and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            width = 1 if eq else 2
+            if value not in choices[name]:
+                problems.append(f"{name} {value!r}: choose one of {', '.join(choices[name])}")
+            else:
+                kept += argv[i:i + width]
+            i += width
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept, problems
+
+
 def parse_args(argv: list[str] | None = None):
-    """Parse the command line into (model, data, training, lora) arguments; unknown flags are an error."""
-    argv = rename_flags(list(sys.argv[1:] if argv is None else argv))
+    """Parse the command line (optionally a JSON/YAML config file first, then flags that override it) into (model,
+    data, training, lora) arguments, then check them all (`chattune.validate`); every problem is reported at once."""
+    from chattune.validate import validate
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
+        argv = config_file_argv(argv[0]) + argv[1:]
+    argv, problems = split_bad_choices(rename_flags(argv))
     if "--estimate_memory" in argv and "--use_cpu" not in argv:
         import torch
 
         if not torch.cuda.is_available():  # planning on a machine without the GPUs: nothing trains here
             argv += ["--use_cpu", "True"]
-    parser = transformers.HfArgumentParser(ALL_ARGUMENTS)
+    parser = _Parser(ALL_ARGUMENTS)
     try:
-        if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-            method = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-            return tuple(method(argv[0], allow_extra_keys=False))
         model, data, training, lora, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     except ValueError as e:  # TrainingArguments.__post_init__ rejects inconsistent flags with a ValueError
-        raise ConfigError(str(e)) from None
+        raise ConfigError("\n".join([*problems, str(e)])) from None
     if unknown:
-        raise ConfigError(f"unknown arguments: {' '.join(unknown)} (see python finetune.py --help)")
+        problems.append(f"unknown arguments: {' '.join(unknown)} (see python finetune.py --help)")
+    validate(model, data, training, lora, problems)
     return model, data, training, lora

@@ -15,7 +15,9 @@ QWEN_LORA_LINE = (
 ).split()
 
 
-def test_qwen_launch_line_parses_with_qwen_meaning():
+def test_qwen_launch_line_parses_with_qwen_meaning(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.json").write_text("[]")
     model, data, training, lora = parse_args(QWEN_LORA_LINE)
     assert model.model_name_or_path == "Qwen/Qwen-7B-Chat" and data.data_path == "data.json"
     assert data.lazy_preprocess is True and training.use_lora is True and lora.q_lora is True
@@ -25,8 +27,10 @@ def test_qwen_launch_line_parses_with_qwen_meaning():
     assert training.warmup_steps == 0.01  # --warmup_ratio, removed by transformers 5: a float < 1 is a ratio
 
 
-def test_qwen_defaults():
-    model, data, training, lora = parse_args(["--output_dir", "o", "--use_cpu", "True"])
+def test_qwen_defaults(tmp_path):
+    (tmp_path / "d.json").write_text("[]")
+    model, data, training, lora = parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path",
+                                              str(tmp_path / "d.json")])
     assert model.model_name_or_path == "Qwen/Qwen-7B"
     assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_bias, lora.lora_weight_path) == (
         64, 16, 0.05, "none", "")
@@ -40,3 +44,58 @@ def test_unknown_and_inconsistent_flags_are_errors():
         parse_args(["--output_dir", "o", "--lora_rank", "8"])
     with pytest.raises(ConfigError):  # TrainingArguments' own validation, reported without a traceback
         parse_args(["--output_dir", "o", "--use_cpu", "True", "--bf16", "True", "--fp16", "True"])
+
+
+def test_enumerated_flags_fail_first_all_at_once_with_their_choices(tmp_path):
+    """Bad values of enumerated flags and inconsistent flags are one error, before any data or weights are read."""
+    argv = ["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "missing.json"),
+            "--fused_ce", "bogus", "--packing", "maybe", "--lora_bias", "weird", "--attn_implementation", "flashy",
+            "--q_lora"]
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    message = str(e.value)
+    assert message.startswith("6 problems with the arguments:")
+    assert "--fused_ce 'bogus': choose one of auto, liger, chunked, none" in message
+    assert "--packing 'maybe': choose one of auto, true, false" in message
+    assert "--lora_bias 'weird': choose one of none, all, lora_only" in message
+    assert "--attn_implementation 'flashy': choose one of auto, sdpa, eager" in message
+    assert f"--data_path {tmp_path / 'missing.json'}: does not exist" in message
+    assert "--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora" in message
+
+
+def test_help_lists_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--fused_ce {auto,liger,chunked,none}" in out and "--packing {auto,true,false}" in out
+    assert "--template {auto,chatml,qwen,deepseek,llama3,llama2}" in out
+
+
+def test_boolean_spellings_of_tristate_flags(tmp_path):
+    (tmp_path / "d.json").write_text("[]")
+    base = ["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json")]
+    assert parse_args([*base, "--packing", "True"])[2].packing == "true"
+    assert parse_args([*base, "--packing=0"])[2].packing == "false"
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_config_file_takes_renamed_flags_and_command_line_overrides(tmp_path, suffix):
+    import json
+
+    (tmp_path / "d.json").write_text("[]")
+    values = {"data_path": str(tmp_path / "d.json"), "output_dir": "o", "use_cpu": True, "warmup_ratio": 0.03,
+              "evaluation_strategy": "no", "learning_rate": 3e-4, "lora_target_modules": ["q_proj", "v_proj"],
+              "use_lora": True}
+    path = tmp_path / f"run.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(values))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(values))
+    _, data, training, lora = parse_args([str(path), "--learning_rate", "1e-4"])
+    assert training.warmup_steps == 0.03 and training.learning_rate == 1e-4 and training.use_lora
+    assert lora.lora_target_modules == ["q_proj", "v_proj"] and data.data_path == str(tmp_path / "d.json")
+    path.write_text(json.dumps({**values, "lora_rnak": 8}))
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) lora_rnak"):
+        parse_args([str(path)])

@@ -262,7 +262,8 @@ def test_options_environment_and_pass_through(fake_bin):
 def test_pass_through_overrides_the_defaults_in_finetune_py(fake_bin, tmp_path):
     from chattune.args import parse_args
 
-    _, argv, _ = dry_run("finetune_qlora_single_gpu.sh", "-m", "M", "-d", "D", "-o", tmp_path / "out",
+    (tmp_path / "D").write_text("[]")
+    _, argv, _ = dry_run("finetune_qlora_single_gpu.sh", "-m", "M", "-d", tmp_path / "D", "-o", tmp_path / "out",
                          "--learning_rate", "1e-4", "--lora_r", "8", "--model_max_length", "1024",
                          "--save_strategy", "no", fake_bin=fake_bin, CHATTUNE_CPU=1)
     model, data, training, lora = parse_args(argv)  # the line finetune.py receives is valid, and the last value wins
@@ -270,7 +271,7 @@ def test_pass_through_overrides_the_defaults_in_finetune_py(fake_bin, tmp_path):
         1e-4, 8, 1024, "no")
     assert (training.use_cpu, training.bf16, training.use_lora, lora.q_lora) == (True, False, True, True)
     assert (training.warmup_steps, training.lr_scheduler_type, training.num_train_epochs) == (0.01, "cosine", 5)
-    assert (model.model_name_or_path, data.data_path, data.lazy_preprocess) == ("M", "D", True)
+    assert (model.model_name_or_path, data.data_path, data.lazy_preprocess) == ("M", str(tmp_path / "D"), True)
 
 
 @pytest.fixture

@@ -1,0 +1,104 @@
+"""One pass over the parsed flags, before any data or weights are read: every problem collected, raised once."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from chattune.errors import ConfigError
+
+
+def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any, problems: list[str] | None = None
+             ) -> None:
+    """Raise one ConfigError listing every problem with the flags (plus `problems` found while parsing)."""
+    problems = list(problems or [])
+    if training_args.estimate_memory:  # reads only the model config: data and runtime do not matter
+        _raise(problems)
+        return
+    problems += _data_problems(data_args)
+    problems += _mode_problems(training_args, lora_args)
+    problems += _kernel_problems(model_args, training_args)
+    problems += _batch_problems(data_args, training_args)
+    _raise(problems)
+
+
+def _raise(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems with the arguments:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _missing_paths(value: str) -> list[str]:
+    return [p.strip() for p in value.split(",") if p.strip() and not os.path.exists(p.strip())]
+
+
+def _data_problems(data_args: Any) -> list[str]:
+    problems = []
+    if not data_args.data_path:
+        problems.append("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
+    else:
+        problems += [f"--data_path {p}: does not exist" for p in _missing_paths(data_args.data_path)]
+    if data_args.eval_data_path:
+        problems += [f"--eval_data_path {p}: does not exist" for p in _missing_paths(data_args.eval_data_path)]
+    try:
+        data_args.parsed_template_kwargs()
+    except ConfigError as e:
+        problems.append(str(e))
+    if data_args.preview_data < 0:
+        problems.append(f"--preview_data {data_args.preview_data}: use 0 (no preview) or more")
+    return problems
+
+
+def _mode_problems(training_args: Any, lora_args: Any) -> list[str]:
+    problems = []
+    if lora_args.q_lora and not training_args.use_lora:
+        problems.append("--q_lora trains a LoRA adapter on a 4-bit base: add --use_lora (as Qwen's script needs)")
+    if lora_args.q_lora and not training_args.use_cpu and not torch.cuda.is_available():
+        problems.append("--q_lora needs a CUDA GPU (or --use_cpu True for a slow CPU run)")
+    if training_args.use_lora:
+        if lora_args.lora_r < 1:
+            problems.append(f"--lora_r {lora_args.lora_r}: the LoRA rank must be at least 1 (Qwen uses 64)")
+        if not 0 <= lora_args.lora_dropout < 1:
+            problems.append(f"--lora_dropout {lora_args.lora_dropout}: use a value in [0, 1)")
+    if lora_args.lora_weight_path and not os.path.isdir(lora_args.lora_weight_path):
+        problems.append(f"--lora_weight_path {lora_args.lora_weight_path}: no such adapter directory")
+    if getattr(training_args, "n_gpu", 1) > 1:
+        problems.append(f"{training_args.n_gpu} GPUs are visible to a single process (torch DataParallel, slow and "
+                        "not supported): launch one process per GPU (bash finetune/finetune_lora_ds.sh, or torchrun "
+                        "--nproc_per_node N), or pick one GPU with CUDA_VISIBLE_DEVICES=0")
+    return problems
+
+
+def _kernel_problems(model_args: Any, training_args: Any) -> list[str]:
+    from chattune.loss import liger_runs_here
+    from chattune.model import compute_dtype, flash_attn_problem
+
+    problems = []
+    if training_args.fused_ce == "liger":
+        why = liger_runs_here()
+        if why:
+            problems.append(f"--fused_ce liger: {why}; use --fused_ce auto or chunked")
+    if training_args.liger_kernels == "true" and (liger_runs_here() or not torch.cuda.is_available()):
+        problems.append("--liger_kernels true needs liger-kernel on a CUDA GPU (pip install liger-kernel)")
+    if model_args.attn_implementation.startswith("flash_attention"):
+        why = flash_attn_problem(compute_dtype(training_args))
+        if why:
+            problems.append(f"--attn_implementation {model_args.attn_implementation}: {why}")
+    return problems
+
+
+def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
+    problems = []
+    if training_args.model_max_length < 2:
+        problems.append(f"--model_max_length {training_args.model_max_length}: too short to hold a prompt and answer")
+    budget = training_args.max_tokens_per_batch
+    if training_args.packing == "true" and budget and budget < training_args.model_max_length:
+        problems.append(f"--max_tokens_per_batch {budget} is below --model_max_length {training_args.model_max_length}:"
+                        " the longest samples would fit no micro-batch")
+    strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+    if strategy != "no" and not data_args.eval_data_path:
+        problems.append(f"--eval_strategy {strategy}: add --eval_data_path (the data to evaluate on)")
+    return problems
