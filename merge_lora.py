@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     ap.add_argument("--base_model_name_or_path", default=None, help="full-precision base (default: the adapter's)")
     ap.add_argument("--dtype", default="auto", help="auto (the base's) | bfloat16 | float16 | float32")
     ap.add_argument("--max_shard_size", default="5GB")
+    from chattune.merge import add_trust_remote_code_flag
+
+    add_trust_remote_code_flag(ap)
     args = ap.parse_args(argv)
     with main_guard():
         from chattune.errors import ConfigError
@@ -29,7 +32,8 @@ def main(argv=None) -> int:
         if not is_adapter_dir(args.adapter_path):
             raise ConfigError(f"{args.adapter_path} holds no adapter_config.json: pass the output_dir of a "
                               "finetune.py --use_lora run")
-        model, tokenizer = merge_adapter(args.adapter_path, args.base_model_name_or_path, parse_dtype(args.dtype))
+        model, tokenizer = merge_adapter(args.adapter_path, args.base_model_name_or_path, parse_dtype(args.dtype),
+                                         trust_remote_code=args.trust_remote_code == "true")
         save_model(model, tokenizer, args.output_path, source=args.adapter_path, max_shard_size=args.max_shard_size)
         print(f"merged model saved to {args.output_path}", file=sys.stderr)
     return 0

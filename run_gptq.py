@@ -45,7 +45,12 @@ def parse_args(argv=None):
     ap.add_argument("--skip_invalid_records", action="store_true",
                     help="drop invalid records (the count is reported) instead of stopping at them")
     ap.add_argument("--data_cache_dir", default=None, help="tokenized-data cache (default ~/.cache/chattune)")
-    return GptqArgs(**vars(ap.parse_args(argv)))
+    from chattune.merge import add_trust_remote_code_flag
+
+    add_trust_remote_code_flag(ap)
+    values = vars(ap.parse_args(argv))
+    values["trust_remote_code"] = values["trust_remote_code"] == "true"
+    return GptqArgs(**values)
 
 
 def main(argv=None) -> int:

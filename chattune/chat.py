@@ -23,7 +23,7 @@ class Chat:
 
     @classmethod
     def load(cls, path: str, adapter_path: str | None = None, dtype: str = "auto", device: str = "auto",
-             **generation: Any) -> "Chat":
+             trust_remote_code: bool = False, **generation: Any) -> "Chat":
         from chattune.errors import ConfigError
 
         if not os.path.exists(path) and not adapter_path:
@@ -31,7 +31,8 @@ class Chat:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_for_inference(path, adapter_path, dtype=parse_dtype(dtype),
-                                              device_map={"": device} if device == "cuda" else None)
+                                              device_map={"": device} if device == "cuda" else None,
+                                              trust_remote_code=trust_remote_code)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(f"{adapter_path or path}: the tokenizer has no chat template; use the output_dir of a "
                               "finetune.py run (it saves the template), or a chat model")

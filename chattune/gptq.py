@@ -54,6 +54,7 @@ class GptqArgs:
     seed: int = 0  # of the calibration / evaluation split
     skip_invalid_records: bool = False  # drop invalid records (counted) instead of stopping
     data_cache_dir: str | None = None
+    trust_remote_code: bool = True  # run the model's own code, as finetune.py's default
 
 
 def validate(args: GptqArgs) -> None:
@@ -230,12 +231,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def load_float_model(path: str, dtype: Any, device: str) -> Any:
+def load_float_model(path: str, dtype: Any, device: str, trust_remote_code: bool) -> Any:
     """The full-precision model; an adapter directory is folded into its base in memory."""
     if is_adapter_dir(path):
-        model, _ = load_for_inference(path, dtype=dtype, merge=True)
+        model, _ = load_for_inference(path, dtype=dtype, merge=True, trust_remote_code=trust_remote_code)
         return model.to(device).eval()
-    model, _ = load_for_inference(path, dtype=dtype, device_map={"": device} if device == "cuda" else None)
+    model, _ = load_for_inference(path, dtype=dtype, device_map={"": device} if device == "cuda" else None,
+                                  trust_remote_code=trust_remote_code)
     return model
 
 
@@ -269,7 +271,7 @@ def _gptq_engine() -> Any:
 
 
 def run_gptq(model_dir: str, calibration: Samples, out: str, *, bits: int, group_size: int, device: str,
-             dtype: torch.dtype) -> str:
+             dtype: torch.dtype, trust_remote_code: bool = True) -> str:
     """Quantize the model in `model_dir` with GPTQModel on the calibration samples and save it to `out`.
 
     Returns the engine's name and version. desc_act=False and sym=True are the settings every GPTQ kernel (and
@@ -282,7 +284,8 @@ def run_gptq(model_dir: str, calibration: Samples, out: str, *, bits: int, group
     os.makedirs(out, exist_ok=True)
     # GPTQModel writes its logs to ./logs: keep them with the output instead of the user's working directory.
     with contextlib.chdir(out):
-        model = gptqmodel.GPTQModel.load(model_dir, config, device=device, dtype=dtype, trust_remote_code=True)
+        model = gptqmodel.GPTQModel.load(model_dir, config, device=device, dtype=dtype,
+                                         trust_remote_code=trust_remote_code)
         examples = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration.input_ids]
         model.quantize(examples)
         model.save(out)
@@ -393,7 +396,8 @@ def _tokenizer_and_template(args: GptqArgs) -> tuple[Any, Any, dict]:
     """The tokenizer with the chat template installed exactly as finetune.py does, and the run's template variables."""
     from chattune.tokenizer import prepare_tokenizer
 
-    tokenizer, setup = prepare_tokenizer(args.model_name_or_path, args.template)
+    tokenizer, setup = prepare_tokenizer(args.model_name_or_path, args.template,
+                                         trust_remote_code=args.trust_remote_code)
     if setup.added_tokens:
         raise ConfigError(
             f"--template {args.template} adds tokens the model has never seen ({', '.join(setup.added_tokens)}): "
@@ -409,11 +413,12 @@ def timed(seconds: dict[str, float], step: str) -> Iterator[None]:
     seconds[step] = round(time.perf_counter() - start, 2)
 
 
-def load_quantized(path: str, dtype: torch.dtype, device: str) -> Any:
+def load_quantized(path: str, dtype: torch.dtype, device: str, trust_remote_code: bool) -> Any:
     """The output as a user loads it (transformers + GPTQModel kernels), refusing one that came back unquantized."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, device_map={"": device})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map={"": device})
     if not quantized_linear_count(model):
         raise RuntimeError(f"{path} reloaded without GPTQ layers: the quantized checkpoint is not usable")
     return model.eval()
@@ -430,7 +435,7 @@ def quantize(args: GptqArgs) -> Report:
         log(f"WARNING: {data.split.shortfall}")
     device, adapter = resolve_device(args.device), is_adapter_dir(args.model_name_or_path)
     with timed(seconds, "load"):
-        model = load_float_model(args.model_name_or_path, DTYPES[args.dtype], device)
+        model = load_float_model(args.model_name_or_path, DTYPES[args.dtype], device, args.trust_remote_code)
         check_group_size(model, args.group_size)
     dtype, generation_config = model.dtype, generation_config_of(args.model_name_or_path, model)
     with timed(seconds, "evaluate float"):
@@ -450,11 +455,12 @@ def quantize(args: GptqArgs) -> Report:
         log(f"quantizing to {args.bits} bits on {device} with {len(data.calibration.input_ids)} calibration samples")
         with timed(seconds, "quantize"):
             engine = run_gptq(source_dir, data.calibration, args.out_path, bits=args.bits,
-                              group_size=args.group_size, device=device, dtype=dtype)
+                              group_size=args.group_size, device=device, dtype=dtype,
+                              trust_remote_code=args.trust_remote_code)
     finish_output(args.out_path, tokenizer, generation_config, args.model_name_or_path, args.bits, args.group_size)
 
     with timed(seconds, "evaluate GPTQ"):
-        quantized = load_quantized(args.out_path, dtype, device)
+        quantized = load_quantized(args.out_path, dtype, device, args.trust_remote_code)
         after = perplexity(quantized, data.eval, "perplexity after") if data.eval.input_ids else None
     seconds["total"] = round(time.perf_counter() - started, 2)
     report = Report(

@@ -53,13 +53,14 @@ class Setup:
     bytes_per_weight: int = 2  # compute dtype: bf16/fp16 = 2, fp32 = 4
 
 
-def shape_from_config(config: Any) -> ModelShape:
-    """Count parameters by kind on a meta-device model built from `config`."""
+def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShape:
+    """Count parameters by kind on a meta-device model built from `config` (remote code runs only when the user
+    allowed it with --trust_remote_code)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     seen: set[int] = set()
     linear = embedding = other = lora_per_rank = 0

@@ -23,6 +23,12 @@ def run_info(path: str) -> dict[str, Any]:
     return json.loads(open(file).read()) if os.path.isfile(file) else {}
 
 
+def add_trust_remote_code_flag(parser: Any) -> None:
+    """--trust_remote_code true|false for the scripts after training, with finetune.py's default (Qwen's: true)."""
+    parser.add_argument("--trust_remote_code", default="true", type=str.lower, choices=("true", "false"),
+                        help="run the model's own code (Qwen-7B-Chat, ChatGLM need it); default true, as finetune.py")
+
+
 def parse_dtype(name: str) -> Any:
     if name not in DTYPES:
         raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
@@ -39,11 +45,11 @@ def _base_of(adapter_path: str, base: str | None) -> str:
     return name
 
 
-def _refuse_quantized_base(base: str) -> None:
+def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
     """Merging into 4-bit (or GPTQ) weights would round the adapter away or fail: merge into full precision."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     quant = getattr(config, "quantization_config", None)
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
@@ -54,32 +60,34 @@ def _refuse_quantized_base(base: str) -> None:
         )
 
 
-def load_tokenizer_for(path: str) -> Any:
+def load_tokenizer_for(path: str, trust_remote_code: bool = False) -> Any:
     from chattune.tokenizer import load_tokenizer
 
-    return load_tokenizer(path)
+    return load_tokenizer(path, trust_remote_code=trust_remote_code)
 
 
 def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = "auto",
-                       device_map: Any = None) -> tuple[Any, Any]:
+                       device_map: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Base model + adapter (unmerged), with the adapter's tokenizer (which carries the training template)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base = _base_of(adapter_path, base)
-    tokenizer = load_tokenizer_for(adapter_path)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=True, device_map=device_map)
+    tokenizer = load_tokenizer_for(adapter_path, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map=device_map)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # the run added template tokens: the adapter carries the grown embeddings (modules_to_save)
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     return PeftModel.from_pretrained(model, adapter_path), tokenizer
 
 
-def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto") -> tuple[Any, Any]:
+def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto",
+                  trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Fold the adapter into full-precision base weights; refuses a quantized base and an adapter with no effect."""
     base = _base_of(adapter_path, base)
-    _refuse_quantized_base(base)
-    model, tokenizer = load_adapter_model(adapter_path, base, dtype)
+    _refuse_quantized_base(base, trust_remote_code)
+    model, tokenizer = load_adapter_model(adapter_path, base, dtype, trust_remote_code=trust_remote_code)
     if not any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n):
         raise ConfigError(f"{adapter_path}: every lora_B weight is zero, so the merged model would equal its base "
                           "(the adapter was never trained, or saved empty)")
@@ -107,7 +115,8 @@ def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size
 
 
 def load_for_inference(path: str, adapter_path: str | None = None, base: str | None = None, dtype: Any = "auto",
-                       merge: bool = False, device_map: Any = None) -> tuple[Any, Any]:
+                       merge: bool = False, device_map: Any = None, trust_remote_code: bool = False
+                       ) -> tuple[Any, Any]:
     """Any run output: a merged/full/GPTQ model directory, or an adapter directory (or model + --adapter_path).
 
     Returns (model, tokenizer) ready for generation; with `merge`, an adapter is folded in memory (as run_gptq.py
@@ -121,9 +130,10 @@ def load_for_inference(path: str, adapter_path: str | None = None, base: str | N
         base = path
     if adapter_path is not None:
         if merge:
-            return merge_adapter(adapter_path, base, dtype)
-        model, tokenizer = load_adapter_model(adapter_path, base, dtype, device_map)
+            return merge_adapter(adapter_path, base, dtype, trust_remote_code)
+        model, tokenizer = load_adapter_model(adapter_path, base, dtype, device_map, trust_remote_code)
         return model.eval(), tokenizer
-    tokenizer = load_tokenizer_for(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, device_map=device_map)
+    tokenizer = load_tokenizer_for(path, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 device_map=device_map)
     return model.eval(), tokenizer

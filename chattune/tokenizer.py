@@ -15,7 +15,7 @@ QWEN_TIKTOKEN_PATTERN = (
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 
 
-def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_remote_code: bool = True) -> Any:
+def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_remote_code: bool = False) -> Any:
     """AutoTokenizer, converted to a fast tokenizer when the model ships a slow one, with a pad token set."""
     from transformers import AutoTokenizer
 
@@ -73,7 +73,7 @@ def generation_stop_tokens(name_or_path: str, tokenizer: Any, cache_dir: str | N
 
 
 def prepare_tokenizer(name_or_path: str, template: str, *, cache_dir: str | None = None,
-                      trust_remote_code: bool = True) -> tuple[Any, TemplateSetup]:
+                      trust_remote_code: bool = False) -> tuple[Any, TemplateSetup]:
     tok = load_tokenizer(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
     try:
         setup = setup_chat_template(tok, template, generation_stop_tokens(name_or_path, tok, cache_dir))
