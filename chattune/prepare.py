@@ -9,11 +9,13 @@ every other rank of a distributed run) reads it instead of tokenizing again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,9 +200,20 @@ def _to_dataset(encoded: dict[str, np.ndarray], keep: np.ndarray):
     return datasets.Dataset(table)
 
 
+def code_fingerprint() -> str:
+    """Hash of the source that turns records into ids and labels (reading, rendering, masking, truncation): a change
+    to any of it must not serve labels cached by the old code."""
+    from chattune import data, template
+
+    h = hashlib.sha256()
+    for path in (data.__file__, template.__file__, __file__):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length) -> str:
     h = hashlib.sha256()
-    h.update(f"chattune {__version__} prepare v1\n".encode())
+    h.update(f"chattune {__version__} prepare v1 code {code_fingerprint()}\n".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     settings = [tokenizer.chat_template, template_kwargs, list(stop_tokens), max_length, tokenizer.special_tokens_map]
@@ -253,13 +266,18 @@ def prepare_dataset(
     encoded = _encode_all(job, num_proc)
     report = _report(encoded, max_length, len(conversations), files, skipped_records)
     dataset = _to_dataset(encoded, encoded["trained"] > 0)
-    tmp = cache / f".{key}.{os.getpid()}.tmp"
-    dataset.save_to_disk(str(tmp / "data"))
-    (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
     try:
+        dataset.save_to_disk(str(tmp / "data"))
+        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
         os.replace(tmp, target)  # atomic: a crash mid-write never leaves a half cache behind
-    except OSError:  # another process (another node's main process) wrote the same cache first
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # Another process (another node's main process) committed the same cache first: use it. Anything else (a
+        # full disk, no permission) is an error, not something to pass over.
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / "report.json").exists():
+            raise
     return Prepared(datasets.load_from_disk(str(target / "data")), report, target)
 
 
