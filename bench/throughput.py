@@ -1,30 +1,40 @@
 #!/usr/bin/env python
-"""Training throughput: the Qwen-style baseline against chattune's defaults, side by side in one process.
+"""Training throughput: Qwen's finetune.py recipe ("baseline") against chattune's defaults, each in its own process.
 
-    python bench/throughput.py                         # full-1.5b, lora-7b, qlora-7b on one GPU
+    python bench/throughput.py                         # full-1.5b, lora-7b, qlora-7b on one GPU (~8 min per suite)
     python bench/throughput.py --runs lora-7b --steps 20
     python bench/throughput.py --tiny                  # CPU smoke test with a tiny shape (no timing value)
 
 Models are random-init with the real Qwen2.5 shapes (configs written below, nothing downloaded); data are synthetic
 conversations with lognormal lengths (median 400 tokens, the answer ~70% of each sample). Both sides run through the
-same ChatTrainer code path a user runs; they differ only in batching, attention and loss:
+same ChatTrainer code path a user runs and get the same micro-batch budget (Qwen's per_device_train_batch_size x
+model_max_length tokens) and about the same number of real tokens per optimizer step; they differ in:
 
-* baseline (Qwen's finetune.py): every sample padded to model_max_length, fixed-size batches, sdpa, plain loss.
-* chattune: padding-free packing into token-budget micro-batches, flex_attention (CUDA), fused linear+CE (Liger on
-  CUDA), Liger RMSNorm/SwiGLU/RoPE kernels when installed.
+* baseline, Qwen's recipe: every sample padded to model_max_length, Qwen's per_device_train_batch_size (full: 1,
+  LoRA/Q-LoRA: 2) and 16 samples per optimizer step (its wrappers on one GPU), sdpa attention, the model's own loss
+  from full logits, no Liger kernels.
+* chattune, our defaults: padding-free packing into micro-batches of at most that token budget, flex_attention (CUDA;
+  sdpa on CPU), fused linear+cross-entropy loss (Liger on CUDA, chunked on CPU), Liger RMSNorm/SwiGLU/RoPE kernels
+  (CUDA, when installed).
 
-Prints one table per run: real (non-padding) tokens/s, MFU, peak memory, first/last loss.
+Liger patches the Qwen2 classes of the whole process, so the parent runs every side of every suite as a child process
+(`--side baseline|chattune --runs NAME`) that prints one `RESULT {json}` line. The parent prints one table per suite:
+real (non-padding) tokens/s, MFU, peak memory, first/last loss. A child that fails or runs past --timeout gets a
+"failed: ..." or "timed out" row and the other rows still print.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib.metadata import version
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -43,30 +53,47 @@ QWEN25 = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
 }
 
 
-@dataclass
-class Setting:
+@dataclass(frozen=True)
+class Suite:
     label: str
     mode: str  # full | lora | qlora
-    size: str
-    max_length: int
-    batch_size: int  # baseline samples per micro-batch
-    tokens_per_batch: int  # chattune token budget per micro-batch
+    size: str  # key of QWEN25
+    max_length: int  # model_max_length: the baseline pads every sample to it
+    batch_size: int  # Qwen's per_device_train_batch_size for this mode
+    median_length: int = 400  # of the synthetic samples, in tokens
 
 
-RUNS = {
-    "full-1.5b": Setting("1.5B full", "full", "1.5b", 2048, 4, 8192),
-    "lora-7b": Setting("7B LoRA r64", "lora", "7b", 512, 2, 4096),
-    "qlora-7b": Setting("7B Q-LoRA NF4 r64", "qlora", "7b", 512, 2, 4096),
+# Qwen's wrappers: finetune_ds.sh (full) per_device_train_batch_size 1; finetune_lora_single_gpu.sh and
+# finetune_qlora_single_gpu.sh 2. They use model_max_length 512; the 1.5B suite keeps 2048 to show long contexts.
+SUITES = {
+    "full-1.5b": Suite("1.5B full", "full", "1.5b", 2048, 1),
+    "lora-7b": Suite("7B LoRA r64", "lora", "7b", 512, 2),
+    "qlora-7b": Suite("7B Q-LoRA NF4 r64", "qlora", "7b", 512, 2),
 }
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+SIDES = ("baseline", "chattune")
+QWEN_SAMPLES_PER_STEP = 16  # Qwen's wrappers on one GPU (2 x 8, 1 x 16); GLOBAL_BATCH in finetune/_common.sh
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+RESULT_PREFIX = "RESULT "  # the child's result line; anything else on its stdout is library noise
 
 
-def synthetic_dataset(n: int, max_length: int, vocab: int, seed: int = 0):
-    """Token ids with lognormal lengths (median 400), truncated at max_length; the first 30% of each is prompt."""
+def tiny_suite(suite: Suite) -> Suite:
+    """The suite's mode (NF4 included: bitsandbytes runs it on CPU) on a 2-layer shape, with short samples (several
+    per packed row), for a CPU smoke run."""
+    return replace(suite, label=suite.label + " (tiny)", size="tiny", max_length=256, median_length=64)
+
+
+def synthetic_lengths(n: int, suite: Suite, seed: int = 0) -> list[int]:
+    """Lognormal sample lengths (median `suite.median_length`), clipped to [32, max_length]."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.lognormal(math.log(suite.median_length), 0.7, n).astype(int)
+    return np.clip(lengths, 32, suite.max_length).tolist()
+
+
+def synthetic_dataset(lengths: list[int], vocab: int, seed: int = 0):
+    """Random token ids of the given lengths; the first 30% of each sample is prompt (label -100)."""
     import datasets
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(math.log(400), 0.7, n).astype(int), 32, max_length)
     ids, labels = [], []
     for length in lengths:
         x = rng.integers(1000, vocab - 1000, length).tolist()
@@ -76,43 +103,99 @@ def synthetic_dataset(n: int, max_length: int, vocab: int, seed: int = 0):
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels})
 
 
-def build_model(setting: Setting, device: str, attn: str, liger: bool):
+def sample_count(steps: int) -> int:
+    """Enough samples for `steps` optimizer steps of the baseline (and of chattune, which needs about as many)."""
+    return (steps + 2) * QWEN_SAMPLES_PER_STEP
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each side runs (pure: the parent prints it, the child runs it)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidePlan:
+    side: str
+    attention: str
+    fused_ce: str  # requested: "none" (the model's own loss) or "auto"
+    liger: bool  # Liger kernels requested (applied on CUDA only)
+    packed_tokens: int  # token budget of a packed micro-batch; 0: padded batches of Suite.batch_size samples
+    accumulation: int  # micro-batches per optimizer step
+    real_tokens_per_step: float  # expected, from the sample lengths
+
+    def describe(self, suite: Suite) -> str:
+        if self.packed_tokens:
+            batch = f"packed micro-batches of <= {self.packed_tokens} tokens"
+        else:
+            batch = (f"{suite.batch_size} sample(s) per micro-batch (Qwen's per_device_train_batch_size) padded to "
+                     f"{suite.max_length}")
+        return (f"{self.side}: {batch}, {self.accumulation} micro-batches per optimizer step "
+                f"(~{self.real_tokens_per_step:,.0f} real tokens)")
+
+
+def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePlan:
+    """Qwen's recipe for the baseline; our defaults for chattune, with the same micro-batch budget (the padded worst
+    case, which is what TrainingArguments.micro_batch_tokens() defaults to) and as many accumulated micro-batches as
+    give about the baseline's real tokens per optimizer step."""
+    from chattune.collate import pack_bins
+
+    samples_per_step = QWEN_SAMPLES_PER_STEP
+    mean_length = sum(lengths) / len(lengths)
+    if side == "baseline":
+        accumulation = max(1, samples_per_step // suite.batch_size)
+        return SidePlan(side, "sdpa", "none", False, 0, accumulation,
+                        accumulation * suite.batch_size * mean_length)
+    budget = suite.batch_size * suite.max_length
+    samples_per_bin = len(lengths) / len(pack_bins(lengths, budget))
+    accumulation = max(1, round(samples_per_step / samples_per_bin))
+    return SidePlan(side, "flex_attention" if cuda else "sdpa", "auto", True, budget, accumulation,
+                    accumulation * samples_per_bin * mean_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Child: one side of one suite, in this process
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_model(suite: Suite, plan: SidePlan, device: str, training_args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from chattune.args import LoraArguments, TrainingArguments  # noqa: F401
-    from chattune.model import apply_lora
+    from chattune.args import LoraArguments
+    from chattune.model import apply_lora, use_common_dtype_in_flex_attention
+    from chattune.train import apply_liger_kernels
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = Qwen2Config(**QWEN25[setting.size], max_position_embeddings=32768, use_cache=False,
-                         attn_implementation=attn)
-    init_dtype = torch.float32 if setting.mode == "full" else dtype  # full fine-tuning keeps fp32 master weights
+    if plan.attention == "flex_attention":
+        use_common_dtype_in_flex_attention()
+    config = Qwen2Config(**QWEN25[suite.size], max_position_embeddings=32768, use_cache=False,
+                         attn_implementation=plan.attention)
+    init_dtype = torch.float32 if suite.mode == "full" else dtype  # full fine-tuning keeps fp32 master weights
     previous = torch.get_default_dtype()
     torch.set_default_dtype(init_dtype)
+    torch.manual_seed(0)  # the same initial weights on both sides
     try:
         with torch.device(device):
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    model.config.use_cache = False
-    if liger:
-        from chattune.train import apply_liger_kernels
-
-        apply_liger_kernels(model, required=False)
-    if setting.mode == "qlora":
+    if plan.liger:
+        apply_liger_kernels(model, required=False)  # a no-op off CUDA
+    if suite.mode == "qlora":
         quantize_nf4(model, dtype)
-    if setting.mode in ("lora", "qlora"):
-        args = _training_args(device, setting)
-        lora = LoraArguments(lora_r=64, lora_alpha=16, lora_dropout=0.05, q_lora=setting.mode == "qlora")
-        model = apply_lora(model, args, lora, [])
+    if suite.mode in ("lora", "qlora"):  # Qwen's LoRA: r 64, alpha 16, dropout 0.05, every linear layer
+        lora = LoraArguments(lora_r=64, lora_alpha=16, lora_dropout=0.05, q_lora=suite.mode == "qlora")
+        model = apply_lora(model, training_args, lora, [])
     return model
 
 
 def quantize_nf4(model, dtype) -> None:
     """Swap every decoder nn.Linear for a bitsandbytes NF4 Linear4bit (double quant, storage in the compute dtype),
     as from_pretrained(quantization_config=BitsAndBytesConfig(...)) does on a real checkpoint."""
+    import gc
+
     import bitsandbytes as bnb
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, torch.nn.Linear) or child_name == "lm_head":
                 continue
@@ -130,20 +213,25 @@ def quantize_nf4(model, dtype) -> None:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
-def _training_args(device: str, setting: Setting, **kw):
+def make_training_args(device: str, suite: Suite, plan: SidePlan, steps: int):
+    """Qwen's optimizer settings (lr, weight decay 0.1, adam_beta2 0.95), a constant schedule so short runs compare."""
     from chattune.args import TrainingArguments
 
     return TrainingArguments(
         output_dir="/tmp/chattune-bench", use_cpu=device == "cpu", bf16=device == "cuda", report_to="none",
-        save_strategy="no", logging_steps=1, learning_rate=1e-5 if setting.mode == "full" else 2e-4,
+        save_strategy="no", logging_steps=1, learning_rate=1e-5 if suite.mode == "full" else 3e-4,
+        weight_decay=0.1, adam_beta2=0.95, lr_scheduler_type="constant", max_steps=steps,
         gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
-        remove_unused_columns=False, label_names=["labels"], per_device_train_batch_size=setting.batch_size,
-        lr_scheduler_type="constant", disable_tqdm=True, dataloader_num_workers=0, **kw,
+        remove_unused_columns=False, label_names=["labels"], disable_tqdm=True, dataloader_num_workers=0,
+        per_device_train_batch_size=suite.batch_size, model_max_length=suite.max_length,
+        gradient_accumulation_steps=plan.accumulation,
+        # packed rows hold no padding; padded rows are counted by their attention mask
+        include_num_input_tokens_seen="all" if plan.packed_tokens else "non_padding",
     )
 
 
 class Timer:
-    """Times the steps after `warmup` (kernel compilation, autotuning and allocator growth excluded)."""
+    """Times the optimizer steps after `warmup` (kernel compilation, autotuning and allocator growth excluded)."""
 
     def __init__(self, warmup: int) -> None:
         from transformers import TrainerCallback
@@ -168,110 +256,205 @@ class Timer:
         self.tokens = self.tokens_at_start = 0
 
 
-def train_flops_per_token(setting: Setting, mean_len: float) -> float:
+def liger_in_process() -> bool:
+    """Whether Liger has patched this process's Qwen2 classes (what would contaminate a baseline built here)."""
+    from transformers.models.qwen2 import modeling_qwen2
+
+    patched = (modeling_qwen2.Qwen2RMSNorm, modeling_qwen2.Qwen2MLP, modeling_qwen2.apply_rotary_pos_emb)
+    return any(obj.__module__.startswith("liger_kernel") for obj in patched)
+
+
+def run_side(suite: Suite, plan: SidePlan, device: str, steps: int, warmup: int, dataset) -> dict:
+    from transformers.trainer_callback import PrinterCallback
+
+    from chattune.collate import PackedBatchSampler, PaddingCollator
+    from chattune.loss import resolve_fused_ce
+    from chattune.train import sample_lengths
+    from chattune.trainer import ChatTrainer, LossSetup
+
+    args = make_training_args(device, suite, plan, steps)
+    model = build_model(suite, plan, device, args)
+    loss_kind = resolve_fused_ce(plan.fused_ce, model.get_output_embeddings(), zero3=False, use_cpu=device == "cpu")
+    sampler = PackedBatchSampler(sample_lengths(dataset), plan.packed_tokens) if plan.packed_tokens else None
+    timer = Timer(warmup)
+    trainer = ChatTrainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[timer.callback],
+        loss=LossSetup(loss_kind, requested=plan.fused_ce), packed_sampler=sampler,
+        # Qwen's script pads every sample to model_max_length; packed batches do not use this collator
+        data_collator=PaddingCollator(0, pad_to_multiple_of=8 if plan.packed_tokens else suite.max_length),
+    )
+    trainer.remove_callback(PrinterCallback)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "side": plan.side, "pid": os.getpid(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "attention": plan.attention, "loss_path": "logits + CE" if trainer.loss.kind == "none" else trainer.loss.kind,
+        "liger": liger_in_process(),
+        "tokens_per_s": timer.tokens / timer.seconds if timer.seconds else float("nan"),
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+        "first_loss": losses[0], "last_loss": losses[-1],
+    }
+
+
+def child_main(args: argparse.Namespace, suite: Suite) -> None:
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as chattune.model.enable_tf32 does for a real run
+        torch.backends.cudnn.allow_tf32 = True
+    if args.tiny:
+        torch.set_num_threads(1)  # a 64-wide model gains nothing from threads; on a busy CI runner they contend (2x)
+    lengths = synthetic_lengths(sample_count(args.steps), suite)
+    plan = plan_side(suite, args.side, lengths, cuda=device == "cuda")
+    dataset = synthetic_dataset(lengths, QWEN25[suite.size]["vocab_size"])
+    result = run_side(suite, plan, device, args.steps, args.warmup, dataset)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent: one child per side and suite, then the tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def last_error_line(stderr: str, returncode: int) -> str:
+    """The line that says why a child failed: the last non-empty line of its stderr (a traceback's exception)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit code {returncode}, nothing on stderr"
+
+
+def run_child(name: str, side: str, args: argparse.Namespace) -> dict:
+    """Run one side of one suite in a fresh interpreter; its result, or {"error": why} when it fails or times out."""
+    command = [sys.executable, os.path.abspath(__file__), "--side", side, "--runs", name,
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+    # own session: on timeout the whole group goes (torch.compile's worker processes too)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"side": side, "error": f"timed out after {args.timeout:.0f} s"}
+    except BaseException:  # Ctrl-C reaches only the foreground group: the child's own session would live on
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    results = [line[len(RESULT_PREFIX):] for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode == 0 and results:
+        return json.loads(results[-1])
+    print(f"--- {name} {side} failed (exit code {proc.returncode}), end of its stderr:\n"
+          + "\n".join(stderr.splitlines()[-20:]), file=sys.stderr, flush=True)
+    why = last_error_line(stderr, proc.returncode) if proc.returncode else "exit code 0 without a RESULT line"
+    return {"side": side, "error": f"failed: {why}"}
+
+
+def train_flops_per_token(suite: Suite, mean_len: float) -> float:
     """Model FLOPs per real token: 6N (full) or 4N (frozen base: no weight gradients) for the matmuls, plus causal
     attention, forward + backward. Recomputation for gradient checkpointing is not counted (standard MFU)."""
-    c = QWEN25[setting.size]
+    c = QWEN25[suite.size]
     d, layers, ff, v = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
     kv = d * c["num_key_value_heads"] // c["num_attention_heads"]
     n_linear = layers * (d * d * 2 + 2 * d * kv + 3 * d * ff) + d * v
-    per_matmul_param = 6 if setting.mode == "full" else 4
+    per_matmul_param = 6 if suite.mode == "full" else 4
     attention = 3 * 2 * 2 * layers * d * mean_len / 2  # QK^T and AV, causal half, x3 for fwd+bwd
     return per_matmul_param * n_linear + attention
 
 
-def run_side(setting: Setting, side: str, device: str, steps: int, warmup: int, dataset, tiny: bool) -> dict:
-    from chattune.collate import PackedBatchSampler, PaddingCollator
-    from chattune.train import ChatTrainer, sample_lengths
-
-    chattune_side = side == "chattune"
-    attn = "flex_attention" if chattune_side and device == "cuda" else "sdpa"
-    model = build_model(setting, device, attn, liger=chattune_side and device == "cuda")
-    args = _training_args(device, setting, max_steps=steps,
-                          include_num_input_tokens_seen="all" if chattune_side else "non_padding")
-    sampler = PackedBatchSampler(sample_lengths(dataset), setting.tokens_per_batch) if chattune_side else None
-    fused = "none"
-    if chattune_side:
-        from chattune.loss import resolve_fused_ce
-
-        fused = resolve_fused_ce("auto", model.get_output_embeddings(), zero3=False)
-    timer = Timer(warmup)
-    trainer = ChatTrainer(
-        model=model, args=args, train_dataset=dataset, callbacks=[timer.callback], packed_sampler=sampler,
-        fused_ce=fused,
-        # Qwen's script pads every sample to model_max_length
-        data_collator=PaddingCollator(0, pad_to_multiple_of=1 if chattune_side else setting.max_length),
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-    result = {
-        "side": side, "attention": attn, "loss_path": fused if fused != "none" else "logits + CE",
-        "tokens_per_s": timer.tokens / timer.seconds if timer.seconds else float("nan"),
-        "peak_gb": peak, "first_loss": losses[0], "last_loss": losses[-1],
-    }
-    del trainer, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+def peak_tflops(device_name: str) -> float:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), float("nan"))
 
 
-def gpu_peak_tflops() -> float:
-    if not torch.cuda.is_available():
-        return float("nan")
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+def table_row(r: dict, flops_per_token: float) -> str:
+    if "error" in r:
+        return f"| {r['side']} | {r['error'].replace('|', '/')} |" + " |" * 7
+    mfu = r["tokens_per_s"] * flops_per_token / (peak_tflops(r["device"]) * 1e12)
+    return (f"| {r['side']} | {r['attention']} | {r['loss_path']} | {'yes' if r['liger'] else 'no'} |"
+            f" {r['tokens_per_s']:,.0f} | {_number(mfu, '.1%')} | {_number(r['peak_gb'], '.1f')} |"
+            f" {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
+
+
+def _number(x: float, spec: str) -> str:
+    return "n/a" if math.isnan(x) else format(x, spec)  # MFU and memory off CUDA
+
+
+def print_suite(suite: Suite, plans: list[SidePlan], rows: list[dict], lengths: list[int], args) -> None:
+    mean_len = sum(lengths) / len(lengths)
+    on_cpu = args.tiny or not torch.cuda.is_available()
+    device = next((r["device"] for r in rows if "device" in r), "cpu" if on_cpu else "the GPU")
+    print(f"\n{suite.label} on {device}: max_length {suite.max_length}, mean sample {mean_len:.0f} tokens; "
+          f"{args.steps} steps ({args.warmup} warm-up not timed)")
+    for plan in plans:
+        print(f"  {plan.describe(suite)}")
+    print("| side | attention | loss | Liger kernels | real tokens/s | MFU | peak GB | first loss | last loss |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    flops = train_flops_per_token(suite, mean_len)
+    for r in rows:
+        print(table_row(r, flops))
+    base, ours = rows
+    if "error" in base or "error" in ours:
+        print("speed-up: n/a (a side did not finish)", flush=True)
+        return
+    memory = f", peak memory {ours['peak_gb']:.1f} vs {base['peak_gb']:.1f} GB" if ours["device"] != "cpu" else ""
+    print(f"speed-up {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x{memory}; processes: baseline pid "
+          f"{base['pid']}, chattune pid {ours['pid']}", flush=True)
+
+
+def parent_main(args: argparse.Namespace, names: list[str]) -> int:
+    cuda = torch.cuda.is_available() and not args.tiny
+    print(f"torch {version('torch')}, transformers {version('transformers')}, liger-kernel "
+          f"{_version_or_none('liger-kernel')}; {time.strftime('%Y-%m-%d')}; each side in its own process",
+          flush=True)
+    failed = False
+    for name in names:
+        suite = tiny_suite(SUITES[name]) if args.tiny else SUITES[name]
+        lengths = synthetic_lengths(sample_count(args.steps), suite)
+        plans = [plan_side(suite, side, lengths, cuda) for side in SIDES]
+        rows = []
+        for side in SIDES:
+            start = time.perf_counter()
+            print(f"{name}: {side} ...", file=sys.stderr, flush=True)
+            rows.append(run_child(name, side, args))
+            print(f"{name}: {side} done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        failed |= any("error" in r for r in rows)
+        print_suite(suite, plans, rows, lengths, args)
+    return 1 if failed else 0
+
+
+def _version_or_none(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:
+        return "not installed"
+
+
+def parse_args() -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="full-1.5b,lora-7b,qlora-7b", help=f"comma separated: {', '.join(SUITES)}")
+    ap.add_argument("--steps", type=int, default=14, help="optimizer steps per side")
+    ap.add_argument("--warmup", type=int, default=4, help="first optimizer steps not timed")
+    ap.add_argument("--timeout", type=float, default=480, help="seconds before a side's process is killed")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape on CPU: a smoke test, no timing value")
+    ap.add_argument("--side", choices=SIDES, help="(internal) run this one side of one suite in this process")
+    args = ap.parse_args()
+    names = [r.strip() for r in args.runs.split(",") if r.strip()]
+    problems = [f"unknown run {r!r}; choose from {', '.join(SUITES)}" for r in names if r not in SUITES]
+    if not names:
+        problems.append("--runs names no suite")
+    if not 0 <= args.warmup < args.steps:
+        problems.append(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
+    if args.side and len(names) != 1:
+        problems.append("--side runs one suite: pass a single name to --runs")
+    if problems:
+        ap.error("; ".join(problems))
+    return args, names
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", default="full-1.5b,lora-7b,qlora-7b", help=f"comma separated: {', '.join(RUNS)}")
-    ap.add_argument("--steps", type=int, default=14)
-    ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--tiny", action="store_true", help="tiny shape on CPU: a smoke test, no timing value")
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    names = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in names if r not in RUNS]
-    if unknown:
-        sys.exit(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    peak = gpu_peak_tflops()
-    import transformers
-
-    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}", flush=True)
-    for name in names:
-        setting = RUNS[name]
-        if args.tiny:
-            setting = Setting(setting.label + " (tiny)", setting.mode if setting.mode != "qlora" else "lora", "tiny",
-                              256, 2, 512)
-        n_samples = max(64, (args.steps + 2) * setting.tokens_per_batch // 300)
-        dataset = synthetic_dataset(n_samples, setting.max_length, QWEN25[setting.size]["vocab_size"])
-        mean_len = float(np.mean([len(x) for x in dataset["input_ids"]]))
-        flops = train_flops_per_token(setting, mean_len)
-        rows = [run_side(setting, side, device, args.steps, args.warmup, dataset, args.tiny)
-                for side in ("baseline", "chattune")]
-        print(f"\n{setting.label}: max_length {setting.max_length}, baseline {setting.batch_size} samples/micro-batch"
-              f" padded, chattune {setting.tokens_per_batch} tokens/micro-batch packed; mean sample {mean_len:.0f}"
-              f" tokens; {args.steps} steps ({args.warmup} warm-up not timed)")
-        print("| side | attention | loss | real tokens/s | MFU | peak GB | first loss | last loss |")
-        print("|---|---|---|---:|---:|---:|---:|---:|")
-        for r in rows:
-            mfu = r["tokens_per_s"] * flops / (peak * 1e12) if peak == peak else float("nan")
-            print(f"| {r['side']} | {r['attention']} | {r['loss_path']} | {r['tokens_per_s']:,.0f} | {mfu:.1%} |"
-                  f" {r['peak_gb']:.1f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
-        speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-        print(f"speed-up {speedup:.2f}x, peak memory {rows[1]['peak_gb']:.1f} vs {rows[0]['peak_gb']:.1f} GB",
-              flush=True)
+    args, names = parse_args()
+    if args.side:
+        child_main(args, tiny_suite(SUITES[names[0]]) if args.tiny else SUITES[names[0]])
+    else:
+        sys.exit(parent_main(args, names))
 
 
 if __name__ == "__main__":
