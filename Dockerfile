@@ -4,7 +4,7 @@
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
-ARG TORCH_VERSION=2.9.1
+ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ARG FLASH_ATTN=0
 ARG FLASH_ATTN_VERSION=2.8.3.post2
