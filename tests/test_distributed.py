@@ -128,3 +128,28 @@ def test_two_process_deepspeed_saves_plain_trained_weights(stage, mode, model_di
             if base_name in base:
                 assert torch.equal(tensor, base[base_name]), name
         assert not torch.allclose(loaded["@logits"], loaded["@base_logits"], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_zero3_lora_auto_trains_the_embeddings_of_never_trained_control_tokens(model_dirs, tmp_path):
+    """A base model whose <|im_start|>/<|im_end|> embeddings were never trained (zero rows, as in base checkpoints):
+    under ZeRO-3 the partitioned embedding is read gathered, so `--lora_modules_to_save auto` still trains the
+    embeddings and output layer instead of claiming the tokens are trained."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dirs("qwen2"), base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[151644, 151645]] = 0
+    model.save_pretrained(base)
+    out = tmp_path / "out"
+    train(base, out, 3, "lora", tmp_path / "cache")
+    plan = json.loads((out / "run_report.json").read_text())["plan"]
+    assert plan["modules_to_save"] == "auto: the base model never learned <|im_start|>, <|im_end|>"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    embed = next(t for name, t in saved.items() if "embed_tokens" in name)
+    assert embed.shape == (151936, 64)  # the whole trained embedding, gathered, not an empty ZeRO-3 shard
+    assert embed[[151644, 151645]].abs().sum() > 0  # the zero rows trained

@@ -118,3 +118,40 @@ def test_chat_answers_a_batch_for_every_model_kind(model_dirs, adapters, tmp_pat
     assert answers["adapter dir"] == answers["base + adapter"] == answers["merged"]
     proc = script("chat.py", "--model_name_or_path", tmp_path / "missing", "--prompt", "x", rc=2)
     assert "no such directory" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["true", "false"])
+def test_trust_remote_code_flag_reaches_every_load(model_dirs, adapters, tmp_path, monkeypatch, flag):
+    """merge_lora.py and chat.py pass the user's --trust_remote_code to every config, model and tokenizer load; so do
+    run_gptq.py's arguments and the memory planner's meta-device model."""
+    import transformers
+
+    import chat
+    import merge_lora
+    import run_gptq
+    from chattune.memory import shape_from_config
+
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    adapter = adapters("qwen2")
+    assert merge_lora.main(["--adapter_path", str(adapter), "--output_path", str(tmp_path / "merged"),
+                            "--trust_remote_code", flag]) == 0
+    assert chat.main(["--model_name_or_path", str(adapter), "--prompt", "Hi", "--max_new_tokens", "2",
+                      "--output_file", str(tmp_path / "answers.jsonl"), "--trust_remote_code", flag]) == 0
+    assert len(seen) >= 5 and set(seen) == {flag == "true"}
+    gptq_args = run_gptq.parse_args(["--model_name_or_path", "m", "--data_path", "d", "--out_path", "o",
+                                     "--trust_remote_code", flag])
+    assert gptq_args.trust_remote_code is (flag == "true")
+    config = transformers.AutoConfig.from_pretrained(model_dirs("qwen2"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        classmethod(lambda klass, c, **kw: seen.append(("from_config", kw["trust_remote_code"]))
+                                    or transformers.Qwen2ForCausalLM(c)))
+    shape_from_config(config, trust_remote_code=flag == "true")
+    assert seen[-1] == ("from_config", flag == "true")

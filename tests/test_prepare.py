@@ -147,6 +147,30 @@ def test_cache_is_reused_and_keyed_by_settings(model_dirs, tmp_path):
     assert again.dataset["input_ids"][:] == first.dataset["input_ids"][:]
 
 
+@pytest.mark.parametrize("module", ["template", "data", "prepare"])
+def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, monkeypatch, module):
+    """Labels cached by older code are not served after the code that renders or masks them changes."""
+    import importlib
+
+    tok, setup = prepare_tokenizer(str(model_dirs("qwen2")), "auto")
+    convs = load_conversations(str(EXAMPLES / "sharegpt.json")).conversations
+    kw = dict(stop_tokens=setup.stop_tokens, cache_dir=tmp_path / "cache", max_length=64)
+    first = prepare_dataset(convs, tok, **kw)
+    assert prepare_dataset(convs, tok, **kw).from_cache
+    source = importlib.import_module(f"chattune.{module}")
+    changed = tmp_path / f"{module}.py"
+    changed.write_text(Path(source.__file__).read_text() + "\n# a changed masking rule\n")
+    if module == "prepare":  # code_fingerprint reads its own module through __file__ of chattune.prepare
+        import chattune.prepare
+
+        monkeypatch.setattr(chattune.prepare, "__file__", str(changed))
+    else:
+        monkeypatch.setattr(source, "__file__", str(changed))
+    after = prepare_dataset(convs, tok, **kw)
+    assert not after.from_cache and after.cache_path != first.cache_path
+    assert not list((tmp_path / "cache").glob(".*.tmp"))  # temporary directories are committed or removed
+
+
 def test_parallel_workers_give_identical_output(model_dirs, tmp_path):
     tok, setup = prepare_tokenizer(str(model_dirs("deepseek")), "auto")
     convs = load_conversations(str(EXAMPLES / "sharegpt.json")).conversations * 200  # 2600 conversations, 3 chunks
