@@ -59,7 +59,12 @@ class PreemptionCallback(TrainerCallback):
             self.checkpoint = path if os.path.isdir(path) else None
 
     def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self._previous.items():
+        self.restore_handlers()
+
+    def restore_handlers(self) -> None:
+        """The signal handlers from before training (also when training raised: on_train_end never runs then)."""
+        while self._previous:
+            sig, handler = self._previous.popitem()
             signal.signal(sig, handler)
 
 

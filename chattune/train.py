@@ -53,7 +53,10 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
                     micro_batches=len(batches.sampler) if batches.sampler else None)
     if training_args.process_index == 0:
         log(format_plan(the_plan))
-    train(trainer, training_args)
+    try:
+        train(trainer, training_args)
+    finally:
+        preemption.restore_handlers()
     if preemption.stopped_early:
         stop_preempted(trainer, preemption)
     if preemption.signal and training_args.process_index == 0:

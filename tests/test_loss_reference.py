@@ -9,6 +9,7 @@ a model class that tells transformers it accepts no loss kwargs.
 """
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,9 @@ def test_two_ranks_with_accumulation_equal_reference(model_dirs, data, tmp_path,
     out = tmp_path / "out"
     args = ["finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
             "--data_cache_dir", str(tmp_path / "cache"), *SGD, "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "2"]
+            "--gradient_accumulation_steps", "2",
+            # evaluated once after the step: 3 eval batches of 3 on 2 ranks, so one rank runs an uncounted extra one
+            "--eval_data_path", str(data), "--per_device_eval_batch_size", "3"]
     if deepspeed:
         args += ["--deepspeed", deepspeed]
     for _ in range(2):  # a second try only if another process took the free port before torchrun bound it
@@ -127,6 +130,8 @@ def test_two_ranks_with_accumulation_equal_reference(model_dirs, data, tmp_path,
             break
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_step(model_dir, out, ref_loss, ref_grads)
+    eval_loss = json.loads((out / "run_report.json").read_text())["eval_loss"]
+    assert eval_loss == pytest.approx(reference(out, samples)[0], rel=1e-5)  # the trained model on all 8 samples
 
 
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
@@ -158,8 +163,10 @@ def test_unknown_logit_transform_is_caught_on_the_first_micro_batch(model_dirs, 
     model_dir = model_dirs("gemma2")
     argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--data_cache_dir",
             str(tmp_path / "cache"), *SGD, "--per_device_train_batch_size", "8"]
-    with pytest.raises(ConfigError, match="differs|model's own loss is .*Use --fused_ce none"):
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(ConfigError, match="model's own loss is .*Use --fused_ce none"):
         run(*parse_args([*argv, "--output_dir", str(tmp_path / "explicit"), "--fused_ce", "chunked"]))
+    assert signal.getsignal(signal.SIGTERM) is before  # the preemption handler does not outlive a failed run
     out = tmp_path / "auto"
     run(*parse_args([*argv, "--output_dir", str(out), "--fused_ce", "auto"]))
     assert "using the model's own logits instead (--fused_ce none)" in capsys.readouterr().err

@@ -228,13 +228,14 @@ def test_signal_after_the_last_step_still_saves_the_result(model_dirs, tmp_path,
         return trainer, clock, preemption
 
     monkeypatch.setattr(chattune.train, "build_trainer", with_late_signal)
+    before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "late"
     train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 4, "--max_steps", 2)
     err = capsys.readouterr().err
     assert (out / "adapter_model.safetensors").exists() and (out / "run_report.json").exists()
     assert "received after the last step: saving the finished result" in err
     assert "checkpoint saved" not in err and not list(out.glob("checkpoint-*"))
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is before  # our handler is gone again
 
 
 def test_eval_data_is_evaluated_token_weighted_independent_of_batching(model_dirs, tmp_path):
