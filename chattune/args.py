@@ -118,6 +118,11 @@ class TrainingArguments(transformers.TrainingArguments):
     estimate_gpus: int = field(
         default=0, metadata={"help": "GPU count for --estimate_memory (default: the processes of this launch)."}
     )
+    stop_on_save_error: bool = field(
+        default=False,
+        metadata={"help": "Stop when a checkpoint cannot be written (full disk, no permission). By default the error "
+                          "is reported, the partial files removed, and training goes on; the next save tries again."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start fresh even when output_dir holds checkpoints (by default a re-run resumes)."},

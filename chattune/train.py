@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy
 
-from chattune import __version__
+from chattune import __version__, checkpoints
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.callbacks import EpochCallback, PreemptionCallback, ThroughputCallback
 from chattune.cli import log
@@ -32,7 +33,7 @@ from chattune.model import (
     resolve_modules_to_save,
 )
 from chattune.report import format_done, format_plan, plan, run_report
-from chattune.trainer import ChatTrainer, LossSetup, padding_collator
+from chattune.trainer import SAVE_ERRNOS, ChatTrainer, LossSetup, SaveError, padding_collator
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
 
@@ -51,6 +52,9 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     trainer, clock, preemption = build_trainer(model, training_args, tokenizer, data, batches, loss, info)
     the_plan = plan(info, model_args, training_args, lora_args, data, training_args.world_size, model.config,
                     micro_batches=len(batches.sampler) if batches.sampler else None)
+    space = disk_space_warning(training_args, info, the_plan["steps"])
+    if space:
+        the_plan["notes"].append(space)
     if training_args.process_index == 0:
         log(format_plan(the_plan))
     try:
@@ -230,32 +234,43 @@ def build_trainer(model, training_args, tokenizer, data, batches: Batches, loss:
         packed_sampler=batches.sampler,
         flash_kwargs=info.attn_implementation.startswith("flash_attention"),
         eval_tokens_per_batch=batches.budget,
+        stop_on_save_error=training_args.stop_on_save_error,
     )
     return trainer, clock, preemption
 
 
 def train(trainer: ChatTrainer, training_args: TrainingArguments) -> None:
-    resume = resolve_resume(training_args)
+    with training_args.main_process_first(local=False, desc="checking checkpoints"):  # the main one moves them
+        resume = resolve_resume(training_args)
     if resume and training_args.process_index == 0:
         log(f"resuming from {resume}")
     trainer.train(resume_from_checkpoint=resume)
 
 
 def resolve_resume(training_args: TrainingArguments) -> str | None:
-    """--resume_from_checkpoint, or the last checkpoint in output_dir when the same command runs again."""
-    given = training_args.resume_from_checkpoint
-    if given:
-        if given.lower() in ("true", "latest", "last"):
-            last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-            if last is None:
-                raise ConfigError(f"--resume_from_checkpoint {given}: no checkpoint-* in {training_args.output_dir}")
-            return last
+    """--resume_from_checkpoint, or the newest complete checkpoint in output_dir when the same command runs again.
+
+    A save that was killed before its commit left only output_dir/.chattune-staging: removed. A checkpoint that is
+    not complete is moved aside with a warning and the one before it is used; an explicit path must be complete."""
+    out, given = training_args.output_dir, training_args.resume_from_checkpoint
+    staging = os.path.join(out, checkpoints.STAGING)
+    if os.path.isdir(staging):
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"removed {staging}: an unfinished checkpoint save of an earlier run (stopped while saving)")
+    if given and given.lower() not in ("true", "latest", "last"):
         if not os.path.isdir(given):
             raise ConfigError(f"--resume_from_checkpoint {given}: no such checkpoint directory")
+        why = checkpoints.problem(given)
+        if why:
+            raise ConfigError(f"--resume_from_checkpoint {given}: the checkpoint is incomplete ({why}); pass an "
+                              "earlier checkpoint, or leave the flag out to resume from the newest complete one")
         return given
-    if training_args.overwrite_output_dir or not os.path.isdir(training_args.output_dir):
+    if not given and (training_args.overwrite_output_dir or not os.path.isdir(out)):
         return None
-    return get_last_checkpoint(training_args.output_dir)
+    last = checkpoints.latest_complete(out, warn=log)
+    if given and last is None:
+        raise ConfigError(f"--resume_from_checkpoint {given}: no complete checkpoint-* in {out}")
+    return last
 
 
 def stop_preempted(trainer: ChatTrainer, preemption: PreemptionCallback) -> None:
@@ -280,13 +295,77 @@ def finish_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
+def checkpoint_bytes(info: ModelInfo, training_args: TrainingArguments) -> tuple[int, int]:
+    """Rough (result, checkpoint) sizes in bytes: the saved weights, plus Adam's two fp32 moments per trainable
+    parameter (and DeepSpeed's fp32 master copy) in a checkpoint."""
+    if info.mode == "full":
+        result = info.total_params * (4 if info.dtype == torch.float32 or not training_args.deepspeed else 2)
+    else:
+        result = info.trainable_params * 4
+    optimizer = info.trainable_params * (12 if training_args.deepspeed else 8)
+    return result, result + optimizer
+
+
+def disk_space_warning(training_args: TrainingArguments, info: ModelInfo, steps: int) -> str | None:
+    """A warning when output_dir's filesystem cannot hold the checkpoints the run keeps and its result."""
+    strategy = getattr(training_args.save_strategy, "value", training_args.save_strategy)
+    saves = {"steps": steps // max(1, int(training_args.save_steps)),
+             "epoch": int(training_args.num_train_epochs)}.get(strategy, 0)
+    kept = min(saves, training_args.save_total_limit) if training_args.save_total_limit else saves
+    result, checkpoint = checkpoint_bytes(info, training_args)
+    need, free = kept * checkpoint + result, checkpoints.free_bytes(training_args.output_dir)
+    if need <= free:
+        return None
+    gb = checkpoints.size_text
+    return (f"WARNING: {training_args.output_dir} has {gb(free)} free; {kept} checkpoints of ~{gb(checkpoint)} and "
+            f"the result (~{gb(result)}) need ~{gb(need)}: free space, lower --save_total_limit, or choose another "
+            "--output_dir")
+
+
 def save_final(trainer, tokenizer, setup, data_args, training_args, info: ModelInfo) -> None:
-    """Plain Hugging Face files (gathered under ZeRO-3), tokenizer with chat template, generation config, state."""
+    """The result in output_dir; if that fails (full disk, lost permission) it is written where it fits, the user
+    is told where, and the run ends with an error: trained weights are never lost to a failed write."""
     out = training_args.output_dir
+    error = None
+    try:
+        write_result(trainer, out, tokenizer, setup, data_args, info)
+    except OSError as e:
+        if e.errno not in SAVE_ERRNOS:
+            raise
+        error = e
+    if trainer._on_every_rank(error is None):
+        return
+    rescue = rescue_dir(trainer, out, checkpoint_bytes(info, training_args)[0])
+    write_result(trainer, rescue, tokenizer, setup, data_args, info)
+    cause = error.strerror if error is not None else "it failed on another process"
+    raise SaveError(f"the trained result could not be written to {out} ({cause}): it was saved to {rescue} instead. "
+                    "Move it where it belongs; nothing else is lost.")
+
+
+def rescue_dir(trainer, out: str, needed: int) -> str:
+    """A new directory on a filesystem with room for the result (the temp dir, else home), the same on all ranks."""
+    import tempfile
+    import time
+
+    path = None
+    if trainer.is_world_process_zero():
+        roots = [tempfile.gettempdir(), os.path.expanduser("~")]
+        root = next((r for r in roots if checkpoints.free_bytes(r) > 1.2 * needed), roots[0])
+        path = os.path.join(root, f"chattune-rescued-{os.path.basename(os.path.abspath(out))}-"
+                                  f"{time.strftime('%Y%m%d-%H%M%S')}")
+    if trainer.args.world_size > 1:
+        box = [path]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path
+
+
+def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo) -> None:
+    """Plain Hugging Face files (gathered under ZeRO-3), tokenizer with chat template, generation config, state."""
     trainer.save_model(out)  # all ranks take part (ZeRO-3 gathers); only the main process writes
-    trainer.save_state()
     if not trainer.is_world_process_zero():
         return
+    trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
     tokenizer.save_pretrained(out)
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(setup.stop_tokens)) if i is not None]
     base = _base(trainer.model)

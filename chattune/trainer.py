@@ -9,7 +9,10 @@ classes with `accepts_loss_kwargs = False` too.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +20,10 @@ from typing import Any
 import torch
 import transformers
 
+from chattune import checkpoints
 from chattune.cli import log
 from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, UserError
 from chattune.loss import (
     LogitTransform,
     fused_loss_sum,
@@ -41,6 +45,14 @@ class LossMismatch(ConfigError):
     """The fused loss differs from the model's own loss on real inputs."""
 
 
+class SaveError(UserError):
+    """A checkpoint or the result could not be written (full disk, no permission)."""
+
+
+# Errors of the filesystem a save can run into and training can survive; anything else is a bug and propagates.
+SAVE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 class ChatTrainer(transformers.Trainer):
     """`transformers.Trainer` with token-budget packing, a fused (or the model's own) loss normalized by our own count
     of the global batch's trained tokens, and an evaluation that is a token-weighted mean over the whole eval set.
@@ -52,8 +64,11 @@ class ChatTrainer(transformers.Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, loss: LossSetup, packed_sampler: PackedBatchSampler | None = None,
-                 flash_kwargs: bool = False, eval_tokens_per_batch: int = 0, **kwargs):
+                 flash_kwargs: bool = False, eval_tokens_per_batch: int = 0, stop_on_save_error: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.stop_on_save_error = stop_on_save_error
+        self._staging: str | None = None
         self.loss = loss
         self.packed_sampler = packed_sampler
         self.flash_kwargs = flash_kwargs
@@ -212,6 +227,81 @@ class ChatTrainer(transformers.Trainer):
             yield collate([dataset[i] for i in group]), True
         for _ in range(per_rank - len(mine)):
             yield collate([dataset[i] for i in groups[0]]), False
+
+
+    # ---- checkpoints: staged, then committed in one rename ------------------------------------------------------
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint (every rank's files), written under output_dir/.chattune-staging, then committed as
+        checkpoint-N by one rename once every rank has finished; rotation only after that. A full disk (or a lost
+        permission) removes the partial files, says so, and training goes on (the next save tries again), unless
+        --stop_on_save_error."""
+        output_dir = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging, final = os.path.join(output_dir, checkpoints.STAGING), os.path.join(output_dir, name)
+        error: OSError | None = None
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as e:
+            if e.errno not in SAVE_ERRNOS:
+                raise
+            error = e
+        finally:
+            self._staging = None
+        if not self._on_every_rank(error is None):
+            self._save_failed(error, staging, name)
+            return
+        self._commit(os.path.join(staging, name), final)
+        if self.args.should_save:
+            checkpoints.rotate(output_dir, self.args.save_total_limit, {final, self.state.best_model_checkpoint})
+
+    def _commit(self, staged: str, final: str) -> None:
+        staging = os.path.dirname(staged)
+        best = self.state.best_model_checkpoint
+        if best and os.path.dirname(best) == staging:  # the stock code named the best checkpoint in staging
+            self.state.best_model_checkpoint = os.path.join(self.args.output_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every rank's files are written
+        if self.args.should_save:
+            checkpoints.commit(staged, final)
+        self.accelerator.wait_for_everyone()
+        if self.is_local_process_zero():
+            if os.path.isdir(staged):  # an output_dir local to each node
+                checkpoints.commit(staged, final)
+            try:
+                os.rmdir(staging)
+            except OSError:  # not empty, or removed by another node's process on a shared filesystem
+                pass
+
+    def _on_every_rank(self, ok: bool) -> bool:
+        if self.args.world_size <= 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], device=self.args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _save_failed(self, error: OSError | None, staging: str, name: str) -> None:
+        output_dir = self.args.output_dir
+        written = checkpoints.dir_bytes(staging)
+        if self.is_local_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = checkpoints.committed(output_dir)
+        needed = (f"~{checkpoints.size_text(checkpoints.dir_bytes(previous[-1][1]))} needed" if previous
+                  else f"more than the {checkpoints.size_text(written)} written before it failed")
+        cause = f"{error.strerror or error}" if error is not None else "it failed on another process"
+        message = (f"{name} could not be saved in {output_dir}: {cause} ({needed}, "
+                   f"{checkpoints.size_text(checkpoints.free_bytes(output_dir))} free); the partial files were removed")
+        if self.stop_on_save_error:
+            raise SaveError(f"{message}. Free space or choose another --output_dir, then run the same command "
+                            "again to resume from the last checkpoint.")
+        if self.is_world_process_zero():
+            log(f"error: {message}. Training goes on and the next save tries again (--stop_on_save_error true "
+                "stops instead).")
 
 
 def padding_collator(tokenizer: Any) -> PaddingCollator:

@@ -21,6 +21,8 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _mode_problems(training_args, lora_args)
     problems += _kernel_problems(model_args, training_args)
     problems += _batch_problems(data_args, training_args)
+    if not data_args.dump_tokenized:
+        problems += _output_problems(training_args.output_dir)
     _raise(problems)
 
 
@@ -102,3 +104,19 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
     if strategy != "no" and not data_args.eval_data_path:
         problems.append(f"--eval_strategy {strategy}: add --eval_data_path (the data to evaluate on)")
     return problems
+
+
+def _output_problems(output_dir: str) -> list[str]:
+    """--output_dir must be a directory this process can write, checked now rather than after training."""
+    import tempfile
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        return [f"--output_dir {output_dir}: is a file, not a directory; choose a directory"]
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".chattune-write-test-"):
+            pass
+    except OSError as e:
+        return [f"--output_dir {output_dir}: cannot be written ({e.strerror or e}); choose a directory you can "
+                "write, or fix its permissions"]
+    return []

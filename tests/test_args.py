@@ -27,7 +27,8 @@ def test_qwen_launch_line_parses_with_qwen_meaning(tmp_path, monkeypatch):
     assert training.warmup_steps == 0.01  # --warmup_ratio, removed by transformers 5: a float < 1 is a ratio
 
 
-def test_qwen_defaults(tmp_path):
+def test_qwen_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "d.json").write_text("[]")
     model, data, training, lora = parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path",
                                               str(tmp_path / "d.json")])
@@ -39,14 +40,16 @@ def test_qwen_defaults(tmp_path):
     assert training.cache_dir is None
 
 
-def test_unknown_and_inconsistent_flags_are_errors():
+def test_unknown_and_inconsistent_flags_are_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="unknown arguments: --lora_rank 8"):
         parse_args(["--output_dir", "o", "--lora_rank", "8"])
     with pytest.raises(ConfigError):  # TrainingArguments' own validation, reported without a traceback
         parse_args(["--output_dir", "o", "--use_cpu", "True", "--bf16", "True", "--fp16", "True"])
 
 
-def test_enumerated_flags_fail_first_all_at_once_with_their_choices(tmp_path):
+def test_enumerated_flags_fail_first_all_at_once_with_their_choices(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     """Bad values of enumerated flags and inconsistent flags are one error, before any data or weights are read."""
     argv = ["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "missing.json"),
             "--fused_ce", "bogus", "--packing", "maybe", "--lora_bias", "weird", "--attn_implementation", "flashy",
@@ -71,7 +74,8 @@ def test_help_lists_the_choices(capsys):
     assert "--template {auto,chatml,qwen,deepseek,llama3,llama2}" in out
 
 
-def test_boolean_spellings_of_tristate_flags(tmp_path):
+def test_boolean_spellings_of_tristate_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "d.json").write_text("[]")
     base = ["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json")]
     assert parse_args([*base, "--packing", "True"])[2].packing == "true"
@@ -79,7 +83,8 @@ def test_boolean_spellings_of_tristate_flags(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", ["yaml", "json"])
-def test_config_file_takes_renamed_flags_and_command_line_overrides(tmp_path, suffix):
+def test_config_file_takes_renamed_flags_and_command_line_overrides(tmp_path, suffix, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     import json
 
     (tmp_path / "d.json").write_text("[]")
@@ -99,3 +104,23 @@ def test_config_file_takes_renamed_flags_and_command_line_overrides(tmp_path, su
     path.write_text(json.dumps({**values, "lora_rnak": 8}))
     with pytest.raises(ConfigError, match="unknown key\\(s\\) lora_rnak"):
         parse_args([str(path)])
+
+
+def test_output_dir_that_cannot_be_written_is_an_error_before_any_work(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "a_file").write_text("")
+    base = ["--use_cpu", "True", "--data_path", str(tmp_path / "d.json")]
+    with pytest.raises(ConfigError, match="a_file: is a file, not a directory"):
+        parse_args([*base, "--output_dir", str(tmp_path / "a_file")])
+    assert parse_args([*base, "--output_dir", str(tmp_path / "new" / "run")])[2].output_dir.endswith("new/run")
+    assert (tmp_path / "new" / "run").is_dir()
+
+    def read_only(*args, **kwargs):  # what a read-only directory answers (the tests run as root, who writes anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(ConfigError, match="run: cannot be written \\(Permission denied\\); choose a directory"):
+        parse_args([*base, "--output_dir", str(tmp_path / "new" / "run")])

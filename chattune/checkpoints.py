@@ -1,0 +1,171 @@
+"""Checkpoints that a kill, a node failure or a full disk cannot leave half written.
+
+A checkpoint is written (by every rank, DeepSpeed shards included) under `output_dir/.chattune-staging/`, then the
+main process writes a manifest of its files and sizes and renames the directory to `output_dir/checkpoint-N`: one
+atomic step on one filesystem. What is visible as `checkpoint-N` is therefore complete, and rotation
+(`--save_total_limit`) runs only after that rename, over complete checkpoints.
+
+A checkpoint that is not complete anyway (one written before this existed, a file truncated or deleted later) is
+found when a run resumes: it is renamed to `broken_checkpoint-N` (never deleted) with a warning, and the run resumes
+from the previous complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import zipfile
+from collections.abc import Callable
+
+STAGING = ".chattune-staging"
+MANIFEST = "chattune_checkpoint.json"
+BROKEN_PREFIX = "broken_"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = re.compile(r"^(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
+def committed(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every `checkpoint-N` directory, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def files_and_sizes(path: str) -> dict[str, int]:
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = os.path.getsize(full)
+    return out
+
+
+def write_manifest(path: str) -> None:
+    files = files_and_sizes(path)
+    files.pop(MANIFEST, None)
+    with open(os.path.join(path, MANIFEST), "w") as f:
+        json.dump({"files": files, "written": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+
+
+def problem(path: str) -> str | None:
+    """What is missing or damaged in the checkpoint at `path`, or None when it is complete."""
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                files = json.load(f)["files"]
+        except (OSError, ValueError, KeyError) as e:
+            return f"{MANIFEST} is unreadable ({e})"
+        for name, size in files.items():
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):
+                return f"{name} is missing"
+            if os.path.getsize(full) != size:
+                return f"{name} has {os.path.getsize(full):,} bytes, {size:,} were written"
+        return None
+    return _structural_problem(path)  # written before manifests existed, or by another tool
+
+
+def _structural_problem(path: str) -> str | None:
+    names = set(os.listdir(path))
+    if "trainer_state.json" not in names:
+        return "trainer_state.json is missing"
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is unreadable ({e})"
+    weights = [n for n in names if WEIGHT_FILES.match(n)]
+    if not weights and "latest" not in names:  # `latest` names DeepSpeed's global_stepN folder
+        return "it holds no model or adapter weights"
+    for name in sorted(names):
+        full = os.path.join(path, name)
+        why = _file_problem(full)
+        if why:
+            return f"{name} is damaged ({why})"
+    return None
+
+
+def _file_problem(path: str) -> str | None:
+    """A cheap integrity check: safetensors headers cover the file; torch's zip files have their central directory."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt"):
+                return None
+        except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+            return str(e).splitlines()[0]
+    if path.endswith((".pt", ".pth", ".bin")) and os.path.isfile(path):
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            return str(e)
+    return None
+
+
+def move_aside(path: str) -> str:
+    """Rename a broken checkpoint out of the way of resume and rotation (kept for the user to inspect)."""
+    parent, name = os.path.split(path)
+    target = os.path.join(parent, BROKEN_PREFIX + name)
+    if os.path.exists(target):
+        target += time.strftime("-%Y%m%d-%H%M%S")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another process of the run (on a shared filesystem) moved it first
+        pass
+    return target
+
+
+def latest_complete(output_dir: str, warn: Callable[[str], None]) -> str | None:
+    """The newest complete checkpoint; newer broken ones are moved aside, each with a warning."""
+    for _, path in reversed(committed(output_dir)):
+        why = problem(path)
+        if why is None:
+            return path
+        moved = move_aside(path)
+        warn(f"WARNING: {path} is incomplete ({why}): moved to {moved}; resuming from the checkpoint before it")
+    return None
+
+
+def commit(staging_checkpoint: str, final: str) -> None:
+    """Manifest, then one rename: `final` appears complete or not at all."""
+    write_manifest(staging_checkpoint)
+    if os.path.isdir(final):  # an earlier attempt at the same step that was left behind (broken): keep it aside
+        move_aside(final)
+    os.replace(staging_checkpoint, final)
+
+
+def rotate(output_dir: str, limit: int | None, keep: set[str]) -> list[str]:
+    """Delete the oldest complete checkpoints beyond `limit` (never the newest, never those in `keep`)."""
+    if not limit or limit <= 0:
+        return []
+    checkpoints = [path for _, path in committed(output_dir)]
+    protected = {os.path.abspath(p) for p in keep if p} | ({os.path.abspath(checkpoints[-1])} if checkpoints else set())
+    removable = [p for p in checkpoints if os.path.abspath(p) not in protected]
+    deleted = removable[:max(0, len(checkpoints) - limit)]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+    return deleted
+
+
+def dir_bytes(path: str) -> int:
+    return sum(files_and_sizes(path).values()) if os.path.isdir(path) else 0
+
+
+def free_bytes(path: str) -> int:
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
+def size_text(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
