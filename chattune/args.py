@@ -51,6 +51,11 @@ class DataArguments:
     template_kwargs: Optional[str] = field(
         default=None, metadata={"help": 'JSON of extra template variables, e.g. \'{"enable_thinking": false}\'.'}
     )
+    train_on: Literal["all", "last"] = field(
+        default="all",
+        metadata={"help": "Which assistant turns are trained: all (default) or the last one of each conversation. "
+                          "Turns marked \"train\": false (or \"loss\": false, \"weight\": 0) are never trained."},
+    )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (the count is reported) instead of stopping."}
     )

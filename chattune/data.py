@@ -76,9 +76,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class Conversation:
-    messages: tuple[dict, ...]  # {"role", "content"} (+ "reasoning_content" when the input had one)
+    messages: tuple[dict, ...]  # {"role", "content"} (+ "reasoning_content", "tool_calls", tool "name"/"tool_call_id")
     source: str  # "train.json: record 12", for error messages later on
     format: str  # "sharegpt" | "messages" | "alpaca"
+    tools: tuple[dict, ...] = ()  # {"type": "function", "function": {"name", "description", "parameters"}}
+    masked: tuple[int, ...] = ()  # indices of assistant messages the data marks as not trained (train: false, ...)
 
 
 @dataclass
@@ -133,10 +135,12 @@ class _TurnFormat:
 
 _SHAREGPT = _TurnFormat(
     "sharegpt", "conversations", "from", "value",
-    {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"},
+    {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system",
+     "function_call": "assistant", "observation": "tool"},
 )  # fmt: skip
 _MESSAGES = _TurnFormat(
-    "messages", "messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}
+    "messages", "messages", "role", "content",
+    {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
 )
 
 
@@ -183,19 +187,52 @@ def _parse_turn(turn: object, path: str, spec: _TurnFormat, out: _Problems) -> t
         out.add(path, f"must be an object like {example}, got {_type_name(turn)}")
         return None, None
     role = _parse_role(turn, path, spec, out)
+    if spec is _SHAREGPT and turn.get(spec.role_key) == "function_call":
+        message = _sharegpt_call(turn.get(spec.content_key), f"{path}.{spec.content_key}", out)
+    else:
+        message = _turn_content(turn, role, path, spec, out)
+    if message is not None and spec is _MESSAGES:
+        _add_message_extras(turn, role, path, message, out)
+    if message is not None and role == "assistant":
+        message["__train__"] = _train_flag(turn, path, out)
+    elif role is not None:
+        _no_train_flag(turn, role, path, out)
+    return role, (None if role is None else message)
+
+
+def _turn_content(turn: dict, role: str | None, path: str, spec: _TurnFormat, out: _Problems) -> dict | None:
     content = turn.get(spec.content_key)
     content_path = f"{path}.{spec.content_key}"
+    calls = turn.get("tool_calls") if spec is _MESSAGES and role == "assistant" else None
+    if calls is not None and (content is None or content == ""):  # a call with no text: content may be null
+        return {"role": role, "content": ""}
     problem = _string_problem(content, spec.content_key not in turn)
     if isinstance(content, list):  # OpenAI multimodal parts: say why a list is refused
         problem += " (content parts are not supported; join them into one string)"
-    if problem is None and role == "assistant":
+    if problem is None and role == "assistant" and calls is None:
         problem = _reply_problem(content)
     if problem:
         out.add(content_path, problem)
-    message = {"role": role, "content": content}
-    if spec is _MESSAGES and turn.get("reasoning_content") is not None:
+        return None
+    return {"role": role, "content": content}
+
+
+def _add_message_extras(turn: dict, role: str | None, path: str, message: dict, out: _Problems) -> None:
+    """reasoning_content and tool_calls of assistant messages; name and tool_call_id of tool messages."""
+    if turn.get("reasoning_content") is not None:
         _add_reasoning(turn["reasoning_content"], role, f"{path}.reasoning_content", message, out)
-    return role, (None if role is None or problem else message)
+    if turn.get("tool_calls") is not None:
+        if role != "assistant":
+            out.add(f"{path}.tool_calls", f"is only allowed on assistant messages, not on a {role} message")
+        else:
+            message["tool_calls"] = _tool_calls(turn["tool_calls"], f"{path}.tool_calls", out)
+    if role == "tool":
+        for key in ("name", "tool_call_id"):
+            value = turn.get(key)
+            if value is not None and not isinstance(value, str):
+                out.add(f"{path}.{key}", f"must be a string, got {_type_name(value)}")
+            elif value is not None:
+                message[key] = value
 
 
 def _add_reasoning(reasoning: object, role: str | None, path: str, message: dict, out: _Problems) -> None:
@@ -207,8 +244,158 @@ def _add_reasoning(reasoning: object, role: str | None, path: str, message: dict
         message["reasoning_content"] = reasoning
 
 
-def _check_order(turns: list, roles: list[str | None], spec: _TurnFormat, top_system: bool, out: _Problems) -> None:
-    """System placement, user/assistant alternation and the final assistant turn."""
+# --------------------------------------------------------------------------------------------------------------
+# Tool calls (OpenAI messages; ShareGPT function_call / observation as LLaMA-Factory and glaive write them)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _tool_calls(calls: object, path: str, out: _Problems) -> list[dict]:
+    """OpenAI `tool_calls` in the form chat templates read: {"type": "function", "function": {"name", "arguments":
+    an object}} (a JSON-string `arguments` is parsed; an `id` is kept)."""
+    if not isinstance(calls, list) or not calls:
+        out.add(path, f"must be a non-empty list of calls, got {_type_name(calls) if calls != [] else 'an empty list'}")
+        return []
+    parsed = []
+    for i, call in enumerate(calls):
+        where = f"{path}[{i}]"
+        if not isinstance(call, dict):
+            out.add(where, f'must be an object like {{"type": "function", "function": {{"name": ..., "arguments": '
+                           f'...}}}}, got {_type_name(call)}')
+            continue
+        function = call.get("function", call)  # some data writes {"name", "arguments"} without the wrapper
+        name = _call_name(function, f"{where}.function.name" if "function" in call else f"{where}.name", out)
+        arguments = _call_arguments(function, f"{where}.function.arguments" if "function" in call
+                                    else f"{where}.arguments", out)
+        if name is not None and arguments is not None:
+            entry = {"type": "function", "function": {"name": name, "arguments": arguments}}
+            if isinstance(call.get("id"), str):
+                entry["id"] = call["id"]
+            parsed.append(entry)
+    return parsed
+
+
+def _call_name(function: object, path: str, out: _Problems) -> str | None:
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        out.add(path, "is missing; a tool call needs the name of the function it calls")
+        return None
+    return name
+
+
+def _call_arguments(function: dict, path: str, out: _Problems) -> dict | None:
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            out.add(path, f"is not valid JSON ({e.msg} at column {e.colno}): {_show(arguments)}")
+            return None
+    if not isinstance(arguments, dict):
+        out.add(path, f"must be a JSON object of arguments, got {_type_name(arguments)}")
+        return None
+    return arguments
+
+
+def _sharegpt_call(value: object, path: str, out: _Problems) -> dict | None:
+    """A ShareGPT `function_call` turn: the assistant's call(s) as a JSON string {"name", "arguments"} (or a list)."""
+    if not isinstance(value, str):
+        out.add(path, f"must be a JSON string of the call, got {_type_name(value)}")
+        return None
+    try:
+        calls = json.loads(value)
+    except json.JSONDecodeError as e:
+        out.add(path, f'is not valid JSON ({e.msg} at column {e.colno}); expected {{"name": ..., "arguments": ...}}')
+        return None
+    calls = calls if isinstance(calls, list) else [calls]
+    parsed = _tool_calls(calls, path, out)
+    return {"role": "assistant", "content": "", "tool_calls": parsed} if parsed else None
+
+
+def _tools(record: dict, out: _Problems) -> list[dict]:
+    """Record-level `tools`: a list (or, as LLaMA-Factory writes it, a JSON string) of function schemas, each as
+    {"type": "function", "function": {...}}; bare schemas are wrapped."""
+    tools = record.get("tools")
+    if tools is None or tools == "" or tools == []:
+        return []
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            out.add("tools", f"is not valid JSON ({e.msg} at column {e.colno}); expected a list of function schemas")
+            return []
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list):
+        out.add("tools", f"must be a list of function schemas, got {_type_name(tools)}")
+        return []
+    wrapped = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            out.add(f"tools[{i}]", 'must be a function schema with a "name" (and "description", "parameters")')
+            continue
+        wrapped.append({"type": "function", "function": function})
+    return wrapped
+
+
+def _check_calls(messages: list[dict | None], tools: list[dict], spec: _TurnFormat, out: _Problems) -> None:
+    """Every call names a declared tool; every tool result answers a call."""
+    declared = [t["function"]["name"] for t in tools]
+    pending: int | None = 0  # calls of the last assistant message not yet answered (None: unknown, turn invalid)
+    for i, message in enumerate(messages):
+        if message is None:
+            pending = None  # its problem is reported; the tool results after it are not judged
+            continue
+        for j, call in enumerate(message.get("tool_calls", [])):
+            name = call["function"]["name"]
+            if name not in declared:
+                known = f"declared: {', '.join(declared)}" if declared else "the record declares no `tools`"
+                out.add(f"{spec.list_key}[{i}]" + (f".tool_calls[{j}]" if spec is _MESSAGES else ""),
+                        f"calls {_show(name)}, which is not a declared tool ({known})")
+        if message["role"] == "tool":
+            if pending == 0:
+                out.add(f"{spec.list_key}[{i}]", "is a tool result with no tool call before it to answer")
+            pending = None if pending is None else max(0, pending - 1)
+        else:
+            pending = len(message.get("tool_calls", []))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What is trained, per message
+# --------------------------------------------------------------------------------------------------------------
+
+_TRAIN_KEYS = ("train", "loss", "weight")  # conventions of peer tools: train/loss booleans, weight 0 or 1
+
+
+def _train_flag(turn: dict, path: str, out: _Problems) -> bool:
+    trained = True
+    for key in _TRAIN_KEYS:
+        value = turn.get(key)
+        if value is None:
+            continue
+        if key == "weight":
+            if isinstance(value, bool) or value not in (0, 1):
+                out.add(f"{path}.weight", f"= {value!r}; use 0 (not trained) or 1 (trained); other weights are not "
+                                          "supported")
+                continue
+            trained = trained and value == 1
+        elif not isinstance(value, bool):
+            out.add(f"{path}.{key}", f"must be true or false, got {_type_name(value)}")
+        else:
+            trained = trained and value
+    return trained
+
+
+def _no_train_flag(turn: dict, role: str, path: str, out: _Problems) -> None:
+    for key in _TRAIN_KEYS:
+        if turn.get(key) is not None:
+            out.add(f"{path}.{key}", f"is only meaningful on assistant turns (a {role} turn is never trained)")
+
+
+def _check_order(turns: list, roles: list[str | None], messages: list[dict | None], spec: _TurnFormat,
+                 top_system: bool, out: _Problems) -> None:
+    """System placement, user/assistant alternation (tool results after the calling assistant turn) and the final
+    assistant turn."""
 
     def bad_role(i: int, message: str) -> None:  # formats lazily: the common, valid case never pays for it
         out.add(f"{spec.list_key}[{i}].{spec.role_key}", f"= {_show(turns[i][spec.role_key])}; {message}")
@@ -223,18 +410,23 @@ def _check_order(turns: list, roles: list[str | None], spec: _TurnFormat, top_sy
             elif i > 0:
                 bad_role(i, "a system turn is only allowed as the first turn")
         else:
-            expected = "assistant" if previous == "user" else "user"
-            if previous is not None and role != expected:
-                article = "an" if expected == "assistant" else "a"
-                bad_role(i, f"expected {article} {expected} turn: {_ALTERNATION}")
-            previous = role
+            if role != "tool" and previous is not None and role not in _expected_after(previous):
+                expected = {"assistant": "an assistant turn", "user": "a user turn",
+                            "tool": "the tool results of the call before it"}[_expected_after(previous)[0]]
+                bad_role(i, f"expected {expected}: {_ALTERNATION}")
+            previous = "call" if role == "assistant" and (messages[i] or {}).get("tool_calls") else role
     if None in roles:
         return  # an unknown role may well be the missing assistant; that problem is already reported
     if "assistant" not in roles:
         out.add(spec.list_key, "has no assistant turn; add at least one assistant reply to train on")
-    elif roles[-1] == "user":
-        fix = "remove the trailing user turn or add the reply"
+    elif roles[-1] != "assistant":
+        fix = f"remove the trailing {roles[-1]} turn or add the reply"
         bad_role(len(roles) - 1, f"the last turn must be an assistant turn: {fix}")
+
+
+def _expected_after(previous: str) -> tuple[str, ...]:
+    return {"system": ("user",), "user": ("assistant",), "assistant": ("user",), "call": ("tool",),
+            "tool": ("assistant", "tool")}[previous]
 
 
 def _top_level_system(record: dict, out: _Problems) -> str | None:
@@ -248,7 +440,7 @@ def _top_level_system(record: dict, out: _Problems) -> str | None:
     return system
 
 
-def _turn_messages(record: dict, spec: _TurnFormat, out: _Problems) -> list[dict]:
+def _turn_messages(record: dict, spec: _TurnFormat, out: _Problems, tools: list[dict]) -> list[dict]:
     turns = record[spec.list_key]
     if not isinstance(turns, list):
         out.add(spec.list_key, f"must be a list of turns, got {_type_name(turns)}")
@@ -257,14 +449,16 @@ def _turn_messages(record: dict, spec: _TurnFormat, out: _Problems) -> list[dict
         out.add(spec.list_key, "is empty; expected a user turn followed by an assistant turn")
         return []
     first_problem = len(out.items)
-    system = _top_level_system(record, out) if spec is _SHAREGPT else None
+    system = _top_level_system(record, out)
     parsed = [_parse_turn(turn, f"{spec.list_key}[{i}]", spec, out) for i, turn in enumerate(turns)]
     roles = [role for role, _ in parsed]
-    _check_order(turns, roles, spec, system is not None, out)
+    messages = [message for _, message in parsed]
+    _check_order(turns, roles, messages, spec, system is not None, out)
+    _check_calls(messages, tools, spec, out)
     # Report in turn order, so the problems of one turn sit together, whichever check found them.
     out.items[first_problem:] = sorted(out.items[first_problem:], key=lambda p: _turn_index(p.field, spec.list_key))
     head = [{"role": "system", "content": system}] if system is not None else []
-    return head + [message for _, message in parsed]
+    return head + messages
 
 
 def _turn_index(field_path: str, list_key: str) -> float:
@@ -274,12 +468,12 @@ def _turn_index(field_path: str, list_key: str) -> float:
     return int(field_path[len(list_key) + 1 : field_path.index("]")])
 
 
-def _sharegpt_messages(record: dict, out: _Problems) -> list[dict]:
-    return _turn_messages(record, _SHAREGPT, out)
+def _sharegpt_messages(record: dict, out: _Problems, tools: list[dict]) -> list[dict]:
+    return _turn_messages(record, _SHAREGPT, out, tools)
 
 
-def _openai_messages(record: dict, out: _Problems) -> list[dict]:
-    return _turn_messages(record, _MESSAGES, out)
+def _openai_messages(record: dict, out: _Problems, tools: list[dict]) -> list[dict]:
+    return _turn_messages(record, _MESSAGES, out, tools)
 
 
 def _alpaca_string(record: dict, key: str, out: _Problems, *, required: bool, expected: str) -> str | None:
@@ -316,7 +510,7 @@ def _alpaca_history(record: dict, out: _Problems) -> list[dict]:
     return messages
 
 
-def _alpaca_messages(record: dict, out: _Problems) -> list[dict]:
+def _alpaca_messages(record: dict, out: _Problems, tools: list[dict]) -> list[dict]:
     system = _top_level_system(record, out)
     history = _alpaca_history(record, out)
     instruction = _alpaca_string(record, "instruction", out, required=True, expected="a string (the user prompt)")
@@ -333,7 +527,7 @@ def _alpaca_messages(record: dict, out: _Problems) -> list[dict]:
 _FORMAT_KEYS = (
     ("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca"), ("output", "alpaca")
 )  # fmt: skip
-_BUILDERS: dict[str, Callable[[dict, _Problems], list[dict]]] = {
+_BUILDERS: dict[str, Callable[[dict, _Problems, list[dict]], list[dict]]] = {
     "sharegpt": _sharegpt_messages,
     "messages": _openai_messages,
     "alpaca": _alpaca_messages,
@@ -366,14 +560,48 @@ def normalize_record(record: object, *, file: str, where: str) -> tuple[Conversa
     """Validate one record and turn it into a Conversation; returns (None, problems) when anything is wrong."""
     out = _Problems(file, where)
     fmt = _detect_format(record) if isinstance(record, dict) else None
+    not_sft = _not_sft(record) if isinstance(record, dict) else None
+    if not_sft:
+        out.add("", not_sft)
+        return None, out.items
     if fmt is None:
         out.add("", _unknown_format(record))
         return None, out.items
-    messages = _BUILDERS[fmt](record, out)
+    tools = _tools(record, out) if fmt != "alpaca" else []
+    messages = _BUILDERS[fmt](record, out, tools)
     if out.items:
         return None, out.items
+    masked = tuple(i for i, m in enumerate(messages) if m.pop("__train__", True) is False)
     source = ": ".join(part for part in (file, where) if part)
-    return Conversation(messages=tuple(messages), source=source, format=fmt), []
+    return Conversation(messages=tuple(messages), source=source, format=fmt, tools=tuple(tools), masked=masked), []
+
+
+_NOT_SFT = "this tool trains supervised chat data (every assistant answer is imitated)"
+_MEDIA_TAGS = ("<image>", "<video>", "<audio>")
+
+
+def _not_sft(record: dict) -> str | None:
+    """Data for another kind of training, which would be trained wrong as plain chat: say what it is."""
+    if "chosen" in record and "rejected" in record:
+        return (f"a preference pair (`chosen`/`rejected`, DPO-style data); {_NOT_SFT}: train on the chosen "
+                "conversations as `messages`, or use a preference-optimization trainer")
+    if isinstance(record.get("label"), bool):
+        return (f"KTO data (`label` marks whether the answer is one to imitate or not); {_NOT_SFT}: keep only the "
+                "records with label true (and drop the field), or use a KTO trainer")
+    media = [key for key in ("images", "videos", "audios") if record.get(key)]
+    if media or _mentions_media(record):
+        what = ", ".join(f"`{m}`" for m in media) or "image/video tags in the text"
+        return (f"a multimodal record ({what}); this tool trains text-only chat models, and would train the "
+                "placeholders as literal text: remove the media from the data, or use a vision-language trainer")
+    return None
+
+
+def _mentions_media(record: dict) -> bool:
+    turns = record.get("messages") or record.get("conversations")
+    if not isinstance(turns, list):
+        return False
+    texts = [t.get("content", t.get("value")) for t in turns if isinstance(t, dict)]
+    return any(isinstance(text, str) and any(tag in text for tag in _MEDIA_TAGS) for text in texts)
 
 
 # --------------------------------------------------------------------------------------------------------------

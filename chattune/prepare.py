@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from chattune import __version__
-from chattune.template import IGNORE_INDEX, encode_samples, make_renderer, render_conversation
+from chattune.template import (
+    IGNORE_INDEX,
+    encode_samples,
+    make_renderer,
+    render_conversation,
+    trained_turn_indices,
+)
 
 # Below this many conversations worker processes cost more than they save.
 _PARALLEL_MIN_CONVERSATIONS = 4000
@@ -45,6 +51,10 @@ class DataReport:
     dropped_no_trained: int = 0  # samples whose trained part lay wholly beyond max_length
     eos_appended: int = 0  # last turns the template left without an end-of-turn token; eos appended
     unstopped_turns: int = 0  # trained turns followed by no end-of-turn token (the model may not learn to stop)
+    trained_turns: int = 0  # assistant turns trained (tool-calling turns included)
+    masked_turns: int = 0  # assistant turns marked not to train (train/loss false, weight 0, --train_on last)
+    tool_call_turns: int = 0  # trained assistant turns that call tools
+    unrendered_reasoning: int = 0  # trained turns with reasoning_content the template does not render (not trained)
     max_length: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
 
@@ -61,6 +71,13 @@ class DataReport:
             f"  truncated at {self.max_length}: {self.truncated} samples ({self.truncated_tokens:,} tokens cut);"
             f" dropped with no trained token left: {self.dropped_no_trained}",
         ]
+        lines.append(f"  assistant turns trained {self.trained_turns:,} ({self.tool_call_turns:,} with tool calls), "
+                     f"masked {self.masked_turns:,}")
+        if self.unrendered_reasoning:
+            lines.append(
+                f"  WARNING: {self.unrendered_reasoning} trained turns carry reasoning_content that the chat template "
+                "does not render: that reasoning is not trained. Use a template that renders it (e.g. Qwen3's) or "
+                "drop the field.")
         if self.eos_appended:
             lines.append(f"  eos appended to {self.eos_appended} last turns (the template leaves them open)")
         if self.unstopped_turns:
@@ -120,6 +137,7 @@ class _Job:
     template_kwargs: dict[str, Any] | None
     stop_tokens: list[str]
     max_length: int
+    train_on: str = "all"
 
 
 _FORKED_JOB: _Job | None = None  # set in the parent just before forking the worker pool, read by the workers
@@ -130,12 +148,16 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
     job = job or _FORKED_JOB
     lo, hi = bounds
     render = make_renderer(job.tokenizer, job.template_kwargs)
-    rendered, owners = [], []
+    rendered, owners, tool_turns = [], [], []
     for index in range(lo, hi):
-        messages = job.conversations[index].messages
-        for sample in render_conversation(render, messages, job.stop_tokens):
+        conv = job.conversations[index]
+        samples = render_conversation(render, conv.messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
+                                      train_on=job.train_on, source=conv.source)
+        trained = trained_turn_indices(conv.messages, conv.masked, job.train_on)
+        for k, sample in enumerate(samples):
             rendered.append(sample)
             owners.append(index)
+            tool_turns.append(sum(bool(conv.messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
     encoded = encode_samples(job.tokenizer, rendered)
     ids = [i[: job.max_length] for i, _ in encoded]
     labels = [lab[: job.max_length] for _, lab in encoded]
@@ -150,6 +172,10 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
         "own_turn": np.array([s.own_turn for s in rendered], bool),
         "eos_appended": np.array([s.eos_appended for s in rendered], bool),
         "unstopped": np.array([s.unstopped_turns for s in rendered], np.int64),
+        "trained_turns": np.array([s.trained_turns for s in rendered], np.int64),
+        "masked_turns": np.array([s.masked_turns for s in rendered], np.int64),
+        "tool_call_turns": np.array(tool_turns, np.int64),
+        "unrendered_reasoning": np.array([s.unrendered_reasoning for s in rendered], np.int64),
     }
 
 
@@ -211,15 +237,16 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length) -> str:
+def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length, train_on="all") -> str:
     h = hashlib.sha256()
     h.update(f"chattune {__version__} prepare v1 code {code_fingerprint()}\n".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
-    settings = [tokenizer.chat_template, template_kwargs, list(stop_tokens), max_length, tokenizer.special_tokens_map]
+    settings = [tokenizer.chat_template, template_kwargs, list(stop_tokens), max_length, tokenizer.special_tokens_map,
+                train_on]
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for c in conversations:
-        h.update(json.dumps(c.messages, ensure_ascii=False, sort_keys=True).encode())
+        h.update(json.dumps([c.messages, c.tools, c.masked], ensure_ascii=False, sort_keys=True).encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
 
@@ -248,11 +275,12 @@ def prepare_dataset(
     num_proc: int | None = None,
     files: Sequence[str] = (),
     skipped_records: int = 0,
+    train_on: str = "all",
 ) -> Prepared:
     """Tokenize `conversations` (validated `data.Conversation`s) into a cached `datasets.Dataset` and report."""
     import datasets
 
-    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length)
+    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length, train_on)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
     if (target / "report.json").exists():
@@ -262,7 +290,7 @@ def prepare_dataset(
 
     if num_proc is None:
         num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
-    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length)
+    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on)
     encoded = _encode_all(job, num_proc)
     report = _report(encoded, max_length, len(conversations), files, skipped_records)
     dataset = _to_dataset(encoded, encoded["trained"] > 0)
@@ -290,6 +318,9 @@ def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int,
         files=list(files), conversations=conversations, skipped_records=skipped_records, max_length=max_length,
         samples=len(length), own_turn_samples=int(encoded["own_turn"].sum()),
         eos_appended=int(encoded["eos_appended"].sum()), unstopped_turns=int(encoded["unstopped"].sum()),
+        trained_turns=int(encoded["trained_turns"].sum()), masked_turns=int(encoded["masked_turns"].sum()),
+        tool_call_turns=int(encoded["tool_call_turns"].sum()),
+        unrendered_reasoning=int(encoded["unrendered_reasoning"].sum()),
         kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
         truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
         dropped_no_trained=int((~kept).sum()), length_histogram=length_histogram(length.tolist(), max_length),

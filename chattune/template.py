@@ -26,7 +26,7 @@ import numpy as np
 from chattune.errors import TemplateError
 
 Messages = Sequence[dict[str, Any]]
-Renderer = Callable[[Messages, bool], str]  # (messages, add_generation_prompt) -> text
+Renderer = Callable[..., str]  # (messages, add_generation_prompt, tools=()) -> text
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -42,26 +42,64 @@ class BuiltinTemplate:
     note: str = ""
 
 
-_CHATML_LOOP = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# ChatML with Qwen's tool-calling format: the tool schemas in the system turn (<tools>), calls as
+# <tool_call>{"name", "arguments"}</tool_call> in the assistant turn, results as <tool_response> in a user turn
+# (consecutive results share one). Without tools it is plain ChatML. Every line is a whitespace-trimming tag, so the
+# layout here adds nothing to the rendered text; DEFAULT_SYSTEM is replaced per template.
+_CHATML = r"""
+{%- if tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\n\n' -}}
+    {%- elif DEFAULT_SYSTEM -%}{{- DEFAULT_SYSTEM + '\n\n' -}}{%- endif -%}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments within ' -}}
+    {{- '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": ' -}}
+    {{- '<args-json-object>}\n</tool_call><|im_end|>\n' -}}
+{%- elif messages[0]['role'] != 'system' and DEFAULT_SYSTEM -%}
+    {{- '<|im_start|>system\n' + DEFAULT_SYSTEM + '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not tools -%}{{- '<|im_start|>system\n' + message['content'] + '<|im_end|>\n' -}}{%- endif -%}
+    {%- elif message['role'] == 'tool' -%}
+        {%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+        {{- '\n<tool_response>\n' + message['content'] + '\n</tool_response>' -}}
+        {%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}
+        {{- '<|im_start|>assistant' -}}
+        {%- if message['content'] -%}{{- '\n' + message['content'] -}}{%- endif -%}
+        {%- for call in message['tool_calls'] -%}
+            {{- '\n<tool_call>\n{"name": "' + call['function']['name'] + '", "arguments": ' -}}
+            {{- (call['function']['arguments'] | tojson) + '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+
+def _chatml(default_system: str = "") -> str:
+    jinja = "".join(line.strip() for line in _CHATML.strip().splitlines())
+    return jinja.replace("DEFAULT_SYSTEM", repr(default_system))
+
 
 BUILTIN_TEMPLATES: dict[str, BuiltinTemplate] = {
     "chatml": BuiltinTemplate(
-        jinja=_CHATML_LOOP,
+        jinja=_chatml(),
         special_tokens=("<|im_start|>", "<|im_end|>"),
         stop_tokens=("<|im_end|>",),
-        note="ChatML, no default system prompt",
+        note="ChatML with Qwen's tool-calling format, no default system prompt",
     ),
     "qwen": BuiltinTemplate(
-        jinja="{%- if messages[0]['role'] != 'system' -%}"
-        "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}{%- endif -%}" + _CHATML_LOOP,
+        jinja=_chatml("You are a helpful assistant."),
         special_tokens=("<|im_start|>", "<|im_end|>"),
         stop_tokens=("<|im_end|>",),
-        note="ChatML with Qwen's default system prompt (Qwen-7B-Chat, Qwen1.5/2)",
+        note="ChatML with Qwen's default system prompt and tool-calling format (Qwen-7B-Chat, Qwen1.5/2/2.5)",
     ),
     "deepseek": BuiltinTemplate(
         jinja="{{- bos_token -}}"
@@ -154,14 +192,17 @@ def setup_chat_template(tokenizer: Any, name: str = "auto", extra_stop_tokens: S
 
 
 def make_renderer(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> Renderer:
-    """The inference-time rendering function: `apply_chat_template` with the given extra template variables."""
+    """The inference-time rendering function: `apply_chat_template` with the given extra template variables, and the
+    record's tool schemas (`tools=`) when it has any."""
     kwargs = dict(template_kwargs or {})
 
-    def render(messages: Messages, add_generation_prompt: bool) -> str:
+    def render(messages: Messages, add_generation_prompt: bool, tools: Sequence[dict] = ()) -> str:
         return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+            tools=list(tools) if tools else None, **kwargs,
         )
 
+    render.template_kwargs = kwargs
     return render
 
 
@@ -177,36 +218,81 @@ class RenderedSample:
     own_turn: bool = False  # rendered on its own because the template rewrites this turn in later history
     eos_appended: bool = False  # the template closes the last turn with nothing; the eos token was appended
     unstopped_turns: int = 0  # trained turns not followed by any end-of-turn token (warned about in the report)
+    trained_turns: int = 0  # assistant turns trained in this sample
+    masked_turns: int = 0  # assistant turns the data (or --train_on last) marks as not trained
+    unrendered_reasoning: int = 0  # trained turns whose reasoning_content the template does not render
 
 
-def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str]) -> list[RenderedSample]:
+def trained_turn_indices(messages: Messages, masked: Sequence[int] = (), train_on: str = "all") -> list[int]:
+    """Assistant messages to train: all of them (or the last one, --train_on last) except those marked untrained."""
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    chosen = assistant[-1:] if train_on == "last" else assistant
+    return [i for i in chosen if i not in set(masked)]
+
+
+def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str], *,
+                        tools: Sequence[dict] = (), masked: Sequence[int] = (), train_on: str = "all",
+                        source: str = "") -> list[RenderedSample]:
     """Render one validated conversation into one or more samples with trained character spans.
 
     The first sample is the whole conversation; turns the template rewrites later in the conversation come after it
-    as samples of their own (see the module docstring).
+    as samples of their own (see the module docstring). Tool schemas are rendered by the template (`tools=`).
     """
-    full = RenderedSample(render(messages, False))
+    full = RenderedSample(render(messages, False, tools))
+    where = f"{source}: " if source else ""
+    _check_tools_rendered(full.text, tools, where)
+    trained = trained_turn_indices(messages, masked, train_on)
+    full.masked_turns = sum(m["role"] == "assistant" for m in messages) - len(trained)
     own: list[RenderedSample] = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = render(messages[:i], True)
-        upto = render(messages[: i + 1], False)
+    for i in trained:
+        prompt = render(messages[:i], True, tools)
+        upto = render(messages[: i + 1], False, tools)
         if not upto.startswith(prompt):
-            raise TemplateError(
-                f"the chat template is not prefix consistent: rendering the history with add_generation_prompt=True "
-                f"gives {_tail(prompt)!r}, which is not how the assistant turn {i} starts in the rendered "
-                f"conversation ({_tail(upto[: len(prompt) + 20])!r}); the trained part cannot be located. "
-                f"Fix the template or pass --template with one of: {', '.join(BUILTIN_TEMPLATES)}"
-            )
+            raise TemplateError(where + _prefix_problem(render, messages, i, prompt, upto))
         end = _answer_end(upto, len(prompt))
+        _check_turn_rendered(messages[i], upto[len(prompt):end], i, where)
         if full.text.startswith(upto):
-            _add_span(full, len(prompt), end, stop_tokens)
+            sample = full
         else:
             sample = RenderedSample(upto, own_turn=True)
-            _add_span(sample, len(prompt), end, stop_tokens)
             own.append(sample)
+        _add_span(sample, len(prompt), end, stop_tokens)
+        sample.trained_turns += 1
+        reasoning = (messages[i].get("reasoning_content") or "").strip()
+        if reasoning and reasoning not in upto[len(prompt):end]:
+            sample.unrendered_reasoning += 1
     return [full, *own]
+
+
+def _prefix_problem(render: Renderer, messages: Messages, i: int, prompt: str, upto: str) -> str:
+    thinking_off = getattr(render, "template_kwargs", {}).get("enable_thinking") is False
+    if thinking_off and (messages[i].get("reasoning_content") or "").strip():
+        return (f"messages[{i}] carries reasoning_content, but --template_kwargs sets enable_thinking false: the "
+                "template's generation prompt then closes an empty <think></think> block, so a turn with reasoning "
+                "cannot follow it. Remove reasoning_content from the data, or leave enable_thinking on")
+    return (f"the chat template is not prefix consistent: rendering the history with add_generation_prompt=True gives "
+            f"{_tail(prompt)!r}, which is not how the assistant turn {i} starts in the rendered conversation "
+            f"({_tail(upto[: len(prompt) + 20])!r}); the trained part cannot be located. Fix the template or pass "
+            f"--template with one of: {', '.join(BUILTIN_TEMPLATES)}")
+
+
+def _check_tools_rendered(text: str, tools: Sequence[dict], where: str) -> None:
+    missing = [t["function"]["name"] for t in tools if t["function"]["name"] not in text]
+    if missing:
+        raise TemplateError(
+            f"{where}the record declares tools ({', '.join(missing)}), but the chat template does not render them "
+            "(it ignores `tools`), so the model would be trained to call functions it was never shown. Use a "
+            "template with tool support (the model's own, or --template qwen / chatml), or remove the tools")
+
+
+def _check_turn_rendered(message: dict, answer: str, i: int, where: str) -> None:
+    for call in message.get("tool_calls", []):
+        name = call["function"]["name"]
+        if name not in answer:
+            raise TemplateError(
+                f"{where}messages[{i}] calls {name!r}, but the chat template renders no tool calls (the call is "
+                "missing from the rendered turn), so the turn would be trained without it. Use a template with tool "
+                "support (the model's own, or --template qwen / chatml)")
 
 
 def _answer_end(upto: str, start: int) -> int:

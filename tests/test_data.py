@@ -9,8 +9,8 @@ import pytest
 
 from chattune.data import Conversation, DataError, LoadResult, Problem, load_conversations, normalize_record
 
-SHAREGPT_ROLES = "expected one of user, human, assistant, gpt, system"
-MESSAGES_ROLES = "expected one of system, user, assistant"
+SHAREGPT_ROLES = "expected one of user, human, assistant, gpt, system, function_call, observation"
+MESSAGES_ROLES = "expected one of system, user, assistant, tool"
 ALTERNATION = "after the optional system turn, turns must alternate user, assistant, starting with user"
 KNOWN = "expected `conversations` (ShareGPT), `messages` (OpenAI) or `instruction`/`output` (Alpaca)"
 SKIP_HINT = "Fix the records above, or pass --skip_invalid_records to drop them (the count is reported)."
@@ -386,9 +386,9 @@ BAD_RECORDS = {
         {"messages": [{"role": 1, "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
         [P + f"messages[0].role must be a string, got integer; {MESSAGES_ROLES}"],
     ),
-    "tool role": (
+    "tool result without a call": (
         messages(("user", "Hi"), ("tool", "{}"), ("assistant", "Hello!")),
-        [P + f"messages[1].role = 'tool'; {MESSAGES_ROLES}"],
+        [P + "messages[1] is a tool result with no tool call before it to answer"],
     ),
     "content missing": (
         {"messages": [{"role": "user"}, {"role": "assistant", "content": "Hello!"}]},

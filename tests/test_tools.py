@@ -1,0 +1,255 @@
+"""Agent data and what gets trained: tool calls rendered by the template, per-turn choice, reasoning, refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chattune.data import DataError, load_conversations, normalize_record
+from chattune.errors import TemplateError
+from chattune.prepare import prepare_dataset, trained_segments
+from chattune.template import BUILTIN_TEMPLATES
+from chattune.tokenizer import prepare_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "examples" / "tools.jsonl"
+WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+
+
+def problems_of(record):
+    conversation, problems = normalize_record(record, file="t.json", where="record 0")
+    return [str(p).removeprefix("t.json: record 0: ") for p in problems]
+
+
+def normalized(record):
+    conversation, problems = normalize_record(record, file="t.json", where="record 0")
+    assert not problems, problems
+    return conversation
+
+
+# ------------------------------------------------------------------ normalization
+
+
+def test_openai_tool_calls_are_normalized_to_the_template_form():
+    conv = normalized({
+        "tools": [{"type": "function", "function": WEATHER}],
+        "messages": [
+            {"role": "user", "content": "Rain in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": '{"sky": "rain"}'},
+            {"role": "assistant", "content": "Yes."}]})
+    assert conv.tools == ({"type": "function", "function": WEATHER},)
+    assert conv.messages == (
+        {"role": "user", "content": "Rain in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}, "id": "c1"}]},
+        {"role": "tool", "content": '{"sky": "rain"}', "name": "get_weather", "tool_call_id": "c1"},
+        {"role": "assistant", "content": "Yes."})
+    assert conv.masked == ()
+
+
+def test_sharegpt_function_call_and_observation_as_llama_factory_writes_them():
+    conv = normalized({
+        "tools": json.dumps([WEATHER]),  # a JSON string of bare schemas
+        "conversations": [
+            {"from": "human", "value": "Weather in Oslo?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}})},
+            {"from": "observation", "value": "snow"},
+            {"from": "gpt", "value": "Snowing."}]})
+    assert conv.tools == ({"type": "function", "function": WEATHER},)  # wrapped
+    assert conv.messages == (
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "snow"},
+        {"role": "assistant", "content": "Snowing."})
+
+
+def test_tool_problems_are_listed_like_every_other_record_problem():
+    assert problems_of({
+        "tools": [{"type": "function", "function": WEATHER}],
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": "get_wether", "arguments": "{}"}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": "{city: Paris}"}}]},
+            {"role": "tool", "content": "a"},
+            {"role": "assistant", "content": "Done."},
+            {"role": "tool", "content": "b"},
+            {"role": "assistant", "content": "Again."}]}) == [
+        "messages[1].tool_calls[1].function.arguments is not valid JSON (Expecting property name enclosed in double "
+        "quotes at column 2): '{city: Paris}'",
+        "messages[1].tool_calls[0] calls 'get_wether', which is not a declared tool (declared: get_weather)",
+        "messages[4] is a tool result with no tool call before it to answer",
+    ]
+    assert problems_of({"conversations": [
+        {"from": "human", "value": "Hi"},
+        {"from": "function_call", "value": "get_weather(city='Paris')"},
+        {"from": "observation", "value": "x"},
+        {"from": "gpt", "value": "ok"}]}) == [
+        "conversations[1].value is not valid JSON (Expecting value at column 1); expected {\"name\": ..., "
+        "\"arguments\": ...}",
+    ]
+    assert problems_of({"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]},
+        {"role": "user", "content": "?"},
+        {"role": "assistant", "content": "ok"}]}) == [
+        "messages[1].tool_calls[0] calls 'f', which is not a declared tool (the record declares no `tools`)",
+        "messages[2].role = 'user'; expected the tool results of the call before it: after the optional system turn,"
+        " turns must alternate user, assistant, starting with user",
+    ]
+
+
+def test_per_message_train_flags_and_record_level_system():
+    conv = normalized({"system": "Be brief.", "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "train": False},
+        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 0},
+        {"role": "user", "content": "e"}, {"role": "assistant", "content": "f", "loss": True}]})
+    assert conv.messages[0] == {"role": "system", "content": "Be brief."}  # honoured, not replaced by the default
+    assert conv.masked == (2, 4)
+    assert problems_of({"messages": [
+        {"role": "user", "content": "a", "train": False},
+        {"role": "assistant", "content": "b", "weight": 0.5}]}) == [
+        "messages[0].train is only meaningful on assistant turns (a user turn is never trained)",
+        "messages[1].weight = 0.5; use 0 (not trained) or 1 (trained); other weights are not supported",
+    ]
+
+
+@pytest.mark.parametrize("record, what", [
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": False},
+     "KTO data (`label` marks"),
+    ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+     "a preference pair (`chosen`/`rejected`"),
+    ({"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat"}],
+      "images": ["cat.png"]}, "a multimodal record (`images`)"),
+    ({"conversations": [{"from": "human", "value": "<video>Describe"}, {"from": "gpt", "value": "x"}]},
+     "a multimodal record (image/video tags in the text)"),
+])
+def test_data_that_is_not_supervised_chat_is_refused_with_what_it_is(record, what):
+    [problem] = problems_of(record)
+    assert problem.startswith(what) and "this tool trains" in problem
+
+
+# ------------------------------------------------------------------ rendering and masking
+
+
+def reference_segments(tok, messages, tools):
+    """What each assistant turn must write, from apply_chat_template alone: the text after the generation prompt of
+    its history through the turn's end (its end-of-turn token), whitespace after it left out."""
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            prompt = tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False)
+            upto = tok.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False)
+            out.append(upto[len(prompt):].rstrip())
+    return out
+
+
+@pytest.mark.parametrize("template", ["qwen", "chatml"])
+def test_tool_calls_are_trained_and_tool_results_masked(model_dirs, tmp_path, template):
+    tok, setup = prepare_tokenizer(str(model_dirs("qwen2")), template)
+    loaded = load_conversations(str(TOOLS))
+    prepared = prepare_dataset(loaded.conversations, tok, stop_tokens=setup.stop_tokens, max_length=4096,
+                               cache_dir=tmp_path)
+    assert prepared.report.tool_call_turns == 3 and prepared.report.trained_turns == 6
+    for conversation, row in zip(loaded.conversations, prepared.dataset, strict=True):
+        tools = list(conversation.tools)
+        trained = trained_segments(tok, row["input_ids"], row["labels"])
+        assert trained == reference_segments(tok, list(conversation.messages), tools)
+        text = tok.decode(row["input_ids"])
+        assert "# Tools" in text and "<tools>" in text  # the tools prompt is rendered (and masked)
+        assert not any("<tool_response>" in segment or "# Tools" in segment for segment in trained)
+    first = trained_segments(tok, prepared.dataset[0]["input_ids"], prepared.dataset[0]["labels"])
+    assert first[0] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+
+
+def test_a_template_that_cannot_render_tools_is_refused_naming_the_record(model_dirs, tmp_path):
+    """The fixture's Qwen2 template renders no tools: training would teach calls to functions never shown."""
+    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")),
+                           "--data_path", str(TOOLS), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
+                           "--data_cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{TOOLS}: line 1: the record declares tools (get_weather), but the chat template does not render them" \
+        in proc.stderr
+    assert "--template qwen" in proc.stderr
+
+
+def test_train_on_last_and_masked_turns_are_counted(model_dirs, tmp_path):
+    tok, setup = prepare_tokenizer(str(model_dirs("qwen2")), "auto")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "first"},
+        {"role": "user", "content": "two"}, {"role": "assistant", "content": "second", "train": False},
+        {"role": "user", "content": "three"}, {"role": "assistant", "content": "third"}]}) + "\n")
+    convs = load_conversations(str(data)).conversations
+    every = prepare_dataset(convs, tok, stop_tokens=setup.stop_tokens, max_length=512, cache_dir=tmp_path / "c")
+    row = every.dataset[0]
+    assert trained_segments(tok, row["input_ids"], row["labels"]) == ["first<|im_end|>", "third<|im_end|>"]
+    assert (every.report.trained_turns, every.report.masked_turns) == (2, 1)
+    assert "assistant turns trained 2 (0 with tool calls), masked 1" in every.report.format()
+    last = prepare_dataset(convs, tok, stop_tokens=setup.stop_tokens, max_length=512, cache_dir=tmp_path / "c",
+                           train_on="last")
+    row = last.dataset[0]
+    assert trained_segments(tok, row["input_ids"], row["labels"]) == ["third<|im_end|>"]
+    assert (last.report.trained_turns, last.report.masked_turns) == (1, 2)
+
+
+def test_reasoning_the_template_does_not_render_is_counted_and_warned(model_dirs, tmp_path):
+    tok, setup = prepare_tokenizer(str(model_dirs("qwen2")), "auto")  # ChatML without reasoning support
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "two plus two is four"}]}) + "\n")
+    prepared = prepare_dataset(load_conversations(str(data)).conversations, tok, stop_tokens=setup.stop_tokens,
+                               max_length=512, cache_dir=tmp_path)
+    assert prepared.report.unrendered_reasoning == 1
+    assert "1 trained turns carry reasoning_content that the chat template does not render" in \
+        prepared.report.format()
+
+
+def test_thinking_disabled_with_reasoning_data_names_the_record_and_the_cause(model_dirs, tmp_path):
+    tok, setup = prepare_tokenizer(str(model_dirs("qwen3")), "auto")
+    data = tmp_path / "r.jsonl"
+    data.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "two plus two"}]}) + "\n")
+    with pytest.raises(TemplateError, match=r"r.jsonl: line 1: messages\[1\] carries reasoning_content, but "
+                                            r"--template_kwargs sets enable_thinking false"):
+        prepare_dataset(load_conversations(str(data)).conversations, tok, stop_tokens=setup.stop_tokens,
+                        max_length=512, cache_dir=tmp_path, template_kwargs={"enable_thinking": False})
+
+
+def test_builtin_chatml_renders_plain_conversations_as_before():
+    """The tool support added to the built-in ChatML templates changes nothing for conversations without tools."""
+    from fixtures import qwen_tokenizer
+
+    old_loop = ("{%- for message in messages -%}"
+                "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+                "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    old = {"chatml": old_loop,
+           "qwen": "{%- if messages[0]['role'] != 'system' -%}"
+                   "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}{%- endif -%}" + old_loop}
+    conversations = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                     [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]]
+    for name, jinja in old.items():
+        new_tok, old_tok = qwen_tokenizer(BUILTIN_TEMPLATES[name].jinja), qwen_tokenizer(jinja)
+        for messages in conversations:
+            for gen in (False, True):
+                assert new_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+                    old_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_invalid_tool_data_stops_before_weights_with_every_problem(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "nope", "arguments": "{"}}]},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "y"}]}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_conversations(str(bad))
+    assert "arguments is not valid JSON" in str(e.value) and "--skip_invalid_records" in str(e.value)
