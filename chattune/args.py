@@ -56,6 +56,11 @@ class DataArguments:
         metadata={"help": "Which assistant turns are trained: all (default) or the last one of each conversation. "
                           "Turns marked \"train\": false (or \"loss\": false, \"weight\": 0) are never trained."},
     )
+    special_tokens_in_content: Literal["error", "text"] = field(
+        default="error",
+        metadata={"help": "Turn-structure tokens of the template (<|im_end|>, eos, ...) written inside a message: "
+                          "error (default: the records are listed) or text (encoded as plain text, counted)."},
+    )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Drop invalid records (the count is reported) instead of stopping."}
     )

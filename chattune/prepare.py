@@ -26,10 +26,12 @@ import numpy as np
 from chattune import __version__
 from chattune.template import (
     IGNORE_INDEX,
+    content_control_tokens,
     encode_samples,
     make_renderer,
     render_conversation,
     trained_turn_indices,
+    turn_structure_tokens,
 )
 
 # Below this many conversations worker processes cost more than they save.
@@ -42,7 +44,8 @@ class DataReport:
     conversations: int = 0
     skipped_records: int = 0  # invalid records dropped by --skip_invalid_records
     samples: int = 0  # rendered samples (conversations + turns rendered on their own)
-    own_turn_samples: int = 0  # turns the template rewrites later, trained as samples of their own
+    own_turn_samples: int = 0  # turns trained as samples of their own (the template rewrites them later, or ...)
+    token_exact_samples: int = 0  # ... their exact inference prompt tokenizes differently from the conversation
     kept: int = 0
     tokens: int = 0  # in kept samples, after truncation
     trained_tokens: int = 0
@@ -55,6 +58,7 @@ class DataReport:
     masked_turns: int = 0  # assistant turns marked not to train (train/loss false, weight 0, --train_on last)
     tool_call_turns: int = 0  # trained assistant turns that call tools
     unrendered_reasoning: int = 0  # trained turns with reasoning_content the template does not render (not trained)
+    content_control_tokens: int = 0  # conversations whose text holds turn-structure tokens, encoded as plain text
     max_length: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
 
@@ -65,7 +69,9 @@ class DataReport:
         lines = [
             f"data: {self.conversations} conversations from {len(self.files)} file(s)"
             + (f", {self.skipped_records} invalid records skipped" if self.skipped_records else ""),
-            f"  samples {self.samples} ({self.own_turn_samples} turns rendered on their own), kept {self.kept}",
+            f"  samples {self.samples} ({self.own_turn_samples} turns rendered on their own"
+            + (f", {self.token_exact_samples} of them for a token-exact prompt" if self.token_exact_samples else "")
+            + f"), kept {self.kept}",
             f"  tokens {self.tokens:,}, trained {self.trained_tokens:,}"
             + (f" ({self.trained_tokens / self.tokens:.0%})" if self.tokens else ""),
             f"  truncated at {self.max_length}: {self.truncated} samples ({self.truncated_tokens:,} tokens cut);"
@@ -73,6 +79,9 @@ class DataReport:
         ]
         lines.append(f"  assistant turns trained {self.trained_turns:,} ({self.tool_call_turns:,} with tool calls), "
                      f"masked {self.masked_turns:,}")
+        if self.content_control_tokens:
+            lines.append(f"  {self.content_control_tokens} conversations hold turn-structure tokens in their text: "
+                         "encoded as plain text (--special_tokens_in_content text)")
         if self.unrendered_reasoning:
             lines.append(
                 f"  WARNING: {self.unrendered_reasoning} trained turns carry reasoning_content that the chat template "
@@ -138,6 +147,7 @@ class _Job:
     stop_tokens: list[str]
     max_length: int
     train_on: str = "all"
+    plain_tokens: tuple[str, ...] = ()  # turn-structure tokens to encode as plain text where content holds them
 
 
 _FORKED_JOB: _Job | None = None  # set in the parent just before forking the worker pool, read by the workers
@@ -152,13 +162,24 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
     for index in range(lo, hi):
         conv = job.conversations[index]
         samples = render_conversation(render, conv.messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
-                                      train_on=job.train_on, source=conv.source)
+                                      train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens)
         trained = trained_turn_indices(conv.messages, conv.masked, job.train_on)
         for k, sample in enumerate(samples):
             rendered.append(sample)
             owners.append(index)
             tool_turns.append(sum(bool(conv.messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
-    encoded = encode_samples(job.tokenizer, rendered)
+    # One sample can give several encodings (answers whose token-exact prompt differs train on their own): the
+    # per-sample counts go with the first encoding, the extra ones are "turns rendered on their own".
+    encoded, rows = [], []
+    for k, encodings in enumerate(encode_samples(job.tokenizer, rendered)):
+        for m, pair in enumerate(encodings):
+            encoded.append(pair)
+            rows.append((k, m))
+    first = [m == 0 for _, m in rows]
+
+    def per_row(values: list, empty: Any = 0) -> np.ndarray:
+        return np.array([values[k] if m == 0 else empty for k, m in rows])
+
     ids = [i[: job.max_length] for i, _ in encoded]
     labels = [lab[: job.max_length] for _, lab in encoded]
     flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -168,14 +189,15 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
         "kept_length": np.array([len(i) for i in ids], np.int64),
         "length": np.array([len(i) for i, _ in encoded], np.int64),
         "trained": np.array([int((lab != IGNORE_INDEX).sum()) for lab in labels], np.int64),
-        "conversation": np.array(owners, np.int64),
-        "own_turn": np.array([s.own_turn for s in rendered], bool),
-        "eos_appended": np.array([s.eos_appended for s in rendered], bool),
-        "unstopped": np.array([s.unstopped_turns for s in rendered], np.int64),
-        "trained_turns": np.array([s.trained_turns for s in rendered], np.int64),
-        "masked_turns": np.array([s.masked_turns for s in rendered], np.int64),
-        "tool_call_turns": np.array(tool_turns, np.int64),
-        "unrendered_reasoning": np.array([s.unrendered_reasoning for s in rendered], np.int64),
+        "conversation": np.array([owners[k] for k, _ in rows], np.int64),
+        "own_turn": np.array([rendered[k].own_turn or not f for (k, _), f in zip(rows, first, strict=True)], bool),
+        "token_exact_turns": np.array([not f for f in first], bool),
+        "eos_appended": per_row([s.eos_appended for s in rendered], False).astype(bool),
+        "unstopped": per_row([s.unstopped_turns for s in rendered]).astype(np.int64),
+        "trained_turns": per_row([s.trained_turns for s in rendered]).astype(np.int64),
+        "masked_turns": per_row([s.masked_turns for s in rendered]).astype(np.int64),
+        "tool_call_turns": per_row(tool_turns).astype(np.int64),
+        "unrendered_reasoning": per_row([s.unrendered_reasoning for s in rendered]).astype(np.int64),
     }
 
 
@@ -237,13 +259,13 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length, train_on="all") -> str:
+def _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length, options: Any = ()) -> str:
     h = hashlib.sha256()
     h.update(f"chattune {__version__} prepare v1 code {code_fingerprint()}\n".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
     settings = [tokenizer.chat_template, template_kwargs, list(stop_tokens), max_length, tokenizer.special_tokens_map,
-                train_on]
+                options]
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for c in conversations:
         h.update(json.dumps([c.messages, c.tools, c.masked], ensure_ascii=False, sort_keys=True).encode())
@@ -276,11 +298,15 @@ def prepare_dataset(
     files: Sequence[str] = (),
     skipped_records: int = 0,
     train_on: str = "all",
+    special_tokens_in_content: str = "error",
 ) -> Prepared:
     """Tokenize `conversations` (validated `data.Conversation`s) into a cached `datasets.Dataset` and report."""
     import datasets
 
-    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length, train_on)
+    plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
+                                                  special_tokens_in_content)
+    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length,
+                       [train_on, special_tokens_in_content])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
     if (target / "report.json").exists():
@@ -290,9 +316,10 @@ def prepare_dataset(
 
     if num_proc is None:
         num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
-    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on)
+    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, plain_tokens)
     encoded = _encode_all(job, num_proc)
     report = _report(encoded, max_length, len(conversations), files, skipped_records)
+    report.content_control_tokens = affected
     dataset = _to_dataset(encoded, encoded["trained"] > 0)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
@@ -309,6 +336,30 @@ def prepare_dataset(
     return Prepared(datasets.load_from_disk(str(target / "data")), report, target)
 
 
+def check_content_tokens(conversations: Sequence[Any], tokenizer: Any, template_kwargs: dict[str, Any] | None,
+                         stop_tokens: Sequence[str], mode: str) -> tuple[tuple[str, ...], int]:
+    """Turn-structure tokens written inside message text would be tokenized as real control tokens: the model learns to
+    end turns mid-answer, and user text can forge turns. `error` (default) lists the records and stops; `text` encodes
+    them as plain text. Returns (tokens to encode as plain text, conversations affected)."""
+    from chattune.data import MAX_SHOWN_PROBLEMS, DataError
+
+    tokens = turn_structure_tokens(tokenizer, make_renderer(tokenizer, template_kwargs), stop_tokens)
+    found = [(c.source, i, token) for c in conversations for i, token in content_control_tokens(c.messages, tokens)]
+    if not found:
+        return (), 0
+    affected = len({source for source, _, _ in found})
+    if mode == "text":
+        return tuple(tokens), affected
+    lines = [f"  {source}: messages[{i}] contains {token!r}" for source, i, token in found[:MAX_SHOWN_PROBLEMS]]
+    if len(found) > MAX_SHOWN_PROBLEMS:
+        lines.append(f"  ... and {len(found) - MAX_SHOWN_PROBLEMS} more")
+    raise DataError("\n".join([
+        f"{affected} conversations write the chat template's turn-structure tokens ({', '.join(tokens)}) inside "
+        "their text; tokenized as control tokens they teach the model to end turns mid-answer, and let user text "
+        "forge turns:", *lines,
+        "Remove them from the data, or pass --special_tokens_in_content text to encode them as plain text."]))
+
+
 def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int, files, skipped_records: int
             ) -> DataReport:
     length, trained = encoded["length"], encoded["trained"]
@@ -317,6 +368,7 @@ def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int,
     return DataReport(
         files=list(files), conversations=conversations, skipped_records=skipped_records, max_length=max_length,
         samples=len(length), own_turn_samples=int(encoded["own_turn"].sum()),
+        token_exact_samples=int(encoded["token_exact_turns"].sum()),
         eos_appended=int(encoded["eos_appended"].sum()), unstopped_turns=int(encoded["unstopped"].sum()),
         trained_turns=int(encoded["trained_turns"].sum()), masked_turns=int(encoded["masked_turns"].sum()),
         tool_call_turns=int(encoded["tool_call_turns"].sum()),

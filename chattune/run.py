@@ -37,7 +37,7 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
             loaded.conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length,
             template_kwargs=template_kwargs, cache_dir=data_args.data_cache_dir,
             num_proc=data_args.preprocessing_num_workers, files=loaded.files, skipped_records=loaded.skipped_records,
-            train_on=data_args.train_on,
+            train_on=data_args.train_on, special_tokens_in_content=data_args.special_tokens_in_content,
         )
 
     # Validate the evaluation data too before the (slow) tokenization of the training data starts.

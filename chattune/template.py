@@ -1,18 +1,21 @@
 """Render conversations with the model's own chat template and mask the loss from character spans.
 
-Contract (what `render_conversation` + `tokenize_samples` guarantee):
+Contract (what `render_conversation` + `encode_samples` guarantee):
 
-* The text of a sample is exactly `tokenizer.apply_chat_template(messages, tokenize=False)`, and its token ids are
-  exactly `apply_chat_template(messages, tokenize=True)` (the text tokenized once, without extra special tokens).
+* The text of a sample is exactly `tokenizer.apply_chat_template(messages, tools=..., tokenize=False)`.
 * The trained part of assistant turn *i* starts where `apply_chat_template(messages[:i], add_generation_prompt=True)`
   ends, i.e. it is precisely what the model has to generate at inference after that prompt, and it runs through the
   turn's end-of-turn token (`<|im_end|>`, `<|eot_id|>`, eos, ...). Whitespace the template writes *after* the
   end-of-turn token is not trained: at inference the model stops before it.
-* Labels are derived from character spans through the tokenizer's offset mapping: a token is trained when any of its
-  characters is. A BPE merge across the prompt/answer boundary therefore cannot shift the mask.
+* Token-exact: the ids before a trained turn's first trained token are exactly `apply_chat_template(messages[:i],
+  add_generation_prompt=True, tokenize=True)`, and the answer is tokenized as its own continuation (a BPE merge across
+  the prompt/answer boundary, e.g. `<think>\n` + `\n`, never yields a prompt inference does not produce). A turn
+  whose exact prompt differs from the tokens of the sample before it is trained in a sample of its own.
 * Templates that rewrite earlier turns (Qwen3 drops the reasoning of earlier answers) are not prefix stable: a turn
   whose rendering is not a prefix of the whole conversation is emitted as its own sample, ending at that turn, so
   every trained turn sees exactly the history it sees at inference.
+* Tool calls and tool results are rendered by the template (`tools=`); tool results are never trained, the
+  assistant turns that call tools are.
 """
 
 from __future__ import annotations
@@ -221,6 +224,7 @@ class RenderedSample:
     trained_turns: int = 0  # assistant turns trained in this sample
     masked_turns: int = 0  # assistant turns the data (or --train_on last) marks as not trained
     unrendered_reasoning: int = 0  # trained turns whose reasoning_content the template does not render
+    plain: list[tuple[int, int]] = field(default_factory=list)  # control-token strings of content: encoded as text
 
 
 def trained_turn_indices(messages: Messages, masked: Sequence[int] = (), train_on: str = "all") -> list[int]:
@@ -232,7 +236,7 @@ def trained_turn_indices(messages: Messages, masked: Sequence[int] = (), train_o
 
 def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str], *,
                         tools: Sequence[dict] = (), masked: Sequence[int] = (), train_on: str = "all",
-                        source: str = "") -> list[RenderedSample]:
+                        source: str = "", plain_tokens: Sequence[str] = ()) -> list[RenderedSample]:
     """Render one validated conversation into one or more samples with trained character spans.
 
     The first sample is the whole conversation; turns the template rewrites later in the conversation come after it
@@ -261,7 +265,57 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         reasoning = (messages[i].get("reasoning_content") or "").strip()
         if reasoning and reasoning not in upto[len(prompt):end]:
             sample.unrendered_reasoning += 1
+    if plain_tokens:
+        for sample in (full, *own):
+            sample.plain = _content_token_spans(sample.text, messages, plain_tokens, where)
     return [full, *own]
+
+
+def turn_structure_tokens(tokenizer: Any, render: Renderer, stop_tokens: Sequence[str]) -> list[str]:
+    """The special tokens the template opens and closes turns with (found by rendering a probe conversation), plus
+    bos/eos and the end-of-turn tokens: the strings that must not appear as tokens inside a message's text."""
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
+    probe = [{"role": role, "content": "x"} for role in ("system", "user", "assistant", "user", "assistant")]
+    try:
+        text = render(probe, True)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe (e.g. no system role): use the stops only
+        text = ""
+    used = {token for token in special if token and token in text}
+    used |= {t for t in (tokenizer.bos_token, tokenizer.eos_token, *stop_tokens) if t}
+    return sorted(used, key=lambda t: (-len(t), t))
+
+
+def content_control_tokens(messages: Messages, tokens: Sequence[str]) -> list[tuple[int, str]]:
+    """(message index, token) for every turn-structure token written inside a message's text."""
+    found = []
+    for i, message in enumerate(messages):
+        texts = [message.get("content") or "", message.get("reasoning_content") or ""]
+        texts += [str(call["function"]["arguments"]) for call in message.get("tool_calls", [])]
+        found += [(i, token) for token in tokens if any(token in text for text in texts)]
+    return found
+
+
+def _content_token_spans(text: str, messages: Messages, tokens: Sequence[str], where: str) -> list[tuple[int, int]]:
+    """Character ranges of the control tokens that stand inside message contents of the rendered text (to be encoded
+    as plain text), found by locating each content in order."""
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        content = message.get("content") or ""
+        if not any(token in content for token in tokens):
+            continue
+        at = text.find(content, cursor)
+        if at < 0:
+            raise TemplateError(f"{where}messages[{i}] holds turn-structure tokens, and the chat template changes its "
+                                "text when rendering it, so they cannot be encoded as plain text; remove them from "
+                                "the data")
+        for token in tokens:
+            start = content.find(token)
+            while start >= 0:
+                spans.append((at + start, at + start + len(token)))
+                start = content.find(token, start + len(token))
+        cursor = at + len(content)
+    return sorted(spans)
 
 
 def _prefix_problem(render: Renderer, messages: Messages, i: int, prompt: str, upto: str) -> str:
@@ -359,8 +413,31 @@ def labels_from_offsets(
     return np.where(mask, ids, IGNORE_INDEX).tolist()
 
 
-def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Tokenize rendered samples exactly as `apply_chat_template(tokenize=True)` does: (input_ids, labels) arrays."""
+def _pieces(sample: RenderedSample) -> list[tuple[int, int, bool]]:
+    """The sample's text cut at every trained span: (start, end, trained) in order, covering the whole text."""
+    pieces, at = [], 0
+    for start, end in sorted(sample.spans):
+        if start > at:
+            pieces.append((at, start, False))
+        if end > start:
+            pieces.append((start, end, True))
+        at = max(at, end)
+    if at < len(sample.text) or not pieces:
+        pieces.append((at, len(sample.text), False))
+    return pieces
+
+
+def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Tokenize rendered samples token-exactly: per sample, one or more (input_ids, labels) arrays.
+
+    Every trained answer is tokenized as its own continuation (never merged with the prompt before it), and the ids
+    before it must be exactly the inference prompt, `tokenize(text[:answer start])` as apply_chat_template(history,
+    add_generation_prompt=True, tokenize=True) gives it. Where the pieces before a later answer tokenize differently
+    from that prompt (a BPE merge across an earlier turn boundary, e.g. an answer starting with "\n" after
+    "assistant\n"), that answer is not trained in the sample and is emitted after it as a sample of its own: the
+    exact prompt followed by the answer. Control-token strings inside message contents (`sample.plain`, only with
+    --special_tokens_in_content text) are encoded as plain text.
+    """
     if not samples:
         return []
     if not getattr(tokenizer, "is_fast", False):
@@ -368,17 +445,81 @@ def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[tu
             "masking needs a fast tokenizer (offset mapping); this tokenizer is a slow one. Convert it with "
             "`AutoTokenizer.from_pretrained(path, use_fast=True)` and save it, or use a model with tokenizer.json"
         )
-    enc = tokenizer(
-        [s.text for s in samples], add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
-    )
-    out = []
-    for ids, offsets, sample in zip(enc["input_ids"], enc["offset_mapping"], samples):
-        ids = np.asarray(ids, dtype=np.int64)
-        mask = trained_token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), sample.spans)
-        out.append((ids, np.where(mask, ids, IGNORE_INDEX)))
-    return out
+    batch = _Batch(tokenizer)
+    plans = []
+    for sample in samples:
+        pieces = _pieces(sample)
+        parts = [(batch.add(sample, a, b), trained) for a, b, trained in pieces]
+        answers = [a for a, _, trained in pieces if trained][1:]  # the inference prompt of every later answer
+        plans.append((parts, [batch.add(sample, 0, a) for a in answers]))
+    batch.run()
+    return [_assemble(parts, prompts, batch) for parts, prompts in plans]
+
+
+class _Batch:
+    """Text regions to tokenize in two batched calls: the text as is, and control tokens of content as plain text."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.texts: dict[bool, list[str]] = {False: [], True: []}
+        self.regions: list[list[tuple[bool, int]]] = []
+        self.ids: dict[bool, list[list[int]]] = {}
+
+    def add(self, sample: RenderedSample, start: int, end: int) -> int:
+        """Register text[start:end] (cut around plain spans); returns its handle."""
+        segments, at = [], start
+        for a, b in sample.plain:
+            if b <= start or a >= end:
+                continue
+            if a > at:
+                segments.append((False, sample.text[at:a]))
+            segments.append((True, sample.text[max(a, start):min(b, end)]))
+            at = min(b, end)
+        if at < end or not segments:
+            segments.append((False, sample.text[at:end]))
+        region = []
+        for plain, text in segments:
+            region.append((plain, len(self.texts[plain])))
+            self.texts[plain].append(text)
+        self.regions.append(region)
+        return len(self.regions) - 1
+
+    def run(self) -> None:
+        for plain, texts in self.texts.items():
+            self.ids[plain] = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                                             split_special_tokens=plain)["input_ids"] if texts else []
+
+    def get(self, handle: int) -> list[int]:
+        return [token for plain, k in self.regions[handle] for token in self.ids[plain][k]]
+
+
+def _assemble(parts, prompts, batch: _Batch) -> list[tuple[np.ndarray, np.ndarray]]:
+    ids: list[int] = []
+    trained: list[bool] = []
+    extra: list[tuple[np.ndarray, np.ndarray]] = []
+    later = iter(prompts)
+    answers = 0
+    for handle, is_answer in parts:
+        part = batch.get(handle)
+        keep = is_answer
+        if is_answer:
+            answers += 1
+            if answers > 1:
+                prompt = batch.get(next(later))
+                if prompt != ids:  # this sample's context is not the inference prompt: the answer trains on its own
+                    keep = False
+                    extra.append(_arrays(prompt + part, [False] * len(prompt) + [True] * len(part)))
+        ids += part
+        trained += [keep] * len(part)
+    return [_arrays(ids, trained), *extra]
+
+
+def _arrays(ids: list[int], trained: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(ids, dtype=np.int64)
+    return array, np.where(np.asarray(trained, dtype=bool), array, IGNORE_INDEX)
 
 
 def tokenize_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[tuple[list[int], list[int]]]:
-    """`encode_samples` as plain lists."""
-    return [(ids.tolist(), labels.tolist()) for ids, labels in encode_samples(tokenizer, samples)]
+    """`encode_samples` as plain lists, every encoding of every sample in order."""
+    return [(ids.tolist(), labels.tolist()) for encodings in encode_samples(tokenizer, samples)
+            for ids, labels in encodings]

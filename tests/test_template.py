@@ -88,17 +88,20 @@ def test_qwen2_multi_turn_trains_every_answer_and_default_system(toks):
     ]
 
 
-def test_qwen2_bpe_merge_across_boundary_keeps_mask(toks):
-    """'assistant\\n' + '\\n\\n...' merges into one '\\n\\n\\n' token: it belongs to the answer and is trained."""
+def test_qwen2_bpe_merge_across_boundary_gives_the_inference_prompt(toks):
+    """'assistant\n' + '\n\n...' would merge into one '\n\n\n' token in the conversation tokenized at once. The
+    prompt is tokenized as inference tokenizes it ('assistant', '\n') and the answer as its own continuation."""
     tok, setup = toks("qwen2")
     msgs = [U("x"), A("\n\n  def f():\n    return 1")]
     samples, [(ids, labels)] = encode(tok, setup, msgs)
-    check_reference(tok, msgs, ids)
-    nl3 = tok.convert_tokens_to_ids("ĊĊĊ")
-    k = ids.index(nl3)
-    assert ids[k - 1] == tok.convert_tokens_to_ids("assistant") and labels[k - 1] == IGNORE_INDEX
-    assert labels[k] == nl3
-    assert "".join(trained_segments(tok, ids, labels)) == "\n\n\n  def f():\n    return 1<|im_end|>"
+    first = next(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert ids[:first] == tok.apply_chat_template(msgs[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert tok.convert_ids_to_tokens(ids[first - 2:first]) == ["assistant", "Ċ"]
+    answer = tok("\n\n  def f():\n    return 1<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert ids[first:first + len(answer)] == answer and labels[first:first + len(answer)] == answer
+    assert "".join(trained_segments(tok, ids, labels)) == "\n\n  def f():\n    return 1<|im_end|>"
+    whole = tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]
+    assert tok.convert_tokens_to_ids("ĊĊĊ") in whole and ids != whole  # what training on the whole text would do
 
 
 def test_deepseek_space_after_generation_prompt_is_trained(toks):

@@ -1,0 +1,149 @@
+"""Token-exact prompts with the published chat templates of the families we support (tests/templates/, sources in
+SOURCES.md): for every trained turn, the ids before its first trained token are exactly
+apply_chat_template(history, add_generation_prompt=True, tokenize=True), and the answer is tokenized as its own
+continuation, through its end-of-turn token. The reference is computed here from apply_chat_template alone."""
+
+from pathlib import Path
+
+import pytest
+from fixtures import GLM_SPECIALS, deepseek_tokenizer, qwen_tokenizer
+
+from chattune.errors import TemplateError
+from chattune.template import encode_samples, make_renderer, render_conversation, setup_chat_template
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+QWEN_EXTRA = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+LLAMA_SPECIALS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                  "<|python_tag|>")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tokenizer(family):
+    """A real vocabulary with the family's special tokens and its published template (Llama and GLM-4 borrow Qwen's
+    BPE: the template logic is theirs, the merges Qwen's)."""
+    template = (TEMPLATES / f"{family}.jinja").read_text()
+    if family.startswith("qwen"):
+        return qwen_tokenizer(template, extra_specials=QWEN_EXTRA), []
+    if family == "llama3_1":
+        tok = qwen_tokenizer(template, extra_specials=LLAMA_SPECIALS)
+        tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+        return tok, ["<|eom_id|>"]
+    if family == "glm4":
+        tok = qwen_tokenizer(template, extra_specials=tuple(GLM_SPECIALS))
+        tok.eos_token = "<|endoftext|>"
+        return tok, ["<|user|>", "<|observation|>"]
+    return deepseek_tokenizer(template), []
+
+
+def U(text):
+    return {"role": "user", "content": text}
+
+
+def A(text, **kw):
+    return {"role": "assistant", "content": text, **kw}
+
+
+CALL = A("", tool_calls=[{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}])
+RESULT = {"role": "tool", "name": "get_weather", "content": '{"sky": "rain"}'}
+PLAIN = [{"role": "system", "content": "You are terse."}, U("Hi"), A("Hello!"), U("2+2?"), A("4.")]
+NEWLINE_ANSWERS = [U("code?"), A("\ndef f():\n    return 1"), U("more?"), A("\n\nsure")]  # merge with "assistant\n"
+TOOL_CALLING = [U("Umbrella in Paris?"), CALL, RESULT, A("Yes, it rains."), U("Thanks"), A("You're welcome.")]
+REASONING = [U("2+2?"), A("4", reasoning_content="two plus two"), U("3+3?"),
+             A("6", reasoning_content=""), U("and 4+4?"), A("\n8", reasoning_content="easy")]
+
+CASES = [
+    ("qwen2_5", PLAIN, None, {}), ("qwen2_5", NEWLINE_ANSWERS, None, {}), ("qwen2_5", TOOL_CALLING, [WEATHER], {}),
+    ("qwen3", PLAIN, None, {}), ("qwen3", TOOL_CALLING, [WEATHER], {}), ("qwen3", REASONING, None, {}),
+    ("qwen3", NEWLINE_ANSWERS, None, {"enable_thinking": False}),
+    ("qwen3_thinking_2507", REASONING, None, {}), ("qwen3_thinking_2507", PLAIN, None, {}),
+    ("llama3_1", PLAIN, None, {}), ("llama3_1", TOOL_CALLING, [WEATHER], {"date_string": "25 Nov 2026"}),
+    ("deepseek_llm", PLAIN, None, {}), ("deepseek_llm", NEWLINE_ANSWERS, None, {}),
+    ("glm4", PLAIN, None, {}), ("glm4", NEWLINE_ANSWERS, None, {}),
+]
+
+
+def reference(tok, messages, tools, stops, kwargs):
+    """(prompt ids, answer ids) of every assistant turn, from apply_chat_template: the prompt tokenized as inference
+    does; the answer = the rendered turn after that prompt, trailing whitespace left out, tokenized on its own, with
+    the end-of-turn token that follows it where the template closes a turn with the next role token (GLM) or the eos
+    where it leaves the last turn open."""
+    pairs = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt_text = tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
+                                              **kwargs)
+        prompt = tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True, **kwargs)["input_ids"]
+        upto = tok.apply_chat_template(messages[: i + 1], tools=tools, tokenize=False, **kwargs)
+        answer = upto[len(prompt_text):].rstrip()
+        if not any(answer.endswith(s) for s in stops):
+            later = tok.apply_chat_template(messages, tools=tools, tokenize=False, **kwargs)[len(upto.rstrip()):]
+            answer += next((s for s in stops if later.lstrip().startswith(s)), stops[0])
+        pairs.append((prompt, tok(answer, add_special_tokens=False)["input_ids"]))
+    return pairs
+
+
+def trained_runs(encodings):
+    """(ids before the run, the run) for every run of consecutive trained tokens of every encoding."""
+    runs = []
+    for ids, labels in encodings:
+        ids, labels = ids.tolist(), labels.tolist()
+        k = 0
+        while k < len(ids):
+            if labels[k] == -100:
+                k += 1
+                continue
+            end = k
+            while end < len(ids) and labels[end] != -100:
+                end += 1
+            runs.append((ids[:k], ids[k:end]))
+            k = end
+    return runs
+
+
+@pytest.mark.parametrize("family, messages, tools, kwargs", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_every_trained_turn_has_the_exact_inference_prompt_and_its_own_answer_tokens(family, messages, tools, kwargs):
+    tok, extra_stops = tokenizer(family)
+    setup = setup_chat_template(tok, "auto", extra_stops)
+    samples = render_conversation(make_renderer(tok, kwargs), messages, setup.stop_tokens, tools=tools or ())
+    encodings = [pair for encoded in encode_samples(tok, samples) for pair in encoded]
+    assert sorted(trained_runs(encodings)) == sorted(reference(tok, messages, tools, setup.stop_tokens, kwargs))
+
+
+def test_an_answer_that_merges_with_its_prompt_is_trained_on_the_inference_prompt():
+    """Qwen3-2507's generation prompt ends '<think>\\n'; an empty reasoning block renders '<think>\\n\\n</think>',
+    and whole-text tokenization merges the two newlines into one token that inference never produces."""
+    tok, _ = tokenizer("qwen3_thinking_2507")
+    setup = setup_chat_template(tok, "auto")
+    messages = [U("3+3?"), A("6", reasoning_content="")]
+    [sample] = render_conversation(make_renderer(tok), messages, setup.stop_tokens)
+    [[(ids, labels)]] = encode_samples(tok, [sample])
+    whole = tok(sample.text, add_special_tokens=False)["input_ids"]
+    assert ids.tolist() != whole  # the conversation tokenized at once has the merged token
+    prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    first = int((labels != -100).argmax())
+    assert ids[:first].tolist() == prompt and tok.convert_ids_to_tokens(prompt[-1]) == "Ċ"
+
+
+def test_a_later_turn_whose_prompt_tokenizes_differently_trains_on_its_own():
+    """The first answer starts with a newline: inside the conversation it is tokenized on its own, but the second
+    turn's inference prompt (the history tokenized at once) merges it; the second turn becomes its own sample."""
+    tok, _ = tokenizer("qwen2_5")
+    setup = setup_chat_template(tok, "auto")
+    samples = render_conversation(make_renderer(tok), NEWLINE_ANSWERS, setup.stop_tokens)
+    [encodings] = encode_samples(tok, samples)
+    assert len(encodings) == 2  # the conversation, then the second turn on its own
+    runs = trained_runs(encodings)
+    assert len(runs) == 2 and runs[1][0] == tok.apply_chat_template(
+        NEWLINE_ANSWERS[:3], add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+@pytest.mark.parametrize("family", ["deepseek_llm", "glm4"])
+def test_templates_without_tool_support_are_refused(family):
+    tok, extra_stops = tokenizer(family)
+    setup = setup_chat_template(tok, "auto", extra_stops)
+    with pytest.raises(TemplateError, match="does not render them|renders no tool calls"):
+        render_conversation(make_renderer(tok), TOOL_CALLING, setup.stop_tokens, tools=[WEATHER], source="d: line 3")
