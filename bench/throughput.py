@@ -267,9 +267,8 @@ def liger_in_process() -> bool:
 def run_side(suite: Suite, plan: SidePlan, device: str, steps: int, warmup: int, dataset) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
-    from chattune.collate import PackedBatchSampler, PaddingCollator
+    from chattune.collate import PackedBatchSampler, PaddingCollator, sample_lengths
     from chattune.loss import resolve_fused_ce
-    from chattune.train import sample_lengths
     from chattune.trainer import ChatTrainer, LossSetup
 
     args = make_training_args(device, suite, plan, steps)

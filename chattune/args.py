@@ -197,14 +197,6 @@ def _tristate(value: str) -> str:
     return "true" if v in _TRUE else "false" if v in _FALSE else v
 
 
-def flag(value: str, name: str) -> str:
-    """Normalize an auto/true/false flag."""
-    v = _tristate(str(value))
-    if v in ("auto", "true", "false"):
-        return v
-    raise ConfigError(f"--{name} {value!r}: choose auto, true or false")
-
-
 def _field_names() -> set[str]:
     import dataclasses
 

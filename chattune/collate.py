@@ -62,6 +62,13 @@ class PackingCollator:
         return batch
 
 
+def sample_lengths(dataset: Any) -> list[int]:
+    """Token count of every sample of a tokenized `datasets.Dataset`, read from the Arrow column (no Python rows)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
+
+
 def pack_bins(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Best-fit-decreasing bin packing: sample indices grouped so each bin's total length is at most `budget`.
 

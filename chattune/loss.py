@@ -47,10 +47,6 @@ class LogitTransform:
     scale: float = 1.0  # Cohere: logit_scale; Granite: 1 / logits_scaling
     softcap: float | None = None  # Gemma-2/3: final_logit_softcapping (cap * tanh(logits / cap))
 
-    @property
-    def identity(self) -> bool:
-        return self.scale == 1.0 and self.softcap is None
-
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             logits = logits * self.scale
@@ -84,7 +80,7 @@ def logit_transform(config: Any) -> LogitTransform:
 
 
 def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states that predict a trained token, and those tokens (position t predicts label t+1)."""
+    """Hidden states (or logits) that predict a trained token, and those tokens (position t predicts label t+1)."""
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != IGNORE_INDEX
@@ -178,12 +174,10 @@ def fused_loss_sum(kind: str, lm_head: torch.nn.Module, hidden: torch.Tensor, la
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of cross-entropy over the trained tokens, from the model's own logits."""
-    vocab = logits.shape[-1]
-    y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE_INDEX
-    if not bool(keep.any()):
+    scores, y = shifted_targets(logits, labels)
+    if y.numel() == 0:
         return logits.float().sum() * 0
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab)[keep].float(), y[keep], reduction="sum")
+    return F.cross_entropy(scores.float(), y, reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,11 +185,15 @@ def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under a peft adapter (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def accepts_logits_to_keep(model: Any) -> bool:
     """Whether the (unwrapped) model's forward computes logits for the last positions only (remote-code models
     predating `logits_to_keep` do not, and then need their own full-logits loss)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(base_model(model).forward).parameters
 
 
 def liger_runs_here() -> str | None:

@@ -303,8 +303,6 @@ def prepare_dataset(
     """Tokenize `conversations` (validated `data.Conversation`s) into a cached `datasets.Dataset` and report."""
     import datasets
 
-    plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
-                                                  special_tokens_in_content)
     key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length,
                        [train_on, special_tokens_in_content])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -314,6 +312,9 @@ def prepare_dataset(
         report.files, report.skipped_records = list(files), skipped_records
         return Prepared(datasets.load_from_disk(str(target / "data")), report, target, from_cache=True)
 
+    # Not needed for a cached result: the key covers the data and the mode, so it passed this check when written.
+    plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
+                                                  special_tokens_in_content)
     if num_proc is None:
         num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
     job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, plain_tokens)

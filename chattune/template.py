@@ -388,32 +388,7 @@ def _tail(text: str, n: int = 60) -> str:
 IGNORE_INDEX = -100
 
 
-def trained_token_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Boolean mask over tokens: True where a token overlaps a trained character span.
-
-    `offsets` is the (n, 2) array of [start, end) character offsets of the tokens. A token is trained when any of its
-    characters lies inside a span, a zero-width token when its position does.
-    """
-    if len(offsets) == 0 or not spans:
-        return np.zeros(len(offsets), dtype=bool)
-    ordered = np.array(sorted(spans), dtype=np.int64).reshape(-1, 2)
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    k = np.searchsorted(ordered[:, 1], starts, side="right")  # first span ending after the token's start
-    inside = k < len(ordered)
-    span_start = ordered[np.minimum(k, len(ordered) - 1), 0]
-    return inside & (span_start < np.maximum(ends, starts + 1))
-
-
-def labels_from_offsets(
-    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
-) -> list[int]:
-    """Labels aligned with `input_ids` (not shifted): the id where the token is trained, else -100."""
-    ids = np.asarray(input_ids, dtype=np.int64)
-    mask = trained_token_mask(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), spans)
-    return np.where(mask, ids, IGNORE_INDEX).tolist()
-
-
-def _pieces(sample: RenderedSample) -> list[tuple[int, int, bool]]:
+def text_pieces(sample: RenderedSample) -> list[tuple[int, int, bool]]:
     """The sample's text cut at every trained span: (start, end, trained) in order, covering the whole text."""
     pieces, at = [], 0
     for start, end in sorted(sample.spans):
@@ -442,13 +417,13 @@ def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[li
         return []
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError(
-            "masking needs a fast tokenizer (offset mapping); this tokenizer is a slow one. Convert it with "
+            "masking needs a fast tokenizer; this tokenizer is a slow one. Convert it with "
             "`AutoTokenizer.from_pretrained(path, use_fast=True)` and save it, or use a model with tokenizer.json"
         )
     batch = _Batch(tokenizer)
     plans = []
     for sample in samples:
-        pieces = _pieces(sample)
+        pieces = text_pieces(sample)
         parts = [(batch.add(sample, a, b), trained) for a, b, trained in pieces]
         answers = [a for a, _, trained in pieces if trained][1:]  # the inference prompt of every later answer
         plans.append((parts, [batch.add(sample, 0, a) for a in answers]))

@@ -20,9 +20,9 @@ from chattune import __version__, checkpoints
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.callbacks import EpochCallback, PreemptionCallback, ThroughputCallback
 from chattune.cli import log
-from chattune.collate import PackedBatchSampler
+from chattune.collate import PackedBatchSampler, sample_lengths
 from chattune.errors import ConfigError
-from chattune.loss import accepts_logits_to_keep, logit_transform, resolve_fused_ce
+from chattune.loss import accepts_logits_to_keep, base_model, logit_transform, resolve_fused_ce
 from chattune.model import (
     AttentionChoice,
     ModelInfo,
@@ -133,12 +133,6 @@ def plan_batches(training_args: TrainingArguments, attention: AttentionChoice, d
     return Batches(sampler, budget, f"packed, {budget} tokens per micro-batch")
 
 
-def sample_lengths(dataset: Any) -> list[int]:
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(dataset.data.column("input_ids")).to_pylist()
-
-
 def build_model(model_args, training_args, lora_args, tokenizer, setup, train_dataset, config: Any,
                 attention: AttentionChoice) -> tuple[Any, ModelInfo]:
     model, info = load_model(model_args, training_args, lora_args, config, attention)
@@ -192,17 +186,13 @@ def choose_loss(training_args: TrainingArguments, model: Any, config: Any) -> Lo
     requested = training_args.fused_ce
     kind = resolve_fused_ce(requested, model.get_output_embeddings(), is_deepspeed_zero3_enabled(),
                             use_cpu=training_args.use_cpu)
-    if kind != "none" and not (accepts_logits_to_keep(model) and hasattr(_base(model), "get_decoder")):
+    if kind != "none" and not (accepts_logits_to_keep(model) and hasattr(base_model(model), "get_decoder")):
         if requested != "auto":
             raise ConfigError(f"--fused_ce {requested}: this model's forward has no logits_to_keep (remote code); "
                               "use --fused_ce none")
         kind = "none"  # remote-code models without logits_to_keep: the model's own logits
     kind = zero3_fused_ce(kind, requested, model)
     return LossSetup(kind, requested, logit_transform(config))
-
-
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def zero3_fused_ce(fused: str, requested: str, model: Any) -> str:
@@ -333,7 +323,7 @@ def save_final(trainer, tokenizer, setup, data_args, training_args, info: ModelI
         if e.errno not in SAVE_ERRNOS:
             raise
         error = e
-    if trainer._on_every_rank(error is None):
+    if trainer.on_every_rank(error is None):
         return
     rescue = rescue_dir(trainer, out, checkpoint_bytes(info, training_args)[0])
     write_result(trainer, rescue, tokenizer, setup, data_args, info)
@@ -368,7 +358,7 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo
     trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
     tokenizer.save_pretrained(out)
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(setup.stop_tokens)) if i is not None]
-    base = _base(trainer.model)
+    base = base_model(trainer.model)
     generation = base.generation_config
     generation.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     generation.pad_token_id = tokenizer.pad_token_id

@@ -22,10 +22,11 @@ import transformers
 
 from chattune import checkpoints
 from chattune.cli import log
-from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins
+from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins, sample_lengths
 from chattune.errors import ConfigError, UserError
 from chattune.loss import (
     LogitTransform,
+    base_model,
     fused_loss_sum,
     logits_loss_sum,
     trained_token_count,
@@ -117,25 +118,23 @@ class ChatTrainer(transformers.Trainer):
         if self.loss.kind == "none":
             logits = model(**inputs).logits
             return logits_loss_sum(logits, labels)
-        hidden = self._forward_hidden(model, inputs, logits_to_keep=1)
+        _, hidden = self._forward_hidden(model, inputs, logits_to_keep=1)
         with self.accelerator.autocast():  # the output layer's matmuls in the forward's precision (bf16, not fp32)
             return fused_loss_sum(self.loss.kind, self._output_layer(), hidden, labels, self.loss.transform)
 
     def _output_layer(self) -> torch.nn.Module:
-        base = self.accelerator.unwrap_model(self.model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        return base.get_output_embeddings()
+        return base_model(self.accelerator.unwrap_model(self.model)).get_output_embeddings()
 
-    def _forward_hidden(self, model, inputs: dict[str, Any], **kwargs) -> torch.Tensor:
-        """Run the wrapped model (DDP/DeepSpeed forward semantics intact) and keep the decoder's last hidden state."""
-        base = self.accelerator.unwrap_model(self.model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        handle = base.get_decoder().register_forward_hook(self._keep_hidden)
+    def _forward_hidden(self, model, inputs: dict[str, Any], **kwargs) -> tuple[Any, torch.Tensor]:
+        """Run the wrapped model (DDP/DeepSpeed forward semantics intact): its outputs and the decoder's last hidden
+        state."""
+        decoder = base_model(self.accelerator.unwrap_model(self.model)).get_decoder()
+        handle = decoder.register_forward_hook(self._keep_hidden)
         try:
-            self._last_output = model(**inputs, **kwargs)
+            outputs = model(**inputs, **kwargs)
         finally:
             handle.remove()
-        return self._hidden.pop()
+        return outputs, self._hidden.pop()
 
     def _keep_hidden(self, module, args, output):
         self._hidden.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
@@ -149,12 +148,11 @@ class ChatTrainer(transformers.Trainer):
         cuda = [ids.device] if ids.device.type == "cuda" else []
         # fork_rng: the check's dropout draws must not shift the run's random stream (a resumed run checks again)
         with torch.no_grad(), torch.random.fork_rng(devices=cuda):
-            hidden = self._forward_hidden(model, {"input_ids": ids}, labels=ids, logits_to_keep=0)
-            own = self._last_output.loss.float()
+            outputs, hidden = self._forward_hidden(model, {"input_ids": ids}, labels=ids, logits_to_keep=0)
+            own = outputs.loss.float()
             with self.accelerator.autocast():
                 fused = fused_loss_sum(self.loss.kind, self._output_layer(), hidden, ids, self.loss.transform)
             fused = fused.float() / max(1, ids.shape[1] - 1)
-        self._last_output = None
         exact = hidden.dtype == torch.float32 and not torch.is_autocast_enabled(hidden.device.type)
         tolerance = 1e-4 if exact else 2e-2
         bad = torch.tensor(float(abs(fused - own) > tolerance * max(1.0, abs(own.item()))), device=hidden.device)
@@ -211,7 +209,7 @@ class ChatTrainer(transformers.Trainer):
     def _eval_batches(self, dataset):
         """This rank's eval batches, each with whether it counts. Every rank runs the same number of forwards (ZeRO-3
         gathers weights collectively), so short ranks repeat a batch that is not counted."""
-        lengths = [len(x) for x in dataset["input_ids"]]
+        lengths = sample_lengths(dataset)
         if self.eval_tokens_per_batch:
             groups = pack_bins(lengths, max(self.eval_tokens_per_batch, max(lengths, default=1)))
             collate = PackingCollator(self.flash_kwargs)
@@ -227,7 +225,6 @@ class ChatTrainer(transformers.Trainer):
             yield collate([dataset[i] for i in group]), True
         for _ in range(per_rank - len(mine)):
             yield collate([dataset[i] for i in groups[0]]), False
-
 
     # ---- checkpoints: staged, then committed in one rename ------------------------------------------------------
 
@@ -252,7 +249,7 @@ class ChatTrainer(transformers.Trainer):
             error = e
         finally:
             self._staging = None
-        if not self._on_every_rank(error is None):
+        if not self.on_every_rank(error is None):
             self._save_failed(error, staging, name)
             return
         self._commit(os.path.join(staging, name), final)
@@ -278,7 +275,8 @@ class ChatTrainer(transformers.Trainer):
             except OSError:  # not empty, or removed by another node's process on a shared filesystem
                 pass
 
-    def _on_every_rank(self, ok: bool) -> bool:
+    def on_every_rank(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank (all ranks must call it together)."""
         if self.args.world_size <= 1:
             return ok
         flag = torch.tensor([1 if ok else 0], device=self.args.device)

@@ -30,6 +30,19 @@ def model_dirs(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def model(model_dirs):
+    """The tiny Qwen2 in float32 with sdpa and no KV cache (packed rows need it off), one per test module: tests may
+    switch its attention implementation and set it back."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32, attn_implementation="sdpa")
+    m.config.use_cache = False
+    return m
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

@@ -112,14 +112,6 @@ def test_run_refuses_packing_on_a_remote_code_model_before_tokenizing(model_dirs
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model(model_dirs):
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32, attn_implementation="sdpa")
-    m.config.use_cache = False
-    return m
-
-
 def samples(lengths=(9, 14, 6), seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(100, 5000, (n,), generator=g).tolist(), "labels": [1] * n} for n in lengths]

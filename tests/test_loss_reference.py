@@ -49,6 +49,12 @@ def tokenized(model_dir, data, tmp_path, max_length=512):
     return [json.loads(line) for line in dump.read_text().splitlines()]
 
 
+def step_args(model_dir, data, tmp_path, out, *extra) -> list[str]:
+    """finetune.py arguments of the one SGD step on `data`, written to `out`."""
+    return ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+            "--data_cache_dir", str(tmp_path / "cache"), *SGD, *map(str, extra)]
+
+
 def reference(model_dir, samples):
     """(mean CE over the trained tokens of all samples, its gradient per parameter), each sample on its own."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -87,8 +93,7 @@ def test_one_step_equals_reference_with_accumulation(model_dirs, data, tmp_path,
     else:
         extra = ["--per_device_train_batch_size", 4, "--gradient_accumulation_steps", 2]
     out = tmp_path / "out"
-    run(*parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-                     "--data_cache_dir", str(tmp_path / "cache"), "--fused_ce", loss, *SGD, *map(str, extra)]))
+    run(*parse_args(step_args(model_dir, data, tmp_path, out, "--fused_ce", loss, *extra)))
     check_step(model_dir, out, ref_loss, ref_grads)
 
 
@@ -101,9 +106,8 @@ def test_model_that_accepts_no_loss_kwargs_is_normalized_the_same(model_dirs, da
     samples = tokenized(model_dir, data, tmp_path)
     ref_loss, ref_grads = reference(model_dir, samples)
     out = tmp_path / "out"
-    run(*parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-                     "--data_cache_dir", str(tmp_path / "cache"), "--fused_ce", "none", *SGD,
-                     "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8"]))
+    run(*parse_args(step_args(model_dir, data, tmp_path, out, "--fused_ce", "none", "--per_device_train_batch_size",
+                              1, "--gradient_accumulation_steps", 8)))
     check_step(model_dir, out, ref_loss, ref_grads)
 
 
@@ -115,11 +119,10 @@ def test_two_ranks_with_accumulation_equal_reference(model_dirs, data, tmp_path,
     samples = tokenized(model_dir, data, tmp_path)
     ref_loss, ref_grads = reference(model_dir, samples)
     out = tmp_path / "out"
-    args = ["finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--data_cache_dir", str(tmp_path / "cache"), *SGD, "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "2",
-            # evaluated once after the step: 3 eval batches of 3 on 2 ranks, so one rank runs an uncounted extra one
-            "--eval_data_path", str(data), "--per_device_eval_batch_size", "3"]
+    # evaluated once after the step: 3 eval batches of 3 on 2 ranks, so one rank runs an uncounted extra one
+    args = ["finetune.py", *step_args(model_dir, data, tmp_path, out, "--per_device_train_batch_size", 2,
+                                      "--gradient_accumulation_steps", 2, "--eval_data_path", data,
+                                      "--per_device_eval_batch_size", 3)]
     if deepspeed:
         args += ["--deepspeed", deepspeed]
     for _ in range(2):  # a second try only if another process took the free port before torchrun bound it
@@ -142,9 +145,8 @@ def test_fused_loss_applies_the_family_logit_transform(model_dirs, data, tmp_pat
     samples = tokenized(model_dir, data, tmp_path)
     ref_loss, ref_grads = reference(model_dir, samples)
     out = tmp_path / "out"
-    run(*parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-                     "--data_cache_dir", str(tmp_path / "cache"), "--fused_ce", "auto", *SGD,
-                     "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]))
+    run(*parse_args(step_args(model_dir, data, tmp_path, out, "--fused_ce", "auto", "--per_device_train_batch_size",
+                              4, "--gradient_accumulation_steps", 2)))
     report = json.loads((out / "run_report.json").read_text())
     assert report["plan"]["loss"] == "fused linear+CE (chunked)" and report["plan"]["logit_transform"] != "none"
     assert report["loss_path"] == "chunked"  # the first-batch check passed: no fallback to the model's logits

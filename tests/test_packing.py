@@ -54,14 +54,6 @@ def test_packed_sampler_is_seeded_and_reshuffles_per_epoch():
     assert second != first and sorted(map(tuple, second)) == sorted(map(tuple, first))
 
 
-@pytest.fixture(scope="module")
-def model(model_dirs):
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32, attn_implementation="sdpa")
-    m.config.use_cache = False
-    return m
-
-
 def random_samples(seed=0, lengths=(9, 14, 6)):
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -8,10 +8,11 @@ from chattune.prepare import trained_segments
 from chattune.template import (
     BUILTIN_TEMPLATES,
     IGNORE_INDEX,
-    labels_from_offsets,
+    RenderedSample,
     make_renderer,
     render_conversation,
     setup_chat_template,
+    text_pieces,
     tokenize_samples,
 )
 from chattune.tokenizer import prepare_tokenizer
@@ -53,13 +54,12 @@ def check_reference(tok, messages, ids, **template_kwargs):
 # ------------------------------------------------------------------ pure span -> label mapping
 
 
-def test_labels_from_offsets_literal():
-    ids = [10, 11, 12, 13, 14]
-    offsets = [(0, 3), (3, 5), (5, 9), (9, 9), (9, 12)]
-    assert labels_from_offsets(ids, offsets, [(4, 9)]) == [-100, 11, 12, -100, -100]
-    # a zero-width token inside a span is trained; spans given out of order are fine
-    assert labels_from_offsets(ids, offsets, [(9, 12), (0, 1)]) == [10, -100, -100, 13, 14]
-    assert labels_from_offsets(ids, offsets, []) == [-100] * 5
+def test_text_pieces_literal():
+    """A sample's text cut at its trained spans (each piece is tokenized on its own): [start, end, trained]."""
+    sample = RenderedSample("0123456789AB", spans=[(9, 12), (4, 6)])  # given out of order
+    assert text_pieces(sample) == [(0, 4, False), (4, 6, True), (6, 9, False), (9, 12, True)]
+    assert text_pieces(RenderedSample("abc")) == [(0, 3, False)]
+    assert text_pieces(RenderedSample("")) == [(0, 0, False)]
 
 
 # ------------------------------------------------------------------ per family, literal trained segments
