@@ -25,18 +25,23 @@ Three record formats are accepted; the format is detected per record from its ke
 All formats must give: an optional first system message, then turns alternating user, assistant (starting with
 user), ending with a non-empty assistant turn. Every problem of a record is reported with its field path.
 
-Files: ``.parquet`` is read as rows; any other file is JSON by content (a UTF-8 BOM is ignored): a JSON array of
-records, a single JSON object, or JSONL (one JSON object per line). A directory means its ``*.json``, ``*.jsonl`` and
-``*.parquet`` files, or a ``datasets`` ``save_to_disk`` directory. ``null`` optional fields count as absent, because
-Parquet / ``datasets`` fill the columns a row does not use with nulls.
+Files: ``.parquet`` is read as rows; any other file is JSON by content (a UTF-8 BOM is ignored, gzip-compressed
+files are decompressed): a JSON array of records, a single JSON object, or JSONL (one JSON object per line). A
+directory means its ``*.json``, ``*.jsonl``, ``*.json.gz``, ``*.jsonl.gz`` and ``*.parquet`` files (what else it holds
+is listed in the report), or a ``datasets`` ``save_to_disk`` directory. ``null`` optional fields count as absent,
+because Parquet / ``datasets`` fill the columns a row does not use with nulls. Files are read in bounded chunks
+(`source_chunks`), so training can stream data of any size (chattune.stream).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from chattune.errors import UserError
@@ -44,7 +49,7 @@ from chattune.errors import UserError
 __all__ = ["Conversation", "DataError", "LoadResult", "Problem", "load_conversations", "normalize_record"]
 
 MAX_SHOWN_PROBLEMS = 20
-DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
+DATA_EXTENSIONS = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
 # dataset_dict.json marks a saved DatasetDict; its splits are subdirectories holding the other two files.
 _SAVE_TO_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -87,9 +92,10 @@ class Conversation:
 class LoadResult:
     conversations: list[Conversation]
     files: list[str]
-    skipped: list[Problem] = field(default_factory=list)  # problems of the records dropped by skip_invalid
+    skipped: list[Problem] = field(default_factory=list)  # first problems of the records dropped by skip_invalid
     skipped_records: int = 0
     format_counts: dict[str, int] = field(default_factory=dict)  # format -> conversations kept
+    ignored: list[str] = field(default_factory=list)  # entries of given directories not read, with why
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -567,6 +573,12 @@ def normalize_record(record: object, *, file: str, where: str) -> tuple[Conversa
     if fmt is None:
         out.add("", _unknown_format(record))
         return None, out.items
+    given = [key for key, _ in _FORMAT_KEYS if record.get(key) is not None]
+    if len({dict(_FORMAT_KEYS)[key] for key in given}) > 1:
+        keys = " and ".join(f"`{key}`" for key in given)
+        out.add("", f"has both {keys}, which are different record formats: which one is the conversation is "
+                "ambiguous; keep one")
+        return None, out.items
     tools = _tools(record, out) if fmt != "alpaca" else []
     messages = _BUILDERS[fmt](record, out, tools)
     if out.items:
@@ -605,8 +617,13 @@ def _mentions_media(record: dict) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading files
+# Reading files, in bounded chunks
 # --------------------------------------------------------------------------------------------------------------
+
+CHUNK_BYTES = 4 << 20  # JSON text is read in blocks of about this size
+CHUNK_RECORDS = 2000  # Parquet / saved-dataset rows per chunk
+_GZIP_MAGIC = b"\x1f\x8b"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
 class _FileProblem(Exception):
@@ -615,7 +632,7 @@ class _FileProblem(Exception):
 
 @dataclass(frozen=True)
 class _BadLine:
-    """A JSONL line that is not JSON: a record-level problem, skippable like any invalid record."""
+    """A record that is not valid JSON: a record-level problem, skippable like any invalid record."""
 
     message: str
 
@@ -623,76 +640,379 @@ class _BadLine:
 Records = list[tuple[str, Any]]  # (where, record or _BadLine)
 
 
-def _decode(raw: bytes) -> str:
-    start = len(_UTF8_BOM) if raw.startswith(_UTF8_BOM) else 0
+@dataclass
+class Chunk:
+    """A bounded piece of one data file: whole JSONL lines as bytes, parsed where the chunk is processed (perhaps in
+    a worker process), or records already parsed (JSON array, Parquet, saved dataset)."""
+
+    file: str
+    size: int  # bytes of the input file this chunk accounts for (progress)
+    lines: bytes = b""
+    first_line: int = 1  # line number of the first line of `lines`
+    offset: int = 0  # byte offset of `lines` in the (decompressed) file
+    records: Records | None = None
+
+
+class _DuplicateKeys:
+    """object_pairs_hook that notes repeated keys (json keeps the last one silently): a record with one is refused,
+    because which value the writer meant is unknowable."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict:
+        record = dict(pairs)
+        if len(record) != len(pairs):
+            seen: set[str] = set()
+            self.found += [key for key, _ in pairs if key in seen or seen.add(key)]
+        return record
+
+
+_DUPLICATES = _DuplicateKeys()
+_DECODER = json.JSONDecoder(object_pairs_hook=_DUPLICATES)
+
+
+def _duplicate_problem() -> str | None:
+    if not _DUPLICATES.found:
+        return None
+    keys = ", ".join(repr(k) for k in dict.fromkeys(_DUPLICATES.found))
+    _DUPLICATES.found.clear()
+    return f"an object repeats the key {keys}; JSON readers keep only one of the values: remove the duplicate"
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate in the strings of a parsed record (json decodes a lone "\\ud83d" escape into
+    a string that no tokenizer can encode)."""
+    if isinstance(value, str):
+        found = next((ch for ch in value if "\ud800" <= ch <= "\udfff"), None)
+        return f"\\u{ord(found):04x}" if found else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for item in items if (found := _surrogate(item))), None)
+
+
+def _checked(value: Any, raw: str) -> Any:
+    """A parsed record, or a _BadLine for repeated keys or lone surrogates (looked for only when the raw text has a
+    surrogate escape, so valid data pays nothing)."""
+    duplicate = _duplicate_problem()
+    if duplicate:
+        return _BadLine(duplicate)
+    if _SURROGATE_ESCAPE.search(raw):
+        found = _surrogate(value)
+        if found:
+            return _BadLine(f"holds a lone UTF-16 surrogate ({found}), e.g. half of an emoji cut off by a truncation; "
+                            "it is not text and cannot be tokenized: fix or remove that string")
+    return value
+
+
+def _parse_line(line: str) -> Any:
+    """One JSONL line: the record, or a _BadLine saying why not."""
     try:
-        return raw[start:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = start + e.start
-        line = raw.count(b"\n", 0, offset) + 1
-        raise _FileProblem(
-            f"is not valid UTF-8: byte 0x{raw[offset]:02x} at byte offset {offset} (line {line}); "
-            "the file must be UTF-8 encoded (re-save it as UTF-8)"
-        ) from None
+        value = _DECODER.decode(line)
+    except json.JSONDecodeError as e:
+        _DUPLICATES.found.clear()
+        return _BadLine(f"not valid JSON: {e.msg} at column {e.colno}; {_JSONL_RULE}")
+    except RecursionError:
+        _DUPLICATES.found.clear()
+        return _BadLine("not usable: its JSON is nested too deeply to read; a chat record needs a few levels only")
+    return _checked(value, line)
 
 
-def _parse_jsonl(text: str) -> Records:
+def _parse_jsonl(text: str, first_line: int = 1) -> Records:
     records: Records = []
     # split("\n"), not splitlines(): JSON strings may legally contain raw U+2028 and other "line breaks".
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"line {number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            message = f"not valid JSON: {e.msg} at column {e.colno}; {_JSONL_RULE}"
-            records.append((f"line {number}", _BadLine(message)))
+    for number, line in enumerate(text.split("\n"), start=first_line):
+        if line.strip():
+            records.append((f"line {number}", _parse_line(line)))
     return records
 
 
-def _parse_json_text(text: str) -> Records:
+def _utf8_problem(raw: bytes, error: UnicodeDecodeError, offset: int, first_line: int) -> str:
+    line = first_line + raw.count(b"\n", 0, error.start)
+    return (f"is not valid UTF-8: byte 0x{raw[error.start]:02x} at byte offset {offset + error.start} (line {line}); "
+            "the file must be UTF-8 encoded (re-save it as UTF-8)")
+
+
+def chunk_records(chunk: Chunk) -> Records:
+    """The records of a chunk, parsing its JSONL lines if it carries them. Raises _FileProblem (bad UTF-8)."""
+    if chunk.records is not None:
+        return chunk.records
     try:
-        value = json.loads(text)
+        text = chunk.lines.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _FileProblem(_utf8_problem(chunk.lines, e, chunk.offset, chunk.first_line)) from None
+    return _parse_jsonl(text, chunk.first_line)
+
+
+def _os_problem(error: OSError, verb: str = "be read") -> str:
+    return f"cannot {verb}: {error.strerror or error}"
+
+
+class _Reader:
+    """Reads a (possibly gzip-compressed) file in blocks; `progress()` counts bytes of the file on disk."""
+
+    def __init__(self, path: str) -> None:
+        import gzip
+
+        try:
+            self.raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        except OSError as e:
+            raise _FileProblem(_os_problem(e)) from None
+        head = self.raw.read(2)
+        self.raw.seek(0)
+        self.gzip = head == _GZIP_MAGIC
+        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.gzip else self.raw
+        self.reported = 0
+
+    def read(self, n: int = -1) -> bytes:
+        import zlib
+
+        try:
+            return self.stream.read(n)
+        except (OSError, EOFError, zlib.error) as e:
+            if self.gzip:
+                raise _FileProblem(f"is not a readable gzip file: {e}") from None
+            raise _FileProblem(_os_problem(e) if isinstance(e, OSError) else str(e)) from None
+
+    def progress(self) -> int:
+        """Bytes of the file consumed since the last call."""
+        position = self.raw.tell()
+        delta, self.reported = position - self.reported, position
+        return delta
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _nonblank_lines(buf: bytes, start: int, n: int) -> list[bytes]:
+    """The first n complete non-blank lines of buf[start:]."""
+    lines = []
+    while len(lines) < n:
+        end = buf.find(b"\n", start)
+        if end < 0:
+            break
+        if buf[start:end].strip():
+            lines.append(buf[start:end])
+        start = end + 1
+    return lines
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _check_encoding(head: bytes) -> None:
+    if head.startswith(b"PAR1"):
+        raise _FileProblem("is a Parquet file (it starts with PAR1); name it *.parquet")
+    if head.startswith(_UTF16_BOMS) or head.startswith((b"\x00\x00\xfe\xff",)):
+        raise _FileProblem("is UTF-16 or UTF-32 encoded (it starts with that byte-order mark); re-save it as UTF-8")
+    if b"\x00" in head[:4096]:
+        raise _FileProblem("holds NUL bytes: it looks UTF-16 or UTF-32 encoded (without a byte-order mark), or binary; "
+                           "re-save it as UTF-8 text")
+
+
+def _json_chunks(path: str, chunk_bytes: int, chunk_records: int) -> Iterator[Chunk]:
+    """A JSON file by content: JSON Lines (streamed in blocks of whole lines), a JSON array (streamed record by
+    record), or one JSON document (one record). gzip-compressed files are read the same way."""
+    reader = _Reader(path)
+    try:
+        buf, eof = reader.read(chunk_bytes), False
+        _check_encoding(buf)
+        start = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
+        # Enough to decide the kind: the first non-blank character, and the first two complete non-blank lines.
+        while not eof and (not buf[start:].strip() or len(_nonblank_lines(buf, start, 2)) < 2):
+            more = reader.read(max(chunk_bytes, len(buf)))
+            eof = not more
+            buf += more
+        body = buf[start:].lstrip()
+        if not body:
+            raise _FileProblem("is empty; expected a JSON array of records, one JSON object, or JSONL (one per line)")
+        first = body[:1]
+        if first == b"[":
+            yield from _array_chunks(path, reader, buf, start, eof, chunk_bytes, chunk_records)
+            return
+        lines = _nonblank_lines(buf + (b"\n" if eof else b""), start, 2)
+        # JSON Lines when the first line is a value of its own, or the second is an object (the first is then a
+        # broken record, reported at its line and skippable like any other); else one multi-line document.
+        if first == b"{" and lines and (_is_json(lines[0]) or (len(lines) > 1 and _is_json(lines[1])
+                                                             and lines[1].lstrip().startswith(b"{"))):
+            yield from _jsonl_chunks(path, reader, buf, start, eof, chunk_bytes)
+            return
+        if not eof:
+            buf += reader.read()
+        yield Chunk(path, size=reader.progress(), records=_parse_document(buf, start))
+    finally:
+        reader.close()
+
+
+def _jsonl_chunks(path: str, reader: _Reader, buf: bytes, start: int, eof: bool, chunk_bytes: int
+                  ) -> Iterator[Chunk]:
+    line, offset, pending = 1, start, buf[start:]
+    while pending:
+        cut = len(pending) if eof else pending.rfind(b"\n") + 1
+        if cut and (eof or cut >= chunk_bytes // 2):
+            block, pending = pending[:cut], pending[cut:]
+            yield Chunk(path, size=reader.progress(), lines=block, first_line=line, offset=offset)
+            line += block.count(b"\n")
+            offset += cut
+        if not eof:
+            more = reader.read(max(chunk_bytes, len(pending)))  # a line longer than a block: grow, do not rescan
+            eof = not more
+            pending += more
+
+
+def _parse_document(raw: bytes, start: int) -> Records:
+    try:
+        text = raw[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _FileProblem(_utf8_problem(raw[start:], e, start, 1)) from None
+    try:
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as e:
-        body = text.lstrip()
-        first_line = text.count("\n", 0, len(text) - len(body)) + 1
-        # A broken array is one broken document. So is a value that runs past its first line without closing
-        # (a pretty-printed object): its lines are not JSONL records. "Extra data" means the first value parsed,
-        # i.e. JSON Lines.
-        if body.startswith("[") or (e.msg != "Extra data" and e.lineno > first_line):
-            raise _FileProblem(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        return _parse_jsonl(text)
-    if isinstance(value, list):
-        return [(f"record {i}", record) for i, record in enumerate(value)]
-    if "\n" not in text.strip():
-        return _parse_jsonl(text)  # a one-line file is JSONL with one record: locate it as "line N" like longer ones
-    return [("record 0", value)]
+        raise _FileProblem(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise _FileProblem("is not usable: its JSON is nested too deeply to read") from None
+    return [("record 0", _checked(value, text))]  # not an array: those start with "[" and are streamed
 
 
-def _read_json_file(path: str) -> Records:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise _FileProblem(f"cannot be read: {e.strerror}") from None
-    text = _decode(raw)
-    if not text.strip():
-        raise _FileProblem("is empty; expected a JSON array of records, one JSON object, or JSONL (one per line)")
-    return _parse_json_text(text)
+class _Text:
+    """Incrementally decoded UTF-8 text of a file with line and column bookkeeping for error messages."""
+
+    def __init__(self, reader: _Reader, raw: bytes, start: int, eof: bool, block: int) -> None:
+        self.reader, self.block, self.eof = reader, block, eof
+        self.text, self.carry = "", b""
+        self.byte_offset, self.lines_before, self.dropped_lines, self.column_base = start, 1, 0, 0
+        self._feed(raw[start:])
+
+    def _feed(self, raw: bytes) -> None:
+        raw = self.carry + raw
+        try:
+            self.text += raw.decode("utf-8")
+            self.carry = b""
+        except UnicodeDecodeError as e:
+            # A character split across two blocks: keep its first bytes for the next block.
+            if not self.eof and e.reason == "unexpected end of data" and len(raw) - e.start < 4:
+                self.text += raw[: e.start].decode("utf-8")
+                self.carry = raw[e.start:]
+            else:
+                raise _FileProblem(_utf8_problem(raw, e, self.byte_offset, self.lines_before)) from None
+        consumed = len(raw) - len(self.carry)
+        self.lines_before += raw.count(b"\n", 0, consumed)
+        self.byte_offset += consumed
+
+    def more(self, at_least: int = 0) -> bool:
+        """Read another block (at least `at_least` bytes); False at the end of the file."""
+        if self.eof:
+            return False
+        raw = self.reader.read(max(self.block, at_least))
+        self.eof = not raw
+        self._feed(raw)
+        return not self.eof or bool(raw)
+
+    def drop(self, pos: int) -> None:
+        """Forget text before pos (already parsed), keeping line/column numbers right."""
+        newline = self.text.rfind("\n", 0, pos)
+        if newline >= 0:
+            self.dropped_lines += self.text.count("\n", 0, pos)
+            self.column_base = pos - newline - 1
+        else:
+            self.column_base += pos
+        self.text = self.text[pos:]
+
+    def where(self, pos: int) -> str:
+        newline = self.text.rfind("\n", 0, pos)
+        line = 1 + self.dropped_lines + self.text.count("\n", 0, pos)
+        column = pos - newline if newline >= 0 else self.column_base + pos + 1
+        return f"line {line} column {column}"
 
 
-def _read_parquet_file(path: str) -> Records:
+def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool, chunk_bytes: int,
+                  chunk_records: int) -> Iterator[Chunk]:
+    """A JSON array, parsed one record at a time (json's raw_decode), so memory holds one chunk of records."""
+    text = _Text(reader, raw, start, eof, chunk_bytes)
+    pos = text.text.index("[") + 1
+    records: Records = []
+    index = 0
+
+    def skip_space(at: int) -> int:
+        while True:
+            while at < len(text.text) and text.text[at] in " \t\r\n":
+                at += 1
+            if at < len(text.text) or not text.more():
+                return at
+
+    def fail(message: str, at: int) -> _FileProblem:
+        return _FileProblem(f"is not valid JSON: {message} at {text.where(at)}")
+
+    value_next = True  # at the start, and after each comma
+    while True:
+        pos = skip_space(pos)
+        if pos >= len(text.text):
+            raise fail("Expecting value" if value_next else "Expecting ',' delimiter", pos)
+        if text.text[pos] == "]" and (index == 0 or not value_next):
+            pos = skip_space(pos + 1)
+            if pos < len(text.text):
+                raise fail("Extra data", pos)
+            break
+        if not value_next:
+            if text.text[pos] != ",":
+                raise fail("Expecting ',' delimiter", pos)
+            pos, value_next = pos + 1, True
+            continue
+        try:
+            value, end = _DECODER.raw_decode(text.text, pos)
+            if end == len(text.text) and text.more():  # a value that may go on in the next block: parse it again
+                continue
+        except json.JSONDecodeError as e:
+            # Errors of a value cut at the end of the buffer point at its last few characters (or at the start of
+            # an unterminated string): read on and parse again. Anything earlier is a real syntax error.
+            truncated = e.msg.startswith("Unterminated string") or e.pos >= len(text.text) - 8
+            _DUPLICATES.found.clear()
+            if truncated and text.more(at_least=len(text.text)):
+                continue
+            raise fail(e.msg, e.pos) from None
+        except RecursionError:
+            raise _FileProblem(f"is not usable: record {index} is nested too deeply to read") from None
+        records.append((f"record {index}", _checked(value, text.text[pos:end])))
+        index, pos, value_next = index + 1, end, False
+        if len(records) >= chunk_records:
+            yield Chunk(path, size=reader.progress(), records=records)
+            records = []
+        if pos > chunk_bytes:
+            text.drop(pos)
+            pos = 0
+    if records or index == 0:
+        yield Chunk(path, size=reader.progress(), records=records)
+
+
+def _parquet_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
     import pyarrow as pa  # imported here: only Parquet users pay for it
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        parquet = pq.ParquetFile(path)
+        size, total, index = os.path.getsize(path), max(parquet.metadata.num_rows, 1), 0
+        batches = parquet.iter_batches(batch_size=chunk_records)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            rows = batch.to_pylist()
+            yield Chunk(path, size=size * len(rows) // total,
+                        records=[(f"record {index + i}", row) for i, row in enumerate(rows)])
+            index += len(rows)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise _FileProblem(f"cannot be read as Parquet: {e}") from None
-    return [(f"record {i}", row) for i, row in enumerate(rows)]
 
 
-def _read_saved_dataset(path: str) -> Records:
+def _saved_dataset_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
     import datasets  # imported here: slow to import, and only save_to_disk directories need it
 
     try:
@@ -707,15 +1027,24 @@ def _read_saved_dataset(path: str) -> Records:
                 f"pass the split's own directory instead, e.g. {os.path.join(path, next(iter(dataset), 'SPLIT'))}"
             )
         dataset = dataset["train"]
-    return [(f"record {i}", row) for i, row in enumerate(dataset.to_list())]
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    for start in range(0, len(dataset), chunk_records):
+        rows = dataset.select(range(start, min(start + chunk_records, len(dataset)))).to_list()
+        yield Chunk(path, size=size * len(rows) // max(len(dataset), 1),
+                    records=[(f"record {start + i}", row) for i, row in enumerate(rows)])
+    if not len(dataset):
+        yield Chunk(path, size=size, records=[])
 
 
-def _read_source(path: str, kind: str) -> Records:
+def source_chunks(path: str, kind: str, chunk_bytes: int | None = None, chunk_records: int | None = None
+                  ) -> Iterator[Chunk]:
+    """The chunks of one source (a file, or a save_to_disk directory). Raises _FileProblem."""
+    chunk_bytes, chunk_records = chunk_bytes or CHUNK_BYTES, chunk_records or CHUNK_RECORDS
     if kind == "saved":
-        return _read_saved_dataset(path)
+        return _saved_dataset_chunks(path, chunk_records)
     if path.lower().endswith(".parquet"):
-        return _read_parquet_file(path)
-    return _read_json_file(path)  # .json, .jsonl or anything else: decided by content
+        return _parquet_chunks(path, chunk_records)
+    return _json_chunks(path, chunk_bytes, chunk_records)  # .json, .jsonl, .gz or anything else: decided by content
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -724,37 +1053,98 @@ def _read_source(path: str, kind: str) -> Records:
 
 
 def _split_paths(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """One path, "a.json,b.jsonl", or a list of paths (list items are not split on commas)."""
+    """One path, "a.json,b.jsonl", or a list of paths (list items are not split on commas). A path that exists as
+    given is not split, so file names with commas work."""
     if isinstance(data_path, (str, os.PathLike)):
-        items = os.fspath(data_path).split(",")
+        whole = os.fspath(data_path)
+        items = [whole] if os.path.lexists(whole.strip()) else whole.split(",")
     else:
         items = [os.fspath(p) for p in data_path]
     return [item.strip() for item in items if item.strip()]
 
 
-def _expand_path(path: str) -> tuple[list[tuple[str, str]], Problem | None]:
-    """[(path, kind)] to read for one given path (kind "file" or "saved"), or a file-level problem."""
-    if not os.path.exists(path):
-        return [], Problem(path, "", "", "does not exist")
-    if not os.path.isdir(path):
-        return [(path, "file")], None
-    names = os.listdir(path)
+def _missing(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+        if e.errno == errno.ENOENT:
+            return "does not exist"
+        return _os_problem(e, "be accessed")
+    return "does not exist"
+
+
+def _is_data_file(name: str) -> bool:
+    return name.lower().endswith(DATA_EXTENSIONS)
+
+
+@dataclass
+class Sources:
+    """What a --data_path names: the sources to read (path, kind "file" | "saved"), path-level problems, and the
+    entries of given directories that are not read (listed in the report)."""
+
+    items: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[str]:
+        return [path for path, _ in self.items]
+
+
+def _expand_directory(path: str, out: Sources) -> None:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        out.problems.append(Problem(path, "", "", _os_problem(e, "be listed")))
+        return
     if any(marker in names for marker in _SAVE_TO_DISK_MARKERS):
-        return [(path, "saved")], None
-    # Hidden files are left out: editors and macOS ("._train.json") leave non-data files with data extensions.
-    found = sorted(
-        name for name in names
-        if name.lower().endswith(DATA_EXTENSIONS) and not name.startswith(".")
-        and os.path.isfile(os.path.join(path, name))
-    )  # fmt: skip
+        out.items.append((path, "saved"))
+        return
+    found = []
+    for name in names:
+        full = os.path.join(path, name)
+        # Hidden files are left out: editors and macOS ("._train.json") leave non-data files with data extensions.
+        if _is_data_file(name) and not name.startswith(".") and os.path.isfile(full):
+            found.append(full)
+        else:
+            kind = ("directory, not searched" if os.path.isdir(full) else "hidden" if name.startswith(".")
+                    else "broken link" if not os.path.exists(full) else "not a data file")
+            out.ignored.append(f"{full} ({kind})")
     if not found:
-        message = "is a directory without .json, .jsonl or .parquet files (subdirectories are not searched)"
-        return [], Problem(path, "", "", message)
-    return [(os.path.join(path, name), "file") for name in found], None
+        message = (f"is a directory without {', '.join(DATA_EXTENSIONS[:-1])} or {DATA_EXTENSIONS[-1]} files "
+                   "(subdirectories are not searched)")
+        out.problems.append(Problem(path, "", "", message))
+    out.items += [(full, "file") for full in found]
+
+
+def expand_sources(data_path: str | os.PathLike | Sequence[str | os.PathLike]) -> Sources:
+    paths = _split_paths(data_path)
+    if not paths:
+        raise DataError("No data path given; pass a file, a directory, or several files separated by commas.")
+    out = Sources()
+    for path in paths:
+        if not os.path.exists(path):
+            out.problems.append(Problem(path, "", "", _missing(path)))
+        elif os.path.isdir(path):
+            _expand_directory(path, out)
+        else:
+            out.items.append((path, "file"))
+    seen: dict[str, str] = {}
+    for path, _ in out.items:
+        real = os.path.realpath(path)
+        if real in seen:
+            out.problems.append(Problem(path, "", "", f"is the same file as {seen[real]}, given twice (it would be "
+                                        "trained twice); give each file once"))
+        seen.setdefault(real, path)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Loading
+# Validating
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -762,64 +1152,127 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def _problem_lines(problems: list[Problem]) -> list[str]:
-    lines = [f"  {problem}" for problem in problems[:MAX_SHOWN_PROBLEMS]]
-    if len(problems) > MAX_SHOWN_PROBLEMS:
-        lines.append(f"  ... and {len(problems) - MAX_SHOWN_PROBLEMS} more")
-    return lines
+@dataclass
+class ProblemLog:
+    """Problems in the order found: the first MAX_SHOWN_PROBLEMS kept, all counted, the files they are in listed."""
 
+    shown: list[Problem] = field(default_factory=list)
+    count: int = 0
+    files: dict[str, None] = field(default_factory=dict)
 
-def _file_names(problems: list[Problem]) -> str:
-    names = list(dict.fromkeys(problem.file for problem in problems))
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more files" if len(names) > 5 else "")
+    def add(self, problems: Sequence[Problem]) -> None:
+        for problem in problems:
+            self.count += 1
+            self.files.setdefault(problem.file)
+            if len(self.shown) < MAX_SHOWN_PROBLEMS:
+                self.shown.append(problem)
+
+    def merge(self, other: ProblemLog) -> None:
+        self.shown += other.shown[: MAX_SHOWN_PROBLEMS - len(self.shown)]
+        self.count += other.count
+        self.files.update(other.files)
+
+    def lines(self) -> list[str]:
+        lines = [f"  {problem}" for problem in self.shown]
+        if self.count > len(self.shown):
+            lines.append(f"  ... and {self.count - len(self.shown)} more")
+        return lines
+
+    def file_names(self) -> str:
+        names = list(self.files)
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more files" if len(names) > 5 else "")
 
 
 @dataclass
-class _Tally:
-    """Running totals while reading all files."""
+class Validated:
+    """One chunk, validated: its good conversations and what was wrong with the rest."""
 
     conversations: list[Conversation] = field(default_factory=list)
-    file_problems: list[Problem] = field(default_factory=list)
-    record_problems: list[Problem] = field(default_factory=list)
     records: int = 0
     bad_records: int = 0
+    problems: ProblemLog = field(default_factory=ProblemLog)
+    file_problem: Problem | None = None
+    formats: dict[str, int] = field(default_factory=dict)
 
-    def add_records(self, path: str, records: Records) -> None:
-        self.records += len(records)
-        for where, record in records:
-            if isinstance(record, _BadLine):
-                conversation, problems = None, [Problem(path, where, "", record.message)]
-            else:
-                conversation, problems = normalize_record(record, file=path, where=where)
-            if problems:
-                self.bad_records += 1
-                self.record_problems.extend(problems)
-            else:
-                self.conversations.append(conversation)
+
+def validate_chunk(chunk: Chunk) -> Validated:
+    out = Validated()
+    try:
+        records = chunk_records(chunk)
+    except _FileProblem as e:
+        out.file_problem = Problem(chunk.file, "", "", str(e))
+        return out
+    out.records = len(records)
+    for where, record in records:
+        if isinstance(record, _BadLine):
+            conversation, problems = None, [Problem(chunk.file, where, "", record.message)]
+        else:
+            conversation, problems = normalize_record(record, file=chunk.file, where=where)
+        if problems:
+            out.bad_records += 1
+            out.problems.add(problems)
+        else:
+            out.conversations.append(conversation)
+            out.formats[conversation.format] = out.formats.get(conversation.format, 0) + 1
+    return out
+
+
+@dataclass
+class Tally:
+    """Running totals over all chunks of all sources."""
+
+    file_problems: list[Problem] = field(default_factory=list)
+    record_problems: ProblemLog = field(default_factory=ProblemLog)
+    records: int = 0
+    bad_records: int = 0
+    conversations: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+
+    def add(self, validated: Validated) -> None:
+        problem = validated.file_problem
+        if problem and all(p.file != problem.file for p in self.file_problems):  # one per file: its first
+            self.file_problems.append(problem)
+        self.records += validated.records
+        self.bad_records += validated.bad_records
+        self.record_problems.merge(validated.problems)
+        self.conversations += validated.records - validated.bad_records
+        for fmt, n in validated.formats.items():
+            self.formats[fmt] = self.formats.get(fmt, 0) + n
 
     def error_message(self, skip_invalid: bool) -> str | None:
         sections = []
         if self.file_problems:
             head = f"Cannot use {_plural(len(self.file_problems), 'data path')}:"
-            sections.append("\n".join([head, *_problem_lines(self.file_problems), _FILE_HINT]))
-        if self.record_problems and not skip_invalid:
+            sections.append("\n".join([head, *(f"  {p}" for p in self.file_problems), _FILE_HINT]))
+        if self.record_problems.count and not skip_invalid:
             head = (
-                f"Found {_plural(len(self.record_problems), 'problem')} in {self.bad_records} of "
-                f"{_plural(self.records, 'record')} ({_file_names(self.record_problems)}):"
+                f"Found {_plural(self.record_problems.count, 'problem')} in {self.bad_records} of "
+                f"{_plural(self.records, 'record')} ({self.record_problems.file_names()}):"
             )
-            sections.append("\n".join([head, *_problem_lines(self.record_problems), _SKIP_HINT]))
+            sections.append("\n".join([head, *self.record_problems.lines(), _SKIP_HINT]))
         return "\n\n".join(sections) or None
 
+    def nothing_left_message(self, files: list[str]) -> str:
+        names = ", ".join(files)
+        if self.records == 0:
+            return f"No records in {names}; there is nothing to train on."
+        return "\n".join([
+            f"No valid records in {names}: all {self.records} were invalid and skipped; nothing is left to train on.",
+            *self.record_problems.lines(),
+        ])
 
-def _nothing_left_message(tally: _Tally, files: list[str]) -> str:
-    names = ", ".join(files)
-    if tally.records == 0:
-        return f"No records in {names}; there is nothing to train on."
-    lines = [
-        f"No valid records in {names}: all {tally.records} were invalid and skipped; nothing is left to train on.",
-        *_problem_lines(tally.record_problems),
-    ]
-    return "\n".join(lines)
+
+def read_source(path: str, kind: str, tally: Tally) -> Iterator[Chunk]:
+    """The chunks of one source; a file-level problem is noted in the tally (and ends the source)."""
+    try:
+        yield from source_chunks(path, kind)
+    except _FileProblem as e:
+        tally.file_problems.append(Problem(path, "", "", str(e)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
 
 
 def load_conversations(
@@ -828,34 +1281,27 @@ def load_conversations(
     """Read every record of every file, validate all of them, and return the normalized conversations.
 
     Raises DataError listing the problems (first MAX_SHOWN_PROBLEMS of them) when any record is invalid, unless
-    skip_invalid, which drops those records instead. Unreadable files always raise.
+    skip_invalid, which drops those records instead. Unreadable files always raise. Holds every conversation in
+    memory: for calibration sets and tests; training streams its data (chattune.stream).
     """
-    paths = _split_paths(data_path)
-    if not paths:
-        raise DataError("No data path given; pass a file, a directory, or several files separated by commas.")
-    tally, files = _Tally(), []
-    for given in paths:
-        sources, problem = _expand_path(given)
-        if problem:
-            tally.file_problems.append(problem)
-        for path, kind in sources:
-            files.append(path)
-            try:
-                tally.add_records(path, _read_source(path, kind))
-            except _FileProblem as e:
-                tally.file_problems.append(Problem(path, "", "", str(e)))
+    sources = expand_sources(data_path)
+    tally = Tally(file_problems=list(sources.problems))
+    conversations: list[Conversation] = []
+    for path, kind in sources.items:
+        for chunk in read_source(path, kind, tally):
+            validated = validate_chunk(chunk)
+            tally.add(validated)
+            conversations += validated.conversations
     message = tally.error_message(skip_invalid)
     if message:
         raise DataError(message)
-    if not tally.conversations:
-        raise DataError(_nothing_left_message(tally, files))
-    counts: dict[str, int] = {}
-    for conversation in tally.conversations:
-        counts[conversation.format] = counts.get(conversation.format, 0) + 1
+    if not conversations:
+        raise DataError(tally.nothing_left_message(sources.files))
     return LoadResult(
-        conversations=tally.conversations,
-        files=files,
-        skipped=tally.record_problems if skip_invalid else [],
+        conversations=conversations,
+        files=sources.files,
+        skipped=tally.record_problems.shown if skip_invalid else [],
         skipped_records=tally.bad_records,
-        format_counts=counts,
+        format_counts=tally.formats,
+        ignored=sources.ignored,
     )

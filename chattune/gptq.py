@@ -164,20 +164,18 @@ def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict
         log(f"skipped {loaded.skipped_records} invalid records (--skip_invalid_records)")
     split = split_conversations(len(loaded.conversations), args.eval_samples, args.num_samples, args.seed)
 
-    def samples(indices: list[int]) -> Samples:
+    def samples(indices: list[int], what: str) -> Samples:
         if not indices:
             return Samples([], [], 0)
         prepared = prepare_dataset(
             [loaded.conversations[i] for i in indices], tokenizer, stop_tokens=setup.stop_tokens,
             max_length=args.max_len, template_kwargs=template_kwargs, cache_dir=args.data_cache_dir,
-            files=loaded.files,
+            files=loaded.files, what=what, length_flag="--max_len",
         ).dataset
         return Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(indices))
 
-    data = Data(samples(split.eval), samples(split.calibration), len(loaded.conversations), split)
-    if not data.calibration.input_ids:
-        raise UserError(f"no calibration sample has a trained token within --max_len {args.max_len}; raise --max_len")
-    return data
+    return Data(samples(split.eval, "perplexity"), samples(split.calibration, "calibration"),
+                len(loaded.conversations), split)
 
 
 # --------------------------------------------------------------------------------------------------------------

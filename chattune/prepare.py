@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from chattune import __version__
+from chattune.data import DataError
 from chattune.template import (
     IGNORE_INDEX,
     content_control_tokens,
@@ -59,11 +60,23 @@ class DataReport:
     tool_call_turns: int = 0  # trained assistant turns that call tools
     unrendered_reasoning: int = 0  # trained turns with reasoning_content the template does not render (not trained)
     content_control_tokens: int = 0  # conversations whose text holds turn-structure tokens, encoded as plain text
+    capped_texts: int = 0  # message texts so long they were cut before tokenizing (see char_cap)
     max_length: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
+    skipped_examples: list[str] = field(default_factory=list)  # the first problems of the skipped records
+    ignored: list[str] = field(default_factory=list)  # entries of given directories that were not read, with why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def add(self, other: DataReport) -> None:
+        """Add the counts of another part of the same data (a chunk tokenized on its own)."""
+        for name, value in vars(other).items():
+            if name == "length_histogram":
+                for bucket, count in value.items():
+                    self.length_histogram[bucket] = self.length_histogram.get(bucket, 0) + count
+            elif isinstance(value, int) and not isinstance(value, bool) and name != "max_length":
+                setattr(self, name, getattr(self, name) + value)
 
     def format(self) -> str:
         lines = [
@@ -74,9 +87,13 @@ class DataReport:
             + f"), kept {self.kept}",
             f"  tokens {self.tokens:,}, trained {self.trained_tokens:,}"
             + (f" ({self.trained_tokens / self.tokens:.0%})" if self.tokens else ""),
-            f"  truncated at {self.max_length}: {self.truncated} samples ({self.truncated_tokens:,} tokens cut);"
-            f" dropped with no trained token left: {self.dropped_no_trained}",
+            f"  truncated at {self.max_length}: {self.truncated} samples ({self.truncated_tokens:,} tokens cut"
+            + (", at least" if self.capped_texts else "") + f"); dropped with no trained token left: "
+            f"{self.dropped_no_trained}",
         ]
+        if self.capped_texts:
+            lines.append(f"  {self.capped_texts} message texts far longer than {self.max_length} tokens were cut before "
+                         "tokenizing (their end lies beyond the kept tokens; sample lengths count what remained)")
         lines.append(f"  assistant turns trained {self.trained_turns:,} ({self.tool_call_turns:,} with tool calls), "
                      f"masked {self.masked_turns:,}")
         if self.content_control_tokens:
@@ -94,6 +111,16 @@ class DataReport:
                 f"  WARNING: {self.unstopped_turns} trained turns end without an end-of-turn token: the model may not "
                 "learn to stop. Use a template that closes assistant turns (--template)."
             )
+        if self.skipped_examples:
+            lines.append("  skipped records (--skip_invalid_records):")
+            lines += [f"    {problem}" for problem in self.skipped_examples]
+            if self.skipped_records > len(self.skipped_examples):
+                lines.append(f"    ... and {self.skipped_records - len(self.skipped_examples)} more records")
+        if self.ignored:
+            lines.append(f"  not read from the given directories ({len(self.ignored)}):")
+            lines += [f"    {entry}" for entry in self.ignored[:10]]
+            if len(self.ignored) > 10:
+                lines.append(f"    ... and {len(self.ignored) - 10} more")
         shown = _trim_empty(self.length_histogram)
         if shown:
             lines.append("  sample length (tokens, before truncation):")
@@ -148,6 +175,31 @@ class _Job:
     max_length: int
     train_on: str = "all"
     plain_tokens: tuple[str, ...] = ()  # turn-structure tokens to encode as plain text where content holds them
+    char_cap: int = 0  # message texts are cut to this many characters before rendering (0: never)
+
+
+def char_cap(tokenizer: Any, max_length: int) -> int:
+    """A message text length beyond which the rest cannot reach the kept tokens: no token stands for more characters
+    than the longest vocabulary entry spells (byte-level entries spell at least as many characters as they decode
+    to), so the first half of a text this long holds more than max_length tokens, and cutting the second half leaves
+    the first max_length tokens of any sample unchanged. Bounds the work and memory of a 49 MB message by the
+    tokens kept rather than by the message."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return 2 * (max_length + 1) * max(longest, 1)
+
+
+def cap_messages(messages: Sequence[dict], cap: int) -> tuple[Sequence[dict], int]:
+    """Messages with content / reasoning_content cut to `cap` characters; the number of texts cut."""
+    if not cap:
+        return messages, 0
+    out, cut = [], 0
+    for message in messages:
+        long = [k for k in ("content", "reasoning_content") if isinstance(message.get(k), str) and len(message[k]) > cap]
+        if long:
+            message = dict(message) | {k: message[k][:cap] for k in long}
+            cut += len(long)
+        out.append(message)
+    return (tuple(out) if cut else messages), cut
 
 
 _FORKED_JOB: _Job | None = None  # set in the parent just before forking the worker pool, read by the workers
@@ -158,16 +210,17 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
     job = job or _FORKED_JOB
     lo, hi = bounds
     render = make_renderer(job.tokenizer, job.template_kwargs)
-    rendered, owners, tool_turns = [], [], []
+    rendered, tool_turns, capped = [], [], []
     for index in range(lo, hi):
         conv = job.conversations[index]
-        samples = render_conversation(render, conv.messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
+        messages, cut = cap_messages(conv.messages, job.char_cap)
+        samples = render_conversation(render, messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
                                       train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens)
-        trained = trained_turn_indices(conv.messages, conv.masked, job.train_on)
+        trained = trained_turn_indices(messages, conv.masked, job.train_on)
         for k, sample in enumerate(samples):
             rendered.append(sample)
-            owners.append(index)
-            tool_turns.append(sum(bool(conv.messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
+            tool_turns.append(sum(bool(messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
+            capped.append(cut if k == 0 else 0)
     # One sample can give several encodings (answers whose token-exact prompt differs train on their own): the
     # per-sample counts go with the first encoding, the extra ones are "turns rendered on their own".
     encoded, rows = [], []
@@ -189,7 +242,6 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
         "kept_length": np.array([len(i) for i in ids], np.int64),
         "length": np.array([len(i) for i, _ in encoded], np.int64),
         "trained": np.array([int((lab != IGNORE_INDEX).sum()) for lab in labels], np.int64),
-        "conversation": np.array([owners[k] for k, _ in rows], np.int64),
         "own_turn": np.array([rendered[k].own_turn or not f for (k, _), f in zip(rows, first, strict=True)], bool),
         "token_exact_turns": np.array([not f for f in first], bool),
         "eos_appended": per_row([s.eos_appended for s in rendered], False).astype(bool),
@@ -198,6 +250,7 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
         "masked_turns": per_row([s.masked_turns for s in rendered]).astype(np.int64),
         "tool_call_turns": per_row(tool_turns).astype(np.int64),
         "unrendered_reasoning": per_row([s.unrendered_reasoning for s in rendered]).astype(np.int64),
+        "capped": per_row(capped).astype(np.int64),
     }
 
 
@@ -227,25 +280,81 @@ def _encode_all(job: _Job, num_proc: int, chunk: int = 1000) -> dict[str, np.nda
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else _encode_range((0, 0), job)
 
 
-def _to_dataset(encoded: dict[str, np.ndarray], keep: np.ndarray):
-    """A `datasets.Dataset` of the kept samples, built from flat arrays without a Python loop over tokens."""
-    import datasets
-    import pyarrow as pa
-
-    lengths = encoded["kept_length"][keep]
+def kept_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The flat ids, labels and lengths of the samples with a trained token (the others are dropped and counted)."""
+    keep = encoded["trained"] > 0
     token_keep = np.repeat(keep, encoded["kept_length"])
-    offsets = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    return {"input_ids": encoded["input_ids"][token_keep], "labels": encoded["labels"][token_keep],
+            "lengths": encoded["kept_length"][keep]}
 
-    def column(flat: np.ndarray) -> pa.ListArray:
-        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat[token_keep]))
 
-    table = pa.table({
-        "input_ids": column(encoded["input_ids"]),
-        "labels": column(encoded["labels"]),
-        "conversation": pa.array(encoded["conversation"][keep]),
-    })
-    return datasets.Dataset(table)
+DATASET_FILE = "dataset.arrow"  # one Arrow stream of (input_ids, labels), memory-mapped by every rank
+REPORT_FILE = "report.json"
+
+
+class ArrowWriter:
+    """Appends samples (flat ids/labels + lengths) to one Arrow stream file, batch by batch, so no process ever
+    holds the whole tokenized dataset."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+
+        self.pa = pa
+        self.schema = pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.rows = 0
+
+    def write(self, arrays: dict[str, np.ndarray]) -> None:
+        pa = self.pa
+        if not len(arrays["lengths"]):
+            return
+        offsets = np.zeros(len(arrays["lengths"]) + 1, np.int64)
+        np.cumsum(arrays["lengths"], out=offsets[1:])
+
+        def column(flat: np.ndarray):
+            return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(np.int32, copy=False)))
+
+        self.writer.write_batch(pa.record_batch([column(arrays["input_ids"]), column(arrays["labels"])],
+                                                schema=self.schema))
+        self.rows += len(arrays["lengths"])
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sink.close()
+
+
+def load_cached(target: Path):
+    """The committed dataset of a cache entry, memory-mapped (nothing is read into memory)."""
+    import datasets
+
+    return datasets.Dataset.from_file(str(target / DATASET_FILE))
+
+
+def is_ready(target: Path) -> bool:
+    return (target / REPORT_FILE).exists() and (target / DATASET_FILE).exists()
+
+
+def commit(tmp: Path, target: Path, report: DataReport) -> None:
+    """Move a finished cache entry into place atomically: a crash mid-write never leaves a half cache behind."""
+    try:
+        (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+        os.replace(tmp, target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process (another node's main process) committed the same cache first: use it. Anything else (a
+        # full disk, no permission) is an error, not something to pass over.
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not is_ready(target):
+            raise
+
+
+def read_report(target: Path) -> DataReport:
+    return DataReport(**json.loads((target / REPORT_FILE).read_text()))
+
+
+def nothing_kept_error(max_length: int, what: str = "training", flag: str = "--model_max_length") -> DataError:
+    return DataError(f"no {what} sample has a trained token left after truncation to {max_length} tokens (every "
+                     f"answer starts beyond it); raise {flag}, or shorten the prompts")
 
 
 def code_fingerprint() -> str:
@@ -254,7 +363,9 @@ def code_fingerprint() -> str:
     from chattune import data, template
 
     h = hashlib.sha256()
-    for path in (data.__file__, template.__file__, __file__):
+    from chattune import stream
+
+    for path in (data.__file__, template.__file__, __file__, stream.__file__):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
@@ -280,7 +391,7 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class Prepared:
-    dataset: Any  # datasets.Dataset with input_ids, labels, conversation (index of the source conversation)
+    dataset: Any  # datasets.Dataset with input_ids and labels, memory-mapped from the cache
     report: DataReport
     cache_path: Path
     from_cache: bool = False
@@ -299,42 +410,40 @@ def prepare_dataset(
     skipped_records: int = 0,
     train_on: str = "all",
     special_tokens_in_content: str = "error",
+    what: str = "training",
+    length_flag: str = "--model_max_length",
 ) -> Prepared:
-    """Tokenize `conversations` (validated `data.Conversation`s) into a cached `datasets.Dataset` and report."""
-    import datasets
-
+    """Tokenize `conversations` (validated `data.Conversation`s, all in memory) into a cached `datasets.Dataset` and
+    report. Training streams its files instead (`chattune.stream.prepare_files`); this path serves calibration sets
+    and is the reference the streaming path is tested against."""
     key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length,
                        [train_on, special_tokens_in_content])
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
-    if (target / "report.json").exists():
-        report = DataReport(**json.loads((target / "report.json").read_text()))
+    if is_ready(target):
+        report = read_report(target)
         report.files, report.skipped_records = list(files), skipped_records
-        return Prepared(datasets.load_from_disk(str(target / "data")), report, target, from_cache=True)
+        return Prepared(load_cached(target), report, target, from_cache=True)
 
     # Not needed for a cached result: the key covers the data and the mode, so it passed this check when written.
     plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
                                                   special_tokens_in_content)
     if num_proc is None:
         num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
-    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, plain_tokens)
+    job = _Job(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, plain_tokens,
+               char_cap(tokenizer, max_length))
     encoded = _encode_all(job, num_proc)
     report = _report(encoded, max_length, len(conversations), files, skipped_records)
     report.content_control_tokens = affected
-    dataset = _to_dataset(encoded, encoded["trained"] > 0)
+    if report.kept == 0:
+        raise nothing_kept_error(max_length, what, length_flag)  # nothing cached: a longer limit re-runs clean
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
-    try:
-        dataset.save_to_disk(str(tmp / "data"))
-        (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
-        os.replace(tmp, target)  # atomic: a crash mid-write never leaves a half cache behind
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # Another process (another node's main process) committed the same cache first: use it. Anything else (a
-        # full disk, no permission) is an error, not something to pass over.
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (target / "report.json").exists():
-            raise
-    return Prepared(datasets.load_from_disk(str(target / "data")), report, target)
+    writer = ArrowWriter(tmp / DATASET_FILE)
+    writer.write(kept_arrays(encoded))
+    writer.close()
+    commit(tmp, target, report)
+    return Prepared(load_cached(target), report, target)
 
 
 def check_content_tokens(conversations: Sequence[Any], tokenizer: Any, template_kwargs: dict[str, Any] | None,
@@ -342,8 +451,6 @@ def check_content_tokens(conversations: Sequence[Any], tokenizer: Any, template_
     """Turn-structure tokens written inside message text would be tokenized as real control tokens: the model learns to
     end turns mid-answer, and user text can forge turns. `error` (default) lists the records and stops; `text` encodes
     them as plain text. Returns (tokens to encode as plain text, conversations affected)."""
-    from chattune.data import MAX_SHOWN_PROBLEMS, DataError
-
     tokens = turn_structure_tokens(tokenizer, make_renderer(tokenizer, template_kwargs), stop_tokens)
     found = [(c.source, i, token) for c in conversations for i, token in content_control_tokens(c.messages, tokens)]
     if not found:
@@ -351,10 +458,19 @@ def check_content_tokens(conversations: Sequence[Any], tokenizer: Any, template_
     affected = len({source for source, _, _ in found})
     if mode == "text":
         return tuple(tokens), affected
+    raise control_token_error(tokens, found, len(found), affected)
+
+
+def control_token_error(tokens: Sequence[str], found: Sequence[tuple[str, int, str]], total: int, affected: int
+                        ) -> DataError:
+    """The error for turn-structure tokens in message text: the first `found` (source, message index, token) of
+    `total` occurrences in `affected` conversations."""
+    from chattune.data import MAX_SHOWN_PROBLEMS
+
     lines = [f"  {source}: messages[{i}] contains {token!r}" for source, i, token in found[:MAX_SHOWN_PROBLEMS]]
-    if len(found) > MAX_SHOWN_PROBLEMS:
-        lines.append(f"  ... and {len(found) - MAX_SHOWN_PROBLEMS} more")
-    raise DataError("\n".join([
+    if total > MAX_SHOWN_PROBLEMS:
+        lines.append(f"  ... and {total - MAX_SHOWN_PROBLEMS} more")
+    return DataError("\n".join([
         f"{affected} conversations write the chat template's turn-structure tokens ({', '.join(tokens)}) inside "
         "their text; tokenized as control tokens they teach the model to end turns mid-answer, and let user text "
         "forge turns:", *lines,
@@ -373,7 +489,7 @@ def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int,
         eos_appended=int(encoded["eos_appended"].sum()), unstopped_turns=int(encoded["unstopped"].sum()),
         trained_turns=int(encoded["trained_turns"].sum()), masked_turns=int(encoded["masked_turns"].sum()),
         tool_call_turns=int(encoded["tool_call_turns"].sum()),
-        unrendered_reasoning=int(encoded["unrendered_reasoning"].sum()),
+        unrendered_reasoning=int(encoded["unrendered_reasoning"].sum()), capped_texts=int(encoded["capped"].sum()),
         kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
         truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
         dropped_no_trained=int((~kept).sum()), length_histogram=length_histogram(length.tolist(), max_length),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -11,9 +12,9 @@ import torch
 
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.cli import log
-from chattune.data import load_conversations
 from chattune.errors import ConfigError
-from chattune.prepare import Prepared, format_preview, prepare_dataset
+from chattune.prepare import Prepared, format_preview
+from chattune.stream import prepare_files
 from chattune.template import TemplateSetup
 from chattune.tokenizer import prepare_tokenizer
 
@@ -25,36 +26,26 @@ class Data:
 
 
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
-               main_process_first: Any = None) -> Data:
-    """Read and validate every record, then tokenize (main process first; the other ranks read its cache)."""
+               main_process_first: Any = None, main: bool = True) -> Data:
+    """Read, validate and tokenize the data in bounded memory (chattune.stream). In a distributed run the main process
+    of each node prepares it first; the other ranks (`main` false) then memory-map its cache without opening the
+    data files."""
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
     template_kwargs = data_args.parsed_template_kwargs()
 
-    def prepare(path: str) -> Prepared:
-        loaded = load_conversations(path, skip_invalid=data_args.skip_invalid_records)
-        return prepare_dataset(
-            loaded.conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length,
-            template_kwargs=template_kwargs, cache_dir=data_args.data_cache_dir,
-            num_proc=data_args.preprocessing_num_workers, files=loaded.files, skipped_records=loaded.skipped_records,
-            train_on=data_args.train_on, special_tokens_in_content=data_args.special_tokens_in_content,
+    def prepare(path: str, what: str) -> Prepared:
+        return prepare_files(
+            path, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length, template_kwargs=template_kwargs,
+            cache_dir=data_args.data_cache_dir, num_proc=data_args.preprocessing_num_workers,
+            skip_invalid=data_args.skip_invalid_records, train_on=data_args.train_on,
+            special_tokens_in_content=data_args.special_tokens_in_content, main=main, what=what,
         )
 
-    # Validate the evaluation data too before the (slow) tokenization of the training data starts.
-    if data_args.eval_data_path:
-        load_conversations(data_args.eval_data_path, skip_invalid=data_args.skip_invalid_records)
-    if main_process_first is None:
-        train = prepare(data_args.data_path)
-        evaluation = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
-    else:
-        with main_process_first(desc="tokenizing data"):
-            train = prepare(data_args.data_path)
-            evaluation = prepare(data_args.eval_data_path) if data_args.eval_data_path else None
-    if train.report.kept == 0:
-        raise ConfigError(
-            f"no training sample has a trained token left after truncation to {max_length} tokens; "
-            "raise --model_max_length"
-        )
+    # The evaluation data first: usually small, and its problems show before the long preparation of the training data.
+    with main_process_first(desc="preparing data") if main_process_first else contextlib.nullcontext():
+        evaluation = prepare(data_args.eval_data_path, "evaluation") if data_args.eval_data_path else None
+        train = prepare(data_args.data_path, "training")
     return Data(train, evaluation)
 
 
@@ -123,7 +114,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     config, attention = (None, None) if data_args.dump_tokenized else model_config_and_attention(model_args,
                                                                                                  training_args)
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
-                      main_process_first=training_args.main_process_first)
+                      main_process_first=training_args.main_process_first,
+                      main=training_args.local_process_index == 0)
     if training_args.process_index == 0:
         log(data.train.report.format())
         if data.eval is not None:

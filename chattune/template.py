@@ -250,7 +250,7 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
     own: list[RenderedSample] = []
     for i in trained:
         prompt = render(messages[:i], True, tools)
-        upto = render(messages[: i + 1], False, tools)
+        upto = full.text if i + 1 == len(messages) else render(messages[: i + 1], False, tools)
         if not upto.startswith(prompt):
             raise TemplateError(where + _prefix_problem(render, messages, i, prompt, upto))
         end = _answer_end(upto, len(prompt))

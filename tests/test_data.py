@@ -701,7 +701,8 @@ def test_missing_path(tmp_path):
 
 def test_directory_without_data_files(tmp_path):
     write(tmp_path / "readme.md", "hi")
-    expected = f"{tmp_path}: is a directory without .json, .jsonl or .parquet files (subdirectories are not searched)"
+    expected = (f"{tmp_path}: is a directory without .json, .jsonl, .json.gz, .jsonl.gz or .parquet files "
+                "(subdirectories are not searched)")
     assert file_error(tmp_path) == one_file_problem(expected)
 
 

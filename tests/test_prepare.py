@@ -128,10 +128,10 @@ def test_truncation_and_drop_accounting(model_dirs, tmp_path):
     assert sum(report.length_histogram.values()) == 14
     assert report.length_histogram[f"> {max_length}"] == sum(1 for n in lengths if n > max_length)
     # every kept sample still has a trained token and a truncated one is the prefix of the full one
-    by_conv = {r["conversation"]: r for r in full.dataset}
-    for r in short.dataset:
+    survivors = [r for r, f in zip(full.dataset, first_trained, strict=True) if f < max_length]
+    for r, whole in zip(short.dataset, survivors, strict=True):
         assert any(x != -100 for x in r["labels"])
-        assert r["input_ids"] == by_conv[r["conversation"]]["input_ids"][: len(r["input_ids"])]
+        assert r["input_ids"] == whole["input_ids"][: len(r["input_ids"])]
 
 
 def test_cache_is_reused_and_keyed_by_settings(model_dirs, tmp_path):
@@ -147,7 +147,7 @@ def test_cache_is_reused_and_keyed_by_settings(model_dirs, tmp_path):
     assert again.dataset["input_ids"][:] == first.dataset["input_ids"][:]
 
 
-@pytest.mark.parametrize("module", ["template", "data", "prepare"])
+@pytest.mark.parametrize("module", ["template", "data", "prepare", "stream"])
 def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, monkeypatch, module):
     """Labels cached by older code are not served after the code that renders or masks them changes."""
     import importlib
@@ -180,7 +180,7 @@ def test_parallel_workers_give_identical_output(model_dirs, tmp_path):
                                cache_dir=tmp_path / "b")
     assert serial.report == parallel.report
     assert serial.dataset["labels"][:] == parallel.dataset["labels"][:]
-    assert parallel.dataset["conversation"][:] == [i for i in range(2600)]
+    assert len(parallel.dataset) == 2600 and serial.dataset["input_ids"][:] == parallel.dataset["input_ids"][:]
 
 
 def test_per_turn_samples_are_reported(model_dirs, tmp_path):

@@ -1,0 +1,387 @@
+"""Data files -> token ids and labels in bounded memory, parsed once per node.
+
+`prepare_files` reads `--data_path` in chunks (`data.source_chunks`: blocks of JSONL lines, slices of a JSON array,
+Parquet row batches), and each chunk is validated, rendered and tokenized in a worker process. The parent keeps a
+few chunks in flight, appends each result in order to one Arrow file and adds up the report and the problems (the
+first ones kept, all counted); no process ever holds the records or the tokenized dataset. The finished file is
+committed into the cache atomically and memory-mapped by every rank.
+
+The cache key covers the data files' bytes (hashed by streaming them), the tokenizer, template and settings, and the
+code that makes the labels. Only the main process of a node computes it and prepares the data, holding a lock on
+the entry so the main processes of other nodes sharing the cache's filesystem wait for it instead of preparing the
+same data again. The other ranks never open a data file: they find the entry through an index keyed by what
+`os.stat` says about the files (size, mtime, inode), written by the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chattune import __version__
+from chattune.data import (
+    MAX_SHOWN_PROBLEMS,
+    Chunk,
+    DataError,
+    Sources,
+    Tally,
+    Validated,
+    expand_sources,
+    read_source,
+    validate_chunk,
+)
+from chattune.prepare import (
+    DATASET_FILE,
+    ArrowWriter,
+    DataReport,
+    Prepared,
+    _encode_range,
+    _Job,
+    _report,
+    char_cap,
+    code_fingerprint,
+    commit,
+    control_token_error,
+    default_cache_dir,
+    is_ready,
+    kept_arrays,
+    load_cached,
+    nothing_kept_error,
+    read_report,
+)
+from chattune.template import content_control_tokens, make_renderer, turn_structure_tokens
+
+# Below this much input, worker processes cost more than they save.
+_PARALLEL_MIN_BYTES = 4 << 20
+_HASH_BLOCK = 8 << 20
+
+
+@dataclass
+class _Settings:
+    """What a worker needs to turn a chunk into samples; inherited by forked workers, never pickled per chunk."""
+
+    tokenizer: Any
+    template_kwargs: dict[str, Any] | None
+    stop_tokens: list[str]
+    max_length: int
+    train_on: str
+    skip_invalid: bool
+    control_tokens: tuple[str, ...]  # turn-structure tokens that must not stand in message text
+    control_mode: str  # "error" | "text"
+    char_cap: int = 0  # message texts are cut to this many characters before rendering (prepare.char_cap)
+
+
+@dataclass
+class _ChunkResult:
+    size: int
+    validated: Validated  # without its conversations: those stay in the worker
+    report: DataReport | None = None
+    arrays: dict[str, Any] | None = None  # kept samples: flat input_ids, labels, lengths
+    control_found: list[tuple[str, int, str]] = field(default_factory=list)
+    control_total: int = 0
+    control_affected: int = 0
+
+
+_FORKED: _Settings | None = None  # set in the parent just before forking the worker pool, read by the workers
+
+
+def _process(chunk: Chunk, encode: bool, settings: _Settings | None = None) -> _ChunkResult:
+    """Validate, render and tokenize one chunk (in a worker). With `encode` false only validate: the run already
+    failed and goes on only to report every problem."""
+    settings = settings or _FORKED
+    validated = validate_chunk(chunk)
+    conversations, validated.conversations = validated.conversations, []
+    result = _ChunkResult(chunk.size, validated)
+    if settings.control_tokens:
+        for conversation in conversations:
+            found = content_control_tokens(conversation.messages, settings.control_tokens)
+            result.control_affected += bool(found)
+            result.control_total += len(found)
+            room = MAX_SHOWN_PROBLEMS - len(result.control_found)
+            result.control_found += [(conversation.source, i, token) for i, token in found[:max(room, 0)]]
+    failed = (validated.file_problem or (validated.bad_records and not settings.skip_invalid)
+              or (result.control_total and settings.control_mode == "error"))
+    if encode and not failed and conversations:
+        plain = settings.control_tokens if settings.control_mode == "text" else ()
+        job = _Job(conversations, settings.tokenizer, settings.template_kwargs, settings.stop_tokens,
+                   settings.max_length, settings.train_on, plain, settings.char_cap)
+        encoded = _encode_range((0, len(conversations)), job)
+        result.report = _report(encoded, settings.max_length, len(conversations), [], 0)
+        result.arrays = kept_arrays(encoded)
+    return result
+
+
+class _Run:
+    """The parent's side of one preparation: results merged in chunk order."""
+
+    def __init__(self, settings: _Settings, path: Path, total: int, what: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.settings = settings
+        self.tally = Tally()
+        self.report = DataReport(max_length=settings.max_length)
+        self.writer = ArrowWriter(path)
+        self.control_found: list[tuple[str, int, str]] = []
+        self.control_total = self.control_affected = 0
+        self.bar = tqdm(total=total, desc=f"Preparing {what} data", unit="B", unit_scale=True, unit_divisor=1024,
+                        disable=total < _PARALLEL_MIN_BYTES, file=sys.stderr)
+
+    @property
+    def failed(self) -> bool:
+        """Once anything makes the run fail, the remaining chunks are only validated (to report all problems)."""
+        return bool(self.tally.file_problems or (self.tally.bad_records and not self.settings.skip_invalid)
+                    or (self.control_total and self.settings.control_mode == "error"))
+
+    def merge(self, result: _ChunkResult) -> None:
+        self.tally.add(result.validated)
+        if result.report is not None:
+            self.report.add(result.report)
+        if result.arrays is not None and not self.failed:
+            self.writer.write(result.arrays)
+        self.control_found += result.control_found[: MAX_SHOWN_PROBLEMS - len(self.control_found)]
+        self.control_total += result.control_total
+        self.control_affected += result.control_affected
+        self.bar.update(result.size)
+        self.bar.set_postfix(conversations=f"{self.tally.conversations:,}", refresh=False)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.bar.close()
+
+
+def _chunks(sources: Sources, tally: Tally) -> Iterator[Chunk]:
+    for path, kind in sources.items:
+        yield from read_source(path, kind, tally)
+
+
+def _run_chunks(run: _Run, sources: Sources, num_proc: int) -> None:
+    global _FORKED
+    chunks = _chunks(sources, run.tally)
+    if num_proc <= 1:
+        for chunk in chunks:
+            run.merge(_process(chunk, not run.failed, run.settings))
+        return
+    _FORKED = run.settings
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_process, (chunk, not run.failed)))
+                while len(pending) >= 2 * num_proc:  # bounded: a few chunks in flight, never the dataset
+                    run.merge(pending.popleft().get())
+            while pending:
+                run.merge(pending.popleft().get())
+    finally:
+        _FORKED = None
+
+
+def _source_size(path: str, kind: str) -> int:
+    if kind == "saved":
+        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return os.path.getsize(path)
+
+
+def _source_files(path: str, kind: str) -> list[Path]:
+    return sorted(f for f in Path(path).rglob("*") if f.is_file()) if kind == "saved" else [Path(path)]
+
+
+def _settings_text(settings: _Settings, options: Sequence[Any]) -> str:
+    tokenizer = settings.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
+    values = [tokenizer.chat_template, settings.template_kwargs, settings.stop_tokens, settings.max_length,
+              tokenizer.special_tokens_map, settings.train_on, settings.skip_invalid, settings.control_mode,
+              list(options)]
+    vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()
+    return f"chattune {__version__} stream v1 code {code_fingerprint()}\n{vocab_hash}\n" + json.dumps(
+        values, sort_keys=True, default=str)
+
+
+def _stat_key(settings_text: str, sources: Sources) -> str:
+    """What the data files look like to os.stat (never opening them), with the settings: the index entry the main
+    process writes for the other ranks of its node."""
+    h = hashlib.sha256(settings_text.encode())
+    for path, kind in sources.items:
+        for f in _source_files(path, kind):
+            st = f.stat()
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _content_key(settings_text: str, sources: Sources) -> str:
+    """The cache key: settings and the bytes of every data file, streamed (nothing is parsed or held)."""
+    from tqdm.auto import tqdm
+
+    total = sum(_source_size(path, kind) for path, kind in sources.items)
+    h = hashlib.sha256(settings_text.encode())
+    with tqdm(total=total, desc="Hashing data files", unit="B", unit_scale=True, unit_divisor=1024,
+              disable=total < (1 << 30), file=sys.stderr) as bar:
+        for path, kind in sources.items:
+            h.update(f"{path}\0{kind}\n".encode())
+            for f in _source_files(path, kind):
+                h.update(f"{f.relative_to(path) if kind == 'saved' else ''}\n".encode())
+                try:
+                    with open(f, "rb") as stream:
+                        while block := stream.read(_HASH_BLOCK):
+                            h.update(block)
+                            bar.update(len(block))
+                except OSError as e:
+                    raise DataError(f"{f}: cannot be read: {e.strerror or e}") from None
+    return h.hexdigest()[:20]
+
+
+def usable_cache_dir(cache_dir: str | Path | None) -> Path:
+    """The cache directory, or a temporary one (with a warning) when it cannot be written."""
+    from chattune.cli import log
+
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe."):
+            pass
+        return cache
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / f"chattune-{os.getuid()}" / "tokenized"
+        fallback.mkdir(parents=True, exist_ok=True)
+        log(f"warning: the data cache {cache} cannot be written ({e.strerror or e}); using {fallback} for this run "
+            "(set --data_cache_dir or CHATTUNE_CACHE to a writable directory to keep the cache)")
+        return fallback
+
+
+def _index_path(cache: Path, stat_key: str) -> Path:
+    return cache / "index" / stat_key
+
+
+def _write_index(cache: Path, stat_key: str, key: str) -> None:
+    path = _index_path(cache, stat_key)
+    with contextlib.suppress(OSError):  # only an optimisation for the other ranks: they prepare themselves without it
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{stat_key}.{os.getpid()}.tmp")
+        tmp.write_text(key)
+        os.replace(tmp, path)
+
+
+def _read_index(cache: Path, stat_key: str) -> str | None:
+    try:
+        return _index_path(cache, stat_key).read_text().strip() or None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _locked(cache: Path, key: str) -> Iterator[None]:
+    """Exclusive right to prepare `key` among the processes sharing the cache (other nodes' main processes on a
+    shared filesystem). POSIX record locks work over NFS; where locking is not supported, go on without it: the
+    atomic commit still keeps the cache whole."""
+    import fcntl
+
+    from chattune.cli import log
+
+    with open(cache / f".{key}.lock", "a+") as f:
+        try:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"waiting for another process preparing the same data (lock {cache / f'.{key}.lock'})")
+                fcntl.lockf(f, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        yield
+
+
+def _load(target: Path, sources: Sources, from_cache: bool) -> Prepared:
+    report = read_report(target)
+    report.files = sources.files
+    return Prepared(load_cached(target), report, target, from_cache=from_cache)
+
+
+def prepare_files(
+    data_path: str | Sequence[str],
+    tokenizer: Any,
+    *,
+    stop_tokens: Sequence[str],
+    max_length: int,
+    template_kwargs: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    skip_invalid: bool = False,
+    train_on: str = "all",
+    special_tokens_in_content: str = "error",
+    main: bool = True,
+    what: str = "training",
+) -> Prepared:
+    """Read, validate and tokenize the data files of `data_path` into the cache in bounded memory, or load the cached
+    result. `main` false (the other ranks of a node, after its main process): find the main process's result through
+    the stat index without opening a data file; prepare only if it is not there."""
+    sources = expand_sources(data_path)
+    if sources.problems:
+        problems = Tally(file_problems=sources.problems).error_message(skip_invalid)
+        raise DataError(problems)
+    render = make_renderer(tokenizer, template_kwargs)
+    settings = _Settings(tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, skip_invalid,
+                         tuple(turn_structure_tokens(tokenizer, render, stop_tokens)), special_tokens_in_content,
+                         char_cap(tokenizer, max_length))
+    cache = usable_cache_dir(cache_dir)
+    text = _settings_text(settings, [])
+    stat_key = _stat_key(text, sources)
+    if not main:
+        key = _read_index(cache, stat_key)
+        if key and is_ready(cache / key):
+            return _load(cache / key, sources, from_cache=True)
+    key = _content_key(text, sources)
+    _write_index(cache, stat_key, key)
+    target = cache / key
+    if is_ready(target):
+        return _load(target, sources, from_cache=True)
+    with _locked(cache, key):
+        if is_ready(target):  # prepared by another node's main process while this one waited
+            return _load(target, sources, from_cache=True)
+        total = sum(_source_size(path, kind) for path, kind in sources.items)
+        if num_proc is None:
+            num_proc = min(os.cpu_count() or 1, 8) if total >= _PARALLEL_MIN_BYTES else 1
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
+        try:
+            report = _prepare_into(tmp, settings, sources, num_proc, what)
+            commit(tmp, target, report)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(target, sources, from_cache=False)
+
+
+def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, num_proc: int, what: str) -> DataReport:
+    total = sum(_source_size(path, kind) for path, kind in sources.items)
+    run = _Run(settings, tmp / DATASET_FILE, total, what)
+    try:
+        _run_chunks(run, sources, num_proc)
+    finally:
+        run.close()
+    tally = run.tally
+    message = tally.error_message(settings.skip_invalid)
+    if message:
+        raise DataError(message)
+    if run.control_total and settings.control_mode == "error":
+        raise control_token_error(settings.control_tokens, run.control_found, run.control_total, run.control_affected)
+    if not tally.conversations:
+        raise DataError(tally.nothing_left_message(sources.files))
+    report = run.report
+    report.files, report.conversations, report.max_length = sources.files, tally.conversations, settings.max_length
+    report.skipped_records = tally.bad_records
+    report.skipped_examples = [str(p) for p in tally.record_problems.shown]
+    report.ignored = sources.ignored
+    report.content_control_tokens = run.control_affected
+    if report.kept == 0:
+        raise nothing_kept_error(settings.max_length, what)
+    return report
