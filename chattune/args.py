@@ -138,6 +138,15 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Start fresh even when output_dir holds checkpoints (by default a re-run resumes)."},
     )
 
+    def __post_init__(self) -> None:
+        # Qwen's flag names (the wrappers pass --gradient_checkpointing True) are transformers' deprecated aliases:
+        # given under the new names, so every run does not print a deprecation warning caused by our own defaults.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new, None) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+        super().__post_init__()
 
     def micro_batch_tokens(self) -> int:
         """Tokens per device micro-batch: --max_tokens_per_batch, else the padded worst case (batch x max length)."""

@@ -36,13 +36,17 @@ def parse_dtype(name: str) -> Any:
 
 
 def _base_of(adapter_path: str, base: str | None) -> str:
-    if base:
-        return base
-    config = json.loads(open(os.path.join(adapter_path, "adapter_config.json")).read())
-    name = config.get("base_model_name_or_path")
-    if not name:
-        raise ConfigError(f"{adapter_path}/adapter_config.json names no base model; pass --base_model_name_or_path")
-    return name
+    from chattune.hub import model_source_problem
+
+    if not base:
+        config = json.loads(open(os.path.join(adapter_path, "adapter_config.json")).read())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter_path}/adapter_config.json names no base model; pass --base_model_name_or_path")
+    problem = model_source_problem(base, "--base_model_name_or_path")
+    if problem:
+        raise ConfigError(problem)
+    return base
 
 
 def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:

@@ -86,8 +86,10 @@ def configure_trainer_args(training_args: TrainingArguments, has_eval: bool) -> 
     """Settings this data pipeline needs, whatever the user passed; returns when evaluation happens."""
     training_args.remove_unused_columns = False  # our columns are named for the collator, not the model signature
     training_args.label_names = ["labels"]  # a PeftModel hides the signature Trainer infers label names from
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
+        # Trainer reads the new name; the old one mirrors it for code that still reads it.
+        training_args.activation_checkpointing_kwargs = training_args.gradient_checkpointing_kwargs = {
+            "use_reentrant": False}
     if training_args.include_num_input_tokens_seen in (False, "no"):
         training_args.include_num_input_tokens_seen = "non_padding"
     return configure_evaluation(training_args, has_eval)

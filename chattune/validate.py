@@ -13,7 +13,11 @@ from chattune.errors import ConfigError
 def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any, problems: list[str] | None = None
              ) -> None:
     """Raise one ConfigError listing every problem with the flags (plus `problems` found while parsing)."""
+    from chattune.hub import model_source_problem
+
     problems = list(problems or [])
+    source = model_source_problem(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
+    problems += [source] if source else []
     if training_args.estimate_memory:  # reads only the model config: data and runtime do not matter
         _raise(problems)
         return
@@ -33,8 +37,23 @@ def _raise(problems: list[str]) -> None:
         raise ConfigError(f"{len(problems)} problems with the arguments:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _missing_paths(value: str) -> list[str]:
-    return [p.strip() for p in value.split(",") if p.strip() and not os.path.exists(p.strip())]
+def _path_problems(flag: str, value: str) -> list[str]:
+    """What the data reader would refuse about the paths themselves (missing, a link loop, given twice, a directory
+    without data files), said now, before the model is read."""
+    from chattune.data import expand_sources
+
+    return [f"{flag} {problem}" for problem in expand_sources(value).problems]
+
+
+def _dump_problems(path: str) -> list[str]:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return [f"--dump_tokenized {path}: is a directory; give the path of a file to write (e.g. {path}/tokens.jsonl)"]
+    if not os.path.isdir(folder):
+        return [f"--dump_tokenized {path}: its directory {folder} does not exist; create it first"]
+    if not os.access(folder, os.W_OK):
+        return [f"--dump_tokenized {path}: its directory {folder} cannot be written"]
+    return []
 
 
 def _data_problems(data_args: Any) -> list[str]:
@@ -42,9 +61,11 @@ def _data_problems(data_args: Any) -> list[str]:
     if not data_args.data_path:
         problems.append("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
     else:
-        problems += [f"--data_path {p}: does not exist" for p in _missing_paths(data_args.data_path)]
+        problems += _path_problems("--data_path", data_args.data_path)
     if data_args.eval_data_path:
-        problems += [f"--eval_data_path {p}: does not exist" for p in _missing_paths(data_args.eval_data_path)]
+        problems += _path_problems("--eval_data_path", data_args.eval_data_path)
+    if data_args.dump_tokenized:
+        problems += _dump_problems(data_args.dump_tokenized)
     try:
         data_args.parsed_template_kwargs()
     except ConfigError as e:
