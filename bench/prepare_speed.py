@@ -82,14 +82,14 @@ def main() -> None:
             size = os.path.getsize(data) / 2**20
             for label in ("cold", "cached"):
                 r = measure(args.model_name_or_path, data, os.path.join(tmp, "cache"), args.num_proc)
-                rows.append((f"{n:,}", f"{size:,.0f}", label, r["seconds"], r["tokens"] / r["seconds"], r["main_mb"],
-                             r["worker_mb"]))
+                rate = f"{r['tokens'] / r['seconds']:,.0f}" if label == "cold" else "-"
+                rows.append((f"{n:,}", f"{size:,.0f}", label, r["seconds"], rate, r["main_mb"], r["worker_mb"]))
     print(f"\n{os.cpu_count()} cores, num_proc {args.num_proc or 'auto'}")
     head = ("conversations", "MB", "run", "seconds", "tokens/s", "peak MB main", "peak MB worker")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---:" for _ in head) + "|")
     for n, mb, label, seconds, rate, main_mb, worker_mb in rows:
-        print(f"| {n} | {mb} | {label} | {seconds:.1f} | {rate:,.0f} | {main_mb:,.0f} | {worker_mb:,.0f} |")
+        print(f"| {n} | {mb} | {label} | {seconds:.1f} | {rate} | {main_mb:,.0f} | {worker_mb:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ import sys
 from collections.abc import Iterator
 
 from chattune.errors import UserError
+from chattune.quiet import quiet_third_party
+
+# Every script imports this module first, before the heavy libraries: their known noise is filtered from the start.
+quiet_third_party()
 
 EXIT_USER_ERROR = 2
 

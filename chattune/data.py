@@ -802,8 +802,10 @@ def _nonblank_lines(buf: bytes, start: int, n: int) -> list[bytes]:
 def _is_json(line: bytes) -> bool:
     try:
         json.loads(line.decode("utf-8", errors="replace"))
-    except (ValueError, RecursionError):
+    except ValueError:
         return False
+    except RecursionError:  # a value, too deep to read: a record problem of its line
+        return True
     return True
 
 

@@ -56,10 +56,16 @@ class Setup:
 def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShape:
     """Count parameters by kind on a meta-device model built from `config` (remote code runs only when the user
     allowed it with --trust_remote_code)."""
+    from unittest import mock
+
     import torch
+    import transformers.modeling_utils
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    # Under an active ZeRO-3 config (a full fine-tuning run with finetune_ds.sh) from_config would build the model in
+    # deepspeed.zero.Init, which partitions real tensors and fails on the meta device: count on a plain model.
+    with torch.device("meta"), mock.patch.object(transformers.modeling_utils, "is_deepspeed_zero3_enabled",
+                                                 return_value=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     seen: set[int] = set()

@@ -50,10 +50,16 @@ hyperparameters=(
     --lazy_preprocess True
 )
 
+if [[ "${CHATTUNE_CPU:-0}" == 1 ]]; then
+    device_flags=(--use_cpu True)
+else
+    device_flags=(--bf16 True)
+fi
+
 usage() {
     local ds_line=""
     if [[ -n "${deepspeed_default:-}" ]]; then
-        ds_line="      --deepspeed CONFIG  DeepSpeed config (default ds_configs/$deepspeed_default)"$'\n'
+        ds_line="      --deepspeed CONFIG  DeepSpeed config (default ds_configs/$deepspeed_default; none: plain DDP)"$'\n'
     fi
     cat <<EOF
 Usage: bash finetune/$(basename "$0") -m MODEL -d DATA [-o OUTPUT] [finetune.py flags...]
@@ -67,7 +73,7 @@ ${ds_line}  -h, --help            this help
 
 Every other argument is passed to finetune.py after the defaults below, so it adds to them or overrides them,
 e.g. --num_train_epochs 1 --lora_r 16 --model_max_length 2048.
-Defaults: $(echo "${hyperparameters[*]} --bf16 True" | fold -s -w 100 | sed -e 's/ *$//' -e '2,$s/^/          /')
+Defaults: $(echo "${hyperparameters[*]} ${device_flags[*]}" | fold -s -w 100 | sed -e 's/ *$//' -e '2,$s/^/          /')
           --gradient_accumulation_steps: ~$GLOBAL_BATCH samples per optimizer step over all processes
 
 Launch (environment): GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's variables under srun;
@@ -169,10 +175,11 @@ DEFAULTS=(
     "${hyperparameters[@]}"
     --gradient_accumulation_steps "$accumulation"
 )
-if [[ "${CHATTUNE_CPU:-0}" == 1 ]]; then
-    DEFAULTS+=(--use_cpu True)
-else
-    DEFAULTS+=(--bf16 True)
+DEFAULTS+=("${device_flags[@]}")
+# The DeepSpeed config of the multi-process wrappers; `--deepspeed none` launches the same processes with plain DDP.
+DEEPSPEED_FLAGS=()
+if [[ -n "$DEEPSPEED" && "$DEEPSPEED" != none ]]; then
+    DEEPSPEED_FLAGS=(--deepspeed "$DEEPSPEED")
 fi
 
 # GeForce RTX 30xx/40xx cards have no usable peer-to-peer over PCIe: NCCL hangs or fails without this.

@@ -4,4 +4,4 @@ description="Full fine-tuning of all weights, DeepSpeed ZeRO-3, every GPU of eve
 mode=full launcher=torchrun deepspeed_default=zero3.json
 # shellcheck source=finetune/_common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-launch "$FINETUNE" "${DEFAULTS[@]}" --deepspeed "$DEEPSPEED" "$@"
+launch "$FINETUNE" "${DEFAULTS[@]}" "${DEEPSPEED_FLAGS[@]}" "$@"

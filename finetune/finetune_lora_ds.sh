@@ -4,4 +4,4 @@ description="LoRA adapter training, DeepSpeed ZeRO-2, every GPU of every node (t
 mode=lora launcher=torchrun deepspeed_default=zero2.json
 # shellcheck source=finetune/_common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-launch "$FINETUNE" "${DEFAULTS[@]}" --use_lora True --deepspeed "$DEEPSPEED" "$@"
+launch "$FINETUNE" "${DEFAULTS[@]}" --use_lora True "${DEEPSPEED_FLAGS[@]}" "$@"

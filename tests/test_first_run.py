@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def no_hub(monkeypatch):
     """Online mode, with the hub endpoint a closed local port: what an air-gapped node sees."""
     import huggingface_hub.constants as constants
-
     from fixtures import free_port
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -83,3 +82,90 @@ def test_eval_data_with_nothing_kept_is_an_error_before_training(tmp_path, model
     assert ("error: no evaluation sample has a trained token left after truncation to 64 tokens (every answer starts "
             "beyond it); raise --model_max_length") in out.stderr
     assert not list((tmp_path / "cache").rglob("*.arrow"))
+
+
+NOISE = ("GPT-QModel", "GIL is enabled", "Failed to load", "register_constant", "pip install kernels",
+         "is deprecated", "The tokenizer has new PAD/BOS/EOS tokens", "Traceback")
+
+
+def test_a_lora_run_prints_no_third_party_noise(tmp_path, model_dirs):
+    def run(verbose: bool) -> str:
+        env = dict(os.environ, CHATTUNE_VERBOSE="1" if verbose else "")
+        out = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")),
+                              "--data_path", "examples/sharegpt.json", "--output_dir", str(tmp_path / str(verbose)),
+                              "--use_lora", "--max_steps", "1", "--use_cpu", "True", "--gradient_checkpointing", "True",
+                              "--data_cache_dir", str(tmp_path / "cache")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    quiet = run(False)
+    assert "data: 13 conversations" in quiet and "saved to" in quiet
+    assert [marker for marker in NOISE if marker in quiet] == []
+    # The same run with the filters off shows the noise: the check above can fail.
+    assert [marker for marker in NOISE if marker in run(True)]
+
+
+# Hostile inputs through the command line: exit code 2, one message naming the file and the record, no traceback.
+GOOD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+GOOD_LINE = json.dumps(GOOD)
+
+
+def _write(path: Path, content) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+HOSTILE = {
+    "broken first line": (lambda d: _write(d / "t.jsonl", '{"conversations": [\n' + GOOD_LINE + "\n"),
+                          "{path}: line 1: not valid JSON"),
+    "lone surrogate": (lambda d: _write(d / "t.jsonl", GOOD_LINE + "\n" + GOOD_LINE.replace("Hello", "x \\ud83d")),
+                       "{path}: line 2: holds a lone UTF-16 surrogate (\\ud83d)"),
+    "deep nesting": (lambda d: _write(d / "t.jsonl", '{"a": ' + "[" * 50_000 + "]" * 50_000 + "}\n"),
+                     "{path}: line 1: not usable: its JSON is nested too deeply"),
+    "duplicate key": (lambda d: _write(d / "t.jsonl", GOOD_LINE.replace('"Hi"', '"Hi", "value": "Ho"')),
+                      "{path}: line 1: an object repeats the key 'value'"),
+    "two formats": (lambda d: _write(d / "t.jsonl", json.dumps(dict(GOOD, messages=[]))),
+                    "{path}: line 1: has both `conversations` and `messages`"),
+    "utf-16": (lambda d: _write(d / "t.json", json.dumps([GOOD]).encode("utf-16-le")), "{path}: holds NUL bytes"),
+    "parquet as json": (lambda d: _write(d / "t.json", b"PAR1" + b"\0" * 20), "{path}: is a Parquet file"),
+    "link loop": (lambda d: (d / "loop.json").symlink_to(d / "loop.json") or d / "loop.json",
+                  "{path}: is a symbolic link loop"),
+    "given twice": (lambda d: f"{_write(d / 't.jsonl', GOOD_LINE)},{d / 't.jsonl'}", "is the same file as"),
+    "bad gzip": (lambda d: _write(d / "t.jsonl.gz", b"\x1f\x8b" + b"\0" * 40), "{path}: is not a readable gzip file"),
+    "nothing kept": (lambda d: _write(d / "t.jsonl", json.dumps({"conversations": [
+        {"from": "human", "value": "word " * 400}, {"from": "gpt", "value": "ok"}]})),
+        "no training sample has a trained token left after truncation to 64 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_input_is_one_clear_error(case, tmp_path, model_dirs, capsys):
+    import finetune
+
+    make, expected = HOSTILE[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    path = make(data)
+    with pytest.raises(SystemExit) as e:  # any other exception would be a traceback for the user
+        finetune.main(["--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(path),
+                       "--model_max_length", "64", "--data_cache_dir", str(tmp_path / "cache"),
+                       "--dump_tokenized", str(tmp_path / "tokens.jsonl")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    message = err[err.index("error: "):]  # what the user sees (after any progress bars)
+    assert expected.format(path=path) in message, err
+    assert not (tmp_path / "tokens.jsonl").exists() and not list((tmp_path / "cache").rglob("*.arrow"))
+
+
+def test_skipped_records_are_counted_and_shown(tmp_path, model_dirs, capsys):
+    import finetune
+
+    path = _write(tmp_path / "t.jsonl", "\n".join([GOOD_LINE, "{oops", GOOD_LINE, json.dumps({"messages": []})]))
+    finetune.main(["--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(path),
+                   "--skip_invalid_records", "--data_cache_dir", str(tmp_path / "cache"),
+                   "--dump_tokenized", str(tmp_path / "tokens.jsonl")])
+    err = capsys.readouterr().err
+    assert "data: 2 conversations from 1 file(s), 2 invalid records skipped" in err
+    assert f"    {path}: line 2: not valid JSON" in err and f"    {path}: line 4: messages is empty" in err
+    assert len((tmp_path / "tokens.jsonl").read_text().splitlines()) == 2

@@ -151,6 +151,9 @@ def test_help(name, fake_bin):
     assert ("--deepspeed CONFIG" in proc.stdout) == (name in DS_WRAPPERS)
     assert "--model_max_length 512" in proc.stdout and "CHATTUNE_DRY_RUN=1" in proc.stdout
     assert run_wrapper(name, "--help", fake_bin=fake_bin).stdout == proc.stdout
+    assert "--bf16 True" in proc.stdout and "--use_cpu" not in proc.stdout
+    cpu = run_wrapper(name, "-h", fake_bin=fake_bin, CHATTUNE_CPU=1).stdout
+    assert "--use_cpu True" in cpu and "--bf16" not in cpu  # the help shows the defaults that apply
 
 
 def test_single_gpu_defaults_and_plain_python(fake_bin):
@@ -333,10 +336,11 @@ LORA_R8_PARAMS = 16_384  # r=8 on q,k,v,o,gate,up,down of 2 layers (hidden 64, k
     ("finetune_lora_ds.sh", 2, "lora", "zero2.json"),
     ("finetune_qlora_ds.sh", 2, "qlora", "zero2.json"),
     ("finetune_ds.sh", 2, "full", "zero3.json"),
+    ("finetune_lora_ds.sh", 2, "lora", "none"),  # plain DDP: the same processes without DeepSpeed
 ])
 def test_wrapper_trains_end_to_end_on_cpu(name, processes, mode, config, model_dirs, tmp_path, fake_bin):
     out = tmp_path / "out"
-    extra = ["--lora_r", "8"] if mode != "full" else []
+    extra = (["--lora_r", "8"] if mode != "full" else []) + (["--deepspeed", "none"] if config == "none" else [])
     env = {"CHATTUNE_CPU": 1, "PYTHON": sys.executable, "TORCHRUN": Path(sys.executable).parent / "torchrun"}
     if name in DS_WRAPPERS:
         env["GPUS_PER_NODE"] = processes
@@ -354,7 +358,8 @@ def test_wrapper_trains_end_to_end_on_cpu(name, processes, mode, config, model_d
     report = json.loads((out / "run_report.json").read_text())
     plan = report["plan"]
     assert (report["steps"], plan["mode"], plan["processes"], plan["dtype"]) == (2, mode, processes, "float32")
-    assert plan["deepspeed"] == (str(ROOT / "ds_configs" / config) if config != "-" else "-")
+    assert plan["estimated_gb_per_gpu"] > 0  # under ZeRO-3 too (finetune_ds.sh)
+    assert plan["deepspeed"] == (str(ROOT / "ds_configs" / config) if config not in ("-", "none") else "-")
     # processes x samples per device, no accumulation (the passed --gradient_accumulation_steps 1 won)
     assert plan["global_batch_samples"] == processes * (1 if mode == "full" else 2)
     if mode == "full":
@@ -363,3 +368,12 @@ def test_wrapper_trains_end_to_end_on_cpu(name, processes, mode, config, model_d
         assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
         assert plan["trainable_params"] == LORA_R8_PARAMS
     assert json.loads((out / "chattune.json").read_text())["mode"] == mode
+
+
+@pytest.mark.parametrize("name", DS_WRAPPERS)
+def test_deepspeed_none_launches_plain_ddp(name, fake_bin):
+    launcher, argv, _ = dry_run(name, "-m", "M", "-d", "D", "--deepspeed", "none", fake_bin=fake_bin,
+                                GPUS_PER_NODE=4)
+    assert "--deepspeed" not in argv and launcher[:3] == ["torchrun", "--nproc_per_node", "4"]
+    _, default, _ = dry_run(name, "-m", "M", "-d", "D", fake_bin=fake_bin, GPUS_PER_NODE=4)
+    assert flags(default)["deepspeed"].startswith(str(ROOT / "ds_configs"))
