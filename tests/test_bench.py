@@ -74,4 +74,8 @@ def test_prepare_speed_bench_runs(model_dirs):
     proc = subprocess.run([sys.executable, "bench/prepare_speed.py", "--model_name_or_path", str(model_dirs("qwen2")),
                            "--n", "300"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tokenize (cached re-run)" in proc.stdout
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 300 |")]
+    assert [row[2].strip() for row in rows] == ["cold", "cached"]
+    cold, cached = rows
+    assert float(cold[4].replace(",", "")) > 0 and cached[4].strip() == "-"  # tokens/s only where tokenizing
+    assert all(float(row[5].replace(",", "")) > 100 for row in rows)  # peak MB of the main process, measured
