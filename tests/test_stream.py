@@ -435,3 +435,29 @@ def test_huge_message_is_cut_before_tokenizing_without_changing_the_kept_tokens(
     assert (cut.report.kept, cut.report.truncated, cut.report.dropped_no_trained) == (2, 1, 1)
     assert (whole.report.kept, whole.report.truncated, whole.report.dropped_no_trained) == (2, 1, 1)
     assert "2 message texts far longer than 64 tokens were cut before tokenizing" in cut.report.format()
+
+
+@pytest.mark.parametrize("kind", ["array", "parquet", "saved"])
+def test_streamed_equals_in_memory_for_every_file_kind(qwen, tmp_path, tiny_chunks, kind):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok, setup = qwen
+    rows = records(20)
+    rows[6] = {"conversations": [{"from": "gpt", "value": "answer first"}]}  # invalid: skipped and counted
+    if kind == "array":
+        path = tmp_path / "data.json"
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif kind == "parquet":
+        path = tmp_path / "data.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), str(path))
+    else:
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    streamed, memory, load = both(path, tok, setup, tmp_path, skip_invalid=True, max_length=64)
+    assert streamed.report.conversations == 19 and streamed.report.skipped_records == 1
+    assert streamed.report.skipped_examples[0].startswith(f"{path}: record 6: ")
+    assert streamed.dataset["input_ids"][:] == memory.dataset["input_ids"][:]
+    assert streamed.dataset["labels"][:] == memory.dataset["labels"][:]
+    assert streamed.report.to_dict() == memory.report.to_dict() | {"skipped_examples": [str(p) for p in load.skipped]}
