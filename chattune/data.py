@@ -709,13 +709,12 @@ def _checked(value: Any, raw: str) -> Any:
 
 def _parse_line(line: str) -> Any:
     """One JSONL line: the record, or a _BadLine saying why not."""
+    _DUPLICATES.found.clear()
     try:
         value = _DECODER.decode(line)
     except json.JSONDecodeError as e:
-        _DUPLICATES.found.clear()
-        return _BadLine(f"not valid JSON: {e.msg} at column {e.colno}; {_JSONL_RULE}")
+        return _BadLine(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}; {_JSONL_RULE}")
     except RecursionError:
-        _DUPLICATES.found.clear()
         return _BadLine("not usable: its JSON is nested too deeply to read; a chat record needs a few levels only")
     return _checked(value, line)
 
@@ -827,28 +826,40 @@ def _json_chunks(path: str, chunk_bytes: int, chunk_records: int) -> Iterator[Ch
         buf, eof = reader.read(chunk_bytes), False
         _check_encoding(buf)
         start = len(_UTF8_BOM) if buf.startswith(_UTF8_BOM) else 0
-        # Enough to decide the kind: the first non-blank character, and the first two complete non-blank lines.
-        while not eof and (not buf[start:].strip() or len(_nonblank_lines(buf, start, 2)) < 2):
+        while not eof and not buf[start:].strip():  # only blanks so far: read on to the first character
+            more = reader.read(chunk_bytes)
+            eof = not more
+            buf += more
+        first_at = len(buf) - len(buf[start:].lstrip())
+        if first_at >= len(buf):
+            raise _FileProblem("is empty; expected a JSON array of records, one JSON object, or JSONL (one per line)")
+        if buf[first_at:first_at + 1] == b"[":  # streamed right away, however long its first line
+            records = _array_chunks(path, reader, buf, start, eof, chunk_bytes, chunk_records)
+            del buf  # the generator owns the first block now; this frame must not keep it alive
+            yield from records
+            return
+        # JSON Lines or one document: decided on the first two complete non-blank lines.
+        while not eof and len(_nonblank_lines(buf, start, 2)) < 2:
             more = reader.read(max(chunk_bytes, len(buf)))
             eof = not more
             buf += more
-        body = buf[start:].lstrip()
-        if not body:
-            raise _FileProblem("is empty; expected a JSON array of records, one JSON object, or JSONL (one per line)")
-        first = body[:1]
-        if first == b"[":
-            yield from _array_chunks(path, reader, buf, start, eof, chunk_bytes, chunk_records)
-            return
         lines = _nonblank_lines(buf + (b"\n" if eof else b""), start, 2)
-        # JSON Lines when the first line is a value of its own, or the second is an object (the first is then a
-        # broken record, reported at its line and skippable like any other); else one multi-line document.
-        if first == b"{" and lines and (_is_json(lines[0]) or (len(lines) > 1 and _is_json(lines[1])
-                                                             and lines[1].lstrip().startswith(b"{"))):
-            yield from _jsonl_chunks(path, reader, buf, start, eof, chunk_bytes)
-            return
-        if not eof:
-            buf += reader.read()
-        yield Chunk(path, size=reader.progress(), records=_parse_document(buf, start))
+        # JSON Lines when the first line is a value of its own, or the second an object (the first is then a broken
+        # record, reported at its line and skippable like any other); else one (pretty-printed) document, unless
+        # that fails on its first line too (a JSONL file whose first lines are broken).
+        if _is_json(lines[0]) or (len(lines) > 1 and lines[1].lstrip().startswith(b"{") and _is_json(lines[1])):
+            records = _jsonl_chunks(path, reader, buf, start, eof, chunk_bytes)
+        else:
+            if not eof:
+                buf, eof = buf + reader.read(), True
+            first_line = 1 + buf.count(b"\n", start, first_at)
+            document = _parse_document(buf, start, first_line)
+            if document is not None:
+                yield Chunk(path, size=reader.progress(), records=document)
+                return
+            records = _jsonl_chunks(path, reader, buf, start, eof, chunk_bytes)
+        del buf
+        yield from records
     finally:
         reader.close()
 
@@ -856,6 +867,7 @@ def _json_chunks(path: str, chunk_bytes: int, chunk_records: int) -> Iterator[Ch
 def _jsonl_chunks(path: str, reader: _Reader, buf: bytes, start: int, eof: bool, chunk_bytes: int
                   ) -> Iterator[Chunk]:
     line, offset, pending = 1, start, buf[start:]
+    del buf
     while pending:
         cut = len(pending) if eof else pending.rfind(b"\n") + 1
         if cut and (eof or cut >= chunk_bytes // 2):
@@ -869,15 +881,24 @@ def _jsonl_chunks(path: str, reader: _Reader, buf: bytes, start: int, eof: bool,
             pending += more
 
 
-def _parse_document(raw: bytes, start: int) -> Records:
+def _json_error(error: json.JSONDecodeError) -> str:
+    return error.msg.removesuffix(" at")  # "Invalid control character at" + " at line ..." reads twice
+
+
+def _parse_document(raw: bytes, start: int, first_line: int) -> Records | None:
+    """The one record of a JSON document; None when it is not JSON already on its first line (then the file is
+    JSON Lines with a broken first record)."""
     try:
         text = raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
         raise _FileProblem(_utf8_problem(raw[start:], e, start, 1)) from None
+    _DUPLICATES.found.clear()
     try:
         value = _DECODER.decode(text)
     except json.JSONDecodeError as e:
-        raise _FileProblem(f"is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if e.lineno == first_line and e.msg != "Extra data":
+            return None
+        raise _FileProblem(f"is not valid JSON: {_json_error(e)} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise _FileProblem("is not usable: its JSON is nested too deeply to read") from None
     return [("record 0", _checked(value, text))]  # not an array: those start with "[" and are streamed
@@ -938,6 +959,7 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
                   chunk_records: int) -> Iterator[Chunk]:
     """A JSON array, parsed one record at a time (json's raw_decode), so memory holds one chunk of records."""
     text = _Text(reader, raw, start, eof, chunk_bytes)
+    del raw
     pos = text.text.index("[") + 1
     records: Records = []
     index = 0
@@ -967,6 +989,7 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
                 raise fail("Expecting ',' delimiter", pos)
             pos, value_next = pos + 1, True
             continue
+        _DUPLICATES.found.clear()
         try:
             value, end = _DECODER.raw_decode(text.text, pos)
             if end == len(text.text) and text.more():  # a value that may go on in the next block: parse it again
@@ -975,10 +998,9 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
             # Errors of a value cut at the end of the buffer point at its last few characters (or at the start of
             # an unterminated string): read on and parse again. Anything earlier is a real syntax error.
             truncated = e.msg.startswith("Unterminated string") or e.pos >= len(text.text) - 8
-            _DUPLICATES.found.clear()
             if truncated and text.more(at_least=len(text.text)):
                 continue
-            raise fail(e.msg, e.pos) from None
+            raise fail(_json_error(e), e.pos) from None
         except RecursionError:
             raise _FileProblem(f"is not usable: record {index} is nested too deeply to read") from None
         records.append((f"record {index}", _checked(value, text.text[pos:end])))
@@ -986,7 +1008,7 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
         if len(records) >= chunk_records:
             yield Chunk(path, size=reader.progress(), records=records)
             records = []
-        if pos > chunk_bytes:
+        if pos > chunk_bytes and 2 * pos > len(text.text):  # each drop copies at most as much as it frees
             text.drop(pos)
             pos = 0
     if records or index == 0:
@@ -1269,7 +1291,8 @@ def read_source(path: str, kind: str, tally: Tally) -> Iterator[Chunk]:
     try:
         yield from source_chunks(path, kind)
     except _FileProblem as e:
-        tally.file_problems.append(Problem(path, "", "", str(e)))
+        if all(p.file != path for p in tally.file_problems):  # one per file: its first (a chunk may have one)
+            tally.file_problems.append(Problem(path, "", "", str(e)))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,11 @@ def model_source_problem(name: str, flag: str = "--model_name_or_path", cache_di
 
     from chattune.cli import log
 
-    if isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str):
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json", cache_dir=cache_dir), str)
+    except ValueError:  # not a valid repo id ("qwen:7b", "my model"): nothing of that name can be cached
+        cached = False
+    if cached:
         log(f"note: the Hugging Face hub is unreachable ({why}); using the copy of {name} in the local hub cache")
         _go_offline()
         return None

@@ -293,7 +293,7 @@ def _locked(cache: Path, key: str) -> Iterator[None]:
         try:
             try:
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except (BlockingIOError, PermissionError):  # held elsewhere: EAGAIN on Linux, EACCES on some systems
                 log(f"waiting for another process preparing the same data (lock {cache / f'.{key}.lock'})")
                 fcntl.lockf(f, fcntl.LOCK_EX)
         except OSError as e:

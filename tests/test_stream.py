@@ -461,3 +461,59 @@ def test_streamed_equals_in_memory_for_every_file_kind(qwen, tmp_path, tiny_chun
     assert streamed.dataset["input_ids"][:] == memory.dataset["input_ids"][:]
     assert streamed.dataset["labels"][:] == memory.dataset["labels"][:]
     assert streamed.report.to_dict() == memory.report.to_dict() | {"skipped_examples": [str(p) for p in load.skipped]}
+
+
+def test_a_one_line_array_is_streamed_not_read_whole(tmp_path, monkeypatch):
+    """json.dump(list) writes one line: the array streams from its first block, holding a few blocks at a time."""
+    monkeypatch.setattr(chattune.data, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(chattune.data, "CHUNK_RECORDS", 5)
+    path = tmp_path / "one_line.json"
+    path.write_text(json.dumps(records(1000), ensure_ascii=False), encoding="utf-8")
+    assert path.stat().st_size > 100 * 2000
+    held, read = [], []
+    real_read, real_drop = chattune.data._Reader.read, chattune.data._Text.drop
+    monkeypatch.setattr(chattune.data._Reader, "read", lambda self, n=-1: read.append(n) or real_read(self, n))
+    monkeypatch.setattr(chattune.data._Text, "drop", lambda self, pos: held.append(len(self.text))
+                        or real_drop(self, pos))
+    chunks = chattune.data.source_chunks(str(path), "file")
+    first = next(chunks)
+    assert len(first.records) == 5 and sum(read) < 5 * 2000  # the first records come before the file is read
+    rest = [record for chunk in chunks for record in chunk.records]
+    assert len(first.records) + len(rest) == 1000 and held and max(held) < 5 * 2000
+
+
+@pytest.mark.parametrize("head", ["# exported 2024-05-01", '{"a": "raw\ttab"}\n{"b": "raw\ttab"}'])
+def test_jsonl_with_junk_first_lines_is_still_jsonl(tmp_path, head):
+    path = write_jsonl(tmp_path / "t.jsonl", [head, GOOD, GOOD, GOOD])
+    result = load_conversations(str(path), skip_invalid=True)
+    assert len(result.conversations) == 3 and result.skipped_records == head.count("\n") + 1
+    assert str(result.skipped[0]).startswith(f"{path}: line 1: not valid JSON")
+
+
+def test_problem_state_does_not_leak_into_the_next_file(tmp_path):
+    broken = tmp_path / "a.json"
+    broken.write_text('{\n  "role": 1, "role": 2,\n  "conversations": [\n}\n')
+    good = write_jsonl(tmp_path / "b.jsonl", [GOOD])
+    message = error_of([str(broken), str(good)])
+    assert f"{broken}: is not valid JSON" in message and "repeats the key" not in message
+
+
+def test_one_problem_per_unusable_file(tmp_path):
+    raw = ("\n".join([json.dumps(GOOD)] * 60) + "\n").encode().replace(b"Hello", b"Hell\xff", 1)
+    gz = tmp_path / "t.jsonl.gz"
+    gz.write_bytes(gzip.compress(raw)[:-12])  # bad UTF-8 in it, and cut short
+    message = error_of(gz)
+    assert message.startswith("Cannot use 1 data path:") and message.count(str(gz)) == 1
+
+
+def test_an_invalid_repo_id_without_a_hub_is_an_error_not_a_traceback(monkeypatch):
+    import huggingface_hub.constants as constants
+    from fixtures import free_port
+
+    from chattune.hub import model_source_problem
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    assert "not a local directory, and the Hugging Face hub" in model_source_problem("qwen:7b")
