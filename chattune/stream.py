@@ -341,11 +341,38 @@ def prepare_files(
         key = _read_index(cache, stat_key)
         if key and is_ready(cache / key):
             return _load(cache / key, sources, from_cache=True)
+        if key and _failure(cache, key):  # the same data, settings and code fail the same way: not read again
+            raise DataError(f"the {what} data could not be prepared: the main process stopped on it (its message "
+                            "above lists the problems)")
     key = _content_key(text, sources)
     _write_index(cache, stat_key, key)
     target = cache / key
     if is_ready(target):
         return _load(target, sources, from_cache=True)
+    try:
+        return _prepare_locked(cache, key, settings, sources, num_proc, what)
+    except DataError as e:
+        _note_failure(cache, key, str(e))  # so the node's other ranks fail at once instead of each reading it all
+        raise
+
+
+def _failure_path(cache: Path, key: str) -> Path:
+    return cache / "failed" / key
+
+
+def _note_failure(cache: Path, key: str, message: str) -> None:
+    with contextlib.suppress(OSError):  # only spares the other ranks the work; they find the problem themselves
+        _failure_path(cache, key).parent.mkdir(exist_ok=True)
+        _failure_path(cache, key).write_text(message)
+
+
+def _failure(cache: Path, key: str) -> bool:
+    return _failure_path(cache, key).exists()
+
+
+def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources, num_proc: int | None, what: str
+                    ) -> Prepared:
+    target = cache / key
     with _locked(cache, key):
         if is_ready(target):  # prepared by another node's main process while this one waited
             return _load(target, sources, from_cache=True)
@@ -356,6 +383,7 @@ def prepare_files(
         try:
             report = _prepare_into(tmp, settings, sources, num_proc, what)
             commit(tmp, target, report)
+            _failure_path(cache, key).unlink(missing_ok=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load(target, sources, from_cache=False)

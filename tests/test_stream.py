@@ -517,3 +517,29 @@ def test_an_invalid_repo_id_without_a_hub_is_an_error_not_a_traceback(monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     assert "not a local directory, and the Hugging Face hub" in model_source_problem("qwen:7b")
+
+
+def test_other_ranks_fail_at_once_when_the_main_process_failed(qwen, tmp_path):
+    """A rank after a main process that stopped on the data neither reads it again nor prints the whole list."""
+    global _OPENED
+    tok, setup = qwen
+    path = write_jsonl(tmp_path / "data.jsonl", [GOOD, {"conversations": [{"from": "gpt", "value": "no question"}]}])
+
+    def prepare(main: bool):
+        return prepare_files(str(path), tok, stop_tokens=setup.stop_tokens, max_length=128,
+                             cache_dir=tmp_path / "c", main=main)
+
+    with pytest.raises(DataError, match="Found 1 problem in 1 of 2 records"):
+        prepare(True)
+    _OPENED = []
+    try:
+        with pytest.raises(DataError) as e:
+            prepare(False)
+        opened = _OPENED
+    finally:
+        _OPENED = None
+    assert str(e.value) == ("the training data could not be prepared: the main process stopped on it (its message "
+                            "above lists the problems)")
+    assert str(path) not in opened
+    with pytest.raises(DataError, match="Found 1 problem"):  # the main process itself reads it again, in full
+        prepare(True)
