@@ -1051,7 +1051,7 @@ def _saved_dataset_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
                 f"pass the split's own directory instead, e.g. {os.path.join(path, next(iter(dataset), 'SPLIT'))}"
             )
         dataset = dataset["train"]
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    size = sources_size([(path, "saved")])
     for start in range(0, len(dataset), chunk_records):
         rows = dataset.select(range(start, min(start + chunk_records, len(dataset)))).to_list()
         yield Chunk(path, size=size * len(rows) // max(len(dataset), 1),
@@ -1103,6 +1103,16 @@ def _missing(path: str) -> str:
 
 def _is_data_file(name: str) -> bool:
     return name.lower().endswith(DATA_EXTENSIONS)
+
+
+def source_files(path: str, kind: str) -> list[Path]:
+    """The files on disk behind one source: the file itself, or every file of a save_to_disk directory."""
+    return sorted(f for f in Path(path).rglob("*") if f.is_file()) if kind == "saved" else [Path(path)]
+
+
+def sources_size(items: Sequence[tuple[str, str]]) -> int:
+    """Bytes on disk of (path, kind) sources: what reading them means, for progress bars."""
+    return sum(f.stat().st_size for path, kind in items for f in source_files(path, kind))
 
 
 @dataclass
@@ -1249,8 +1259,11 @@ class Tally:
     record_problems: ProblemLog = field(default_factory=ProblemLog)
     records: int = 0
     bad_records: int = 0
-    conversations: int = 0
     formats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def conversations(self) -> int:
+        return self.records - self.bad_records
 
     def add(self, validated: Validated) -> None:
         problem = validated.file_problem
@@ -1259,7 +1272,6 @@ class Tally:
         self.records += validated.records
         self.bad_records += validated.bad_records
         self.record_problems.merge(validated.problems)
-        self.conversations += validated.records - validated.bad_records
         for fmt, n in validated.formats.items():
             self.formats[fmt] = self.formats.get(fmt, 0) + n
 
@@ -1286,13 +1298,14 @@ class Tally:
         ])
 
 
-def read_source(path: str, kind: str, tally: Tally) -> Iterator[Chunk]:
-    """The chunks of one source; a file-level problem is noted in the tally (and ends the source)."""
-    try:
-        yield from source_chunks(path, kind)
-    except _FileProblem as e:
-        if all(p.file != path for p in tally.file_problems):  # one per file: its first (a chunk may have one)
-            tally.file_problems.append(Problem(path, "", "", str(e)))
+def read_sources(sources: Sources, tally: Tally) -> Iterator[Chunk]:
+    """The chunks of every source in order; a file-level problem is noted in the tally (and ends that source)."""
+    for path, kind in sources.items:
+        try:
+            yield from source_chunks(path, kind)
+        except _FileProblem as e:
+            if all(p.file != path for p in tally.file_problems):  # one per file: its first (a chunk may have one)
+                tally.file_problems.append(Problem(path, "", "", str(e)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1312,11 +1325,10 @@ def load_conversations(
     sources = expand_sources(data_path)
     tally = Tally(file_problems=list(sources.problems))
     conversations: list[Conversation] = []
-    for path, kind in sources.items:
-        for chunk in read_source(path, kind, tally):
-            validated = validate_chunk(chunk)
-            tally.add(validated)
-            conversations += validated.conversations
+    for chunk in read_sources(sources, tally):
+        validated = validate_chunk(chunk)
+        tally.add(validated)
+        conversations += validated.conversations
     message = tally.error_message(skip_invalid)
     if message:
         raise DataError(message)

@@ -92,8 +92,9 @@ class DataReport:
             f"{self.dropped_no_trained}",
         ]
         if self.capped_texts:
-            lines.append(f"  {self.capped_texts} message texts far longer than {self.max_length} tokens were cut before "
-                         "tokenizing (their end lies beyond the kept tokens; sample lengths count what remained)")
+            lines.append(f"  {self.capped_texts} message texts far longer than {self.max_length} tokens were cut "
+                         "before tokenizing (their end lies beyond the kept tokens; sample lengths count what "
+                         "remained)")
         lines.append(f"  assistant turns trained {self.trained_turns:,} ({self.tool_call_turns:,} with tool calls), "
                      f"masked {self.masked_turns:,}")
         if self.content_control_tokens:
@@ -194,7 +195,8 @@ def cap_messages(messages: Sequence[dict], cap: int) -> tuple[Sequence[dict], in
         return messages, 0
     out, cut = [], 0
     for message in messages:
-        long = [k for k in ("content", "reasoning_content") if isinstance(message.get(k), str) and len(message[k]) > cap]
+        long = [k for k in ("content", "reasoning_content")
+                if isinstance(message.get(k), str) and len(message[k]) > cap]
         if long:
             message = dict(message) | {k: message[k][:cap] for k in long}
             cut += len(long)
@@ -303,7 +305,6 @@ class ArrowWriter:
         self.schema = pa.schema([("input_ids", pa.large_list(pa.int32())), ("labels", pa.large_list(pa.int32()))])
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.rows = 0
 
     def write(self, arrays: dict[str, np.ndarray]) -> None:
         pa = self.pa
@@ -317,7 +318,6 @@ class ArrowWriter:
 
         self.writer.write_batch(pa.record_batch([column(arrays["input_ids"]), column(arrays["labels"])],
                                                 schema=self.schema))
-        self.rows += len(arrays["lengths"])
 
     def close(self) -> None:
         self.writer.close()
@@ -360,11 +360,9 @@ def nothing_kept_error(max_length: int, what: str = "training", flag: str = "--m
 def code_fingerprint() -> str:
     """Hash of the source that turns records into ids and labels (reading, rendering, masking, truncation): a change
     to any of it must not serve labels cached by the old code."""
-    from chattune import data, template
+    from chattune import data, stream, template
 
     h = hashlib.sha256()
-    from chattune import stream
-
     for path in (data.__file__, template.__file__, __file__, stream.__file__):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]

@@ -39,7 +39,9 @@ from chattune.data import (
     Tally,
     Validated,
     expand_sources,
-    read_source,
+    read_sources,
+    source_files,
+    sources_size,
     validate_chunk,
 )
 from chattune.prepare import (
@@ -111,8 +113,7 @@ def _process(chunk: Chunk, encode: bool, settings: _Settings | None = None) -> _
             result.control_total += len(found)
             room = MAX_SHOWN_PROBLEMS - len(result.control_found)
             result.control_found += [(conversation.source, i, token) for i, token in found[:max(room, 0)]]
-    failed = (validated.file_problem or (validated.bad_records and not settings.skip_invalid)
-              or (result.control_total and settings.control_mode == "error"))
+    failed = _fails(settings, bool(validated.file_problem), validated.bad_records, result.control_total)
     if encode and not failed and conversations:
         plain = settings.control_tokens if settings.control_mode == "text" else ()
         job = _Job(conversations, settings.tokenizer, settings.template_kwargs, settings.stop_tokens,
@@ -121,6 +122,12 @@ def _process(chunk: Chunk, encode: bool, settings: _Settings | None = None) -> _
         result.report = _report(encoded, settings.max_length, len(conversations), [], 0)
         result.arrays = kept_arrays(encoded)
     return result
+
+
+def _fails(settings: _Settings, file_problem: bool, bad_records: int, control_tokens: int) -> bool:
+    """Whether these problems stop the run (a chunk's, or all so far)."""
+    return bool(file_problem or (bad_records and not settings.skip_invalid)
+                or (control_tokens and settings.control_mode == "error"))
 
 
 class _Run:
@@ -141,8 +148,7 @@ class _Run:
     @property
     def failed(self) -> bool:
         """Once anything makes the run fail, the remaining chunks are only validated (to report all problems)."""
-        return bool(self.tally.file_problems or (self.tally.bad_records and not self.settings.skip_invalid)
-                    or (self.control_total and self.settings.control_mode == "error"))
+        return _fails(self.settings, bool(self.tally.file_problems), self.tally.bad_records, self.control_total)
 
     def merge(self, result: _ChunkResult) -> None:
         self.tally.add(result.validated)
@@ -161,14 +167,9 @@ class _Run:
         self.bar.close()
 
 
-def _chunks(sources: Sources, tally: Tally) -> Iterator[Chunk]:
-    for path, kind in sources.items:
-        yield from read_source(path, kind, tally)
-
-
 def _run_chunks(run: _Run, sources: Sources, num_proc: int) -> None:
     global _FORKED
-    chunks = _chunks(sources, run.tally)
+    chunks = read_sources(sources, run.tally)
     if num_proc <= 1:
         for chunk in chunks:
             run.merge(_process(chunk, not run.failed, run.settings))
@@ -187,23 +188,12 @@ def _run_chunks(run: _Run, sources: Sources, num_proc: int) -> None:
         _FORKED = None
 
 
-def _source_size(path: str, kind: str) -> int:
-    if kind == "saved":
-        return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    return os.path.getsize(path)
-
-
-def _source_files(path: str, kind: str) -> list[Path]:
-    return sorted(f for f in Path(path).rglob("*") if f.is_file()) if kind == "saved" else [Path(path)]
-
-
-def _settings_text(settings: _Settings, options: Sequence[Any]) -> str:
+def _settings_text(settings: _Settings) -> str:
     tokenizer = settings.tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     values = [tokenizer.chat_template, settings.template_kwargs, settings.stop_tokens, settings.max_length,
-              tokenizer.special_tokens_map, settings.train_on, settings.skip_invalid, settings.control_mode,
-              list(options)]
+              tokenizer.special_tokens_map, settings.train_on, settings.skip_invalid, settings.control_mode]
     vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()
     return f"chattune {__version__} stream v1 code {code_fingerprint()}\n{vocab_hash}\n" + json.dumps(
         values, sort_keys=True, default=str)
@@ -214,23 +204,23 @@ def _stat_key(settings_text: str, sources: Sources) -> str:
     process writes for the other ranks of its node."""
     h = hashlib.sha256(settings_text.encode())
     for path, kind in sources.items:
-        for f in _source_files(path, kind):
+        for f in source_files(path, kind):
             st = f.stat()
             h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:24]
 
 
-def _content_key(settings_text: str, sources: Sources) -> str:
-    """The cache key: settings and the bytes of every data file, streamed (nothing is parsed or held)."""
+def _content_key(settings_text: str, sources: Sources, total: int) -> str:
+    """The cache key: settings and the bytes of every data file (`total` of them), streamed (nothing is parsed or
+    held)."""
     from tqdm.auto import tqdm
 
-    total = sum(_source_size(path, kind) for path, kind in sources.items)
     h = hashlib.sha256(settings_text.encode())
     with tqdm(total=total, desc="Hashing data files", unit="B", unit_scale=True, unit_divisor=1024,
               disable=total < (1 << 30), file=sys.stderr) as bar:
         for path, kind in sources.items:
             h.update(f"{path}\0{kind}\n".encode())
-            for f in _source_files(path, kind):
+            for f in source_files(path, kind):
                 h.update(f"{f.relative_to(path) if kind == 'saved' else ''}\n".encode())
                 try:
                     with open(f, "rb") as stream:
@@ -335,7 +325,7 @@ def prepare_files(
                          tuple(turn_structure_tokens(tokenizer, render, stop_tokens)), special_tokens_in_content,
                          char_cap(tokenizer, max_length))
     cache = usable_cache_dir(cache_dir)
-    text = _settings_text(settings, [])
+    text = _settings_text(settings)
     stat_key = _stat_key(text, sources)
     if not main:
         key = _read_index(cache, stat_key)
@@ -344,13 +334,14 @@ def prepare_files(
         if key and _failure(cache, key):  # the same data, settings and code fail the same way: not read again
             raise DataError(f"the {what} data could not be prepared: the main process stopped on it (its message "
                             "above lists the problems)")
-    key = _content_key(text, sources)
+    total = sources_size(sources.items)
+    key = _content_key(text, sources, total)
     _write_index(cache, stat_key, key)
     target = cache / key
     if is_ready(target):
         return _load(target, sources, from_cache=True)
     try:
-        return _prepare_locked(cache, key, settings, sources, num_proc, what)
+        return _prepare_locked(cache, key, settings, sources, total, num_proc, what)
     except DataError as e:
         _note_failure(cache, key, str(e))  # so the node's other ranks fail at once instead of each reading it all
         raise
@@ -370,18 +361,17 @@ def _failure(cache: Path, key: str) -> bool:
     return _failure_path(cache, key).exists()
 
 
-def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources, num_proc: int | None, what: str
-                    ) -> Prepared:
+def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources, total: int, num_proc: int | None,
+                    what: str) -> Prepared:
     target = cache / key
     with _locked(cache, key):
         if is_ready(target):  # prepared by another node's main process while this one waited
             return _load(target, sources, from_cache=True)
-        total = sum(_source_size(path, kind) for path, kind in sources.items)
         if num_proc is None:
             num_proc = min(os.cpu_count() or 1, 8) if total >= _PARALLEL_MIN_BYTES else 1
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
         try:
-            report = _prepare_into(tmp, settings, sources, num_proc, what)
+            report = _prepare_into(tmp, settings, sources, total, num_proc, what)
             commit(tmp, target, report)
             _failure_path(cache, key).unlink(missing_ok=True)
         finally:
@@ -389,8 +379,8 @@ def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources
     return _load(target, sources, from_cache=False)
 
 
-def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, num_proc: int, what: str) -> DataReport:
-    total = sum(_source_size(path, kind) for path, kind in sources.items)
+def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, total: int, num_proc: int, what: str
+                  ) -> DataReport:
     run = _Run(settings, tmp / DATASET_FILE, total, what)
     try:
         _run_chunks(run, sources, num_proc)
@@ -405,7 +395,7 @@ def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, num_proc: in
     if not tally.conversations:
         raise DataError(tally.nothing_left_message(sources.files))
     report = run.report
-    report.files, report.conversations, report.max_length = sources.files, tally.conversations, settings.max_length
+    report.files, report.conversations = sources.files, tally.conversations
     report.skipped_records = tally.bad_records
     report.skipped_examples = [str(p) for p in tally.record_problems.shown]
     report.ignored = sources.ignored
