@@ -27,6 +27,7 @@ from chattune import __version__
 from chattune.data import DataError
 from chattune.template import (
     IGNORE_INDEX,
+    PromptLimit,
     content_control_tokens,
     encode_samples,
     make_renderer,
@@ -61,6 +62,7 @@ class DataReport:
     unrendered_reasoning: int = 0  # trained turns with reasoning_content the template does not render (not trained)
     content_control_tokens: int = 0  # conversations whose text holds turn-structure tokens, encoded as plain text
     capped_texts: int = 0  # message texts so long they were cut before tokenizing (see char_cap)
+    beyond_limit_turns: int = 0  # trained turns whose prompt alone fills max_length: not rendered (see PromptLimit)
     max_length: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
     skipped_examples: list[str] = field(default_factory=list)  # the first problems of the skipped records
@@ -97,6 +99,9 @@ class DataReport:
                          "remained)")
         lines.append(f"  assistant turns trained {self.trained_turns:,} ({self.tool_call_turns:,} with tool calls), "
                      f"masked {self.masked_turns:,}")
+        if self.beyond_limit_turns:
+            lines.append(f"  {self.beyond_limit_turns:,} assistant turns start after {self.max_length} tokens of "
+                         "history (their prompt alone fills the limit): not trained, and not rendered")
         if self.content_control_tokens:
             lines.append(f"  {self.content_control_tokens} conversations hold turn-structure tokens in their text: "
                          "encoded as plain text (--special_tokens_in_content text)")
@@ -177,6 +182,7 @@ class _Job:
     train_on: str = "all"
     plain_tokens: tuple[str, ...] = ()  # turn-structure tokens to encode as plain text where content holds them
     char_cap: int = 0  # message texts are cut to this many characters before rendering (0: never)
+    bound_turns: bool = True  # stop rendering a conversation at the first turn whose prompt fills max_length
 
 
 def char_cap(tokenizer: Any, max_length: int) -> int:
@@ -212,13 +218,16 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
     job = job or _FORKED_JOB
     lo, hi = bounds
     render = make_renderer(job.tokenizer, job.template_kwargs)
+    limit = PromptLimit(job.tokenizer, job.max_length) if job.bound_turns else None
     rendered, tool_turns, capped = [], [], []
     for index in range(lo, hi):
         conv = job.conversations[index]
         messages, cut = cap_messages(conv.messages, job.char_cap)
         samples = render_conversation(render, messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
-                                      train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens)
+                                      train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens,
+                                      limit=limit)
         trained = trained_turn_indices(messages, conv.masked, job.train_on)
+        trained = trained[: len(trained) - samples[0].beyond_limit_turns]
         for k, sample in enumerate(samples):
             rendered.append(sample)
             tool_turns.append(sum(bool(messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
@@ -253,6 +262,7 @@ def _encode_range(bounds: tuple[int, int], job: _Job | None = None) -> dict[str,
         "tool_call_turns": per_row(tool_turns).astype(np.int64),
         "unrendered_reasoning": per_row([s.unrendered_reasoning for s in rendered]).astype(np.int64),
         "capped": per_row(capped).astype(np.int64),
+        "beyond_limit": per_row([s.beyond_limit_turns for s in rendered]).astype(np.int64),
     }
 
 
@@ -488,6 +498,7 @@ def _report(encoded: dict[str, np.ndarray], max_length: int, conversations: int,
         trained_turns=int(encoded["trained_turns"].sum()), masked_turns=int(encoded["masked_turns"].sum()),
         tool_call_turns=int(encoded["tool_call_turns"].sum()),
         unrendered_reasoning=int(encoded["unrendered_reasoning"].sum()), capped_texts=int(encoded["capped"].sum()),
+        beyond_limit_turns=int(encoded["beyond_limit"].sum()),
         kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
         truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
         dropped_no_trained=int((~kept).sum()), length_histogram=length_histogram(length.tolist(), max_length),

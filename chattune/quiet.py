@@ -36,6 +36,9 @@ MESSAGES = (
     # Trainer aligns the config's eos/pad with the tokenizer's; we write the end-of-turn tokens into
     # generation_config.json ourselves and show them in the plan
     ("transformers.trainer_utils", "The tokenizer has new PAD/BOS/EOS tokens"),
+    # Data preparation tokenizes whole conversations, then truncates them to --model_max_length and reports what was
+    # cut; the tokenizer warns about the untruncated length (once per process, worded as if it were an input)
+    ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum"),
 )
 
 # gptqmodel (imported by peft on every LoRA run to look for GPTQ layers) prints a banner and a "Python GIL is

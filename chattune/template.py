@@ -16,10 +16,15 @@ Contract (what `render_conversation` + `encode_samples` guarantee):
   every trained turn sees exactly the history it sees at inference.
 * Tool calls and tool results are rendered by the template (`tools=`); tool results are never trained, the
   assistant turns that call tools are.
+* Work is bounded by the length limit: once a trained turn's exact prompt alone fills `max_length` tokens, that turn
+  and the later ones cannot train a kept token, and where every prompt up to there is a prefix of the whole text they
+  are not rendered at all (`PromptLimit`; counted as `beyond_limit_turns`). A 10,000-turn record costs what its first
+  `max_length` tokens cost, not a render of every turn's history.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,6 +229,7 @@ class RenderedSample:
     trained_turns: int = 0  # assistant turns trained in this sample
     masked_turns: int = 0  # assistant turns the data (or --train_on last) marks as not trained
     unrendered_reasoning: int = 0  # trained turns whose reasoning_content the template does not render
+    beyond_limit_turns: int = 0  # trained turns whose prompt alone fills max_length: not rendered, not trained
     plain: list[tuple[int, int]] = field(default_factory=list)  # control-token strings of content: encoded as text
 
 
@@ -234,13 +240,50 @@ def trained_turn_indices(messages: Messages, masked: Sequence[int] = (), train_o
     return [i for i in chosen if i not in set(masked)]
 
 
+class PromptLimit:
+    """Whether a prompt alone fills the length limit, so the turn after it cannot train a kept token.
+
+    The ids before a trained turn's first trained token are exactly `tokenize(prompt)` (the token-exact contract,
+    whichever sample the turn lands in), so a turn whose prompt tokenizes to `max_length` ids or more trains nothing.
+    The count is estimated from one tokenization of the whole conversation (the tokens that end within the prompt)
+    and confirmed by tokenizing the prompt itself, once the estimate reaches the limit.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def bind(self, text: str) -> Callable[[str], bool] | None:
+        """The test for prompts of the conversation rendered as `text`; None when the whole text cannot fill the
+        limit (no token stands for less than one byte; one more for a tokenizer's leading-space marker)."""
+        if len(text.encode("utf-8")) + 1 < self.max_length:
+            return None
+        offsets = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                                 return_offsets_mapping=True)["offset_mapping"]
+        ends = sorted(end for _, end in offsets)
+
+        def fills(prompt: str) -> bool:
+            if bisect.bisect_right(ends, len(prompt)) < self.max_length:
+                return False
+            ids = self.tokenizer(prompt, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            return len(ids) >= self.max_length
+
+        return fills
+
+
 def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str], *,
                         tools: Sequence[dict] = (), masked: Sequence[int] = (), train_on: str = "all",
-                        source: str = "", plain_tokens: Sequence[str] = ()) -> list[RenderedSample]:
+                        source: str = "", plain_tokens: Sequence[str] = (),
+                        limit: PromptLimit | None = None) -> list[RenderedSample]:
     """Render one validated conversation into one or more samples with trained character spans.
 
     The first sample is the whole conversation; turns the template rewrites later in the conversation come after it
     as samples of their own (see the module docstring). Tool schemas are rendered by the template (`tools=`).
+
+    With `limit`, the first trained turn whose prompt alone fills the limit ends the rendering when every prompt so
+    far is a prefix of the whole conversation's text followed by the generation prompt (the template renders a
+    history the same whatever follows it; a turn itself may still render differently as the last one, as Qwen3's
+    do): later prompts extend that history, so no later turn can train a kept token either. They are counted in
+    `beyond_limit_turns` of the first sample instead of being rendered (the quadratic part: every turn's history).
     """
     full = RenderedSample(render(messages, False, tools))
     where = f"{source}: " if source else ""
@@ -248,8 +291,21 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
     trained = trained_turn_indices(messages, masked, train_on)
     full.masked_turns = sum(m["role"] == "assistant" for m in messages) - len(trained)
     own: list[RenderedSample] = []
-    for i in trained:
+    fills = None
+    if limit is not None and not (plain_tokens and content_control_tokens(messages, plain_tokens)):
+        fills = limit.bind(full.text)  # control tokens kept as text tokenize otherwise: no bound for those records
+    generation: str | None = None  # the text add_generation_prompt appends, learned at the first trained turn
+    for n, i in enumerate(trained):
         prompt = render(messages[:i], True, tools)
+        if fills is not None:
+            if generation is None:
+                generation = _generation_prompt(render, messages[:i], prompt, tools)
+            history = prompt[: len(prompt) - len(generation or "")]
+            if generation is None or not prompt.endswith(generation) or not full.text.startswith(history):
+                fills = None  # the template rewrites the history as the conversation grows: render every turn
+            elif fills(prompt):
+                full.beyond_limit_turns = len(trained) - n
+                break
         upto = full.text if i + 1 == len(messages) else render(messages[: i + 1], False, tools)
         if not upto.startswith(prompt):
             raise TemplateError(where + _prefix_problem(render, messages, i, prompt, upto))
@@ -269,6 +325,16 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         for sample in (full, *own):
             sample.plain = _content_token_spans(sample.text, messages, plain_tokens, where)
     return [full, *own]
+
+
+def _generation_prompt(render: Renderer, history: Messages, prompt: str, tools: Sequence[dict]) -> str | None:
+    """What add_generation_prompt=True appends to the rendered history ('<|im_start|>assistant\\n', with
+    '<think>\\n' for thinking-only models); None when the prompt does not extend the history's rendering."""
+    try:
+        bare = render(history, False, tools)
+    except Exception:  # noqa: BLE001 - a template that will not render a history ending in a user turn: no bound
+        return None
+    return prompt[len(bare):] if prompt.startswith(bare) else None
 
 
 def turn_structure_tokens(tokenizer: Any, render: Renderer, stop_tokens: Sequence[str]) -> list[str]:

@@ -106,6 +106,23 @@ def test_a_lora_run_prints_no_third_party_noise(tmp_path, model_dirs):
     assert [marker for marker in NOISE if marker in run(True)]
 
 
+def test_the_untruncated_length_warning_of_data_preparation_is_hidden():
+    """Preparation tokenizes whole conversations before cutting them to --model_max_length (and reports the cut):
+    the tokenizer's 'longer than the specified maximum sequence length' warning is about that untruncated text."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import chattune.cli; from fixtures import qwen_tokenizer; "
+            "tok = qwen_tokenizer(); tok.model_max_length = 8; tok('word ' * 100)")
+
+    def run(verbose: bool) -> str:
+        env = dict(os.environ, CHATTUNE_VERBOSE="1" if verbose else "")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    assert "Token indices sequence length is longer" not in run(False)
+    assert "Token indices sequence length is longer" in run(True)
+
+
 # Hostile inputs through the command line: exit code 2, one message naming the file and the record, no traceback.
 GOOD = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
 GOOD_LINE = json.dumps(GOOD)

@@ -147,3 +147,105 @@ def test_templates_without_tool_support_are_refused(family):
     setup = setup_chat_template(tok, "auto", extra_stops)
     with pytest.raises(TemplateError, match="does not render them|renders no tool calls"):
         render_conversation(make_renderer(tok), TOOL_CALLING, setup.stop_tokens, tools=[WEATHER], source="d: line 3")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Long conversations: the work is bounded by --model_max_length, and the kept tokens are the same as without bound
+# ------------------------------------------------------------------------------------------------------------------
+
+LONG_CASES = [
+    ("qwen2_5", PLAIN[1:] * 12, None, {}), ("qwen2_5", NEWLINE_ANSWERS * 10, None, {}),
+    ("qwen2_5", TOOL_CALLING * 6, [WEATHER], {}), ("qwen3", PLAIN[1:] * 12, None, {}),
+    ("qwen3", REASONING * 6, None, {}), ("qwen3", [*REASONING[:-1], A("8")] * 6, None, {}),
+    ("qwen3_thinking_2507", PLAIN[1:] * 12, None, {}), ("llama3_1", PLAIN * 10, None, {}),
+    ("deepseek_llm", PLAIN[1:] * 12, None, {}), ("glm4", PLAIN[1:] * 12, None, {}),
+]
+
+
+def encode_one(tok, stops, messages, tools, kwargs, max_length, bound, render_calls=None):
+    from chattune import prepare
+    from chattune.data import Conversation
+
+    job = prepare._Job([Conversation(tuple(messages), "long.jsonl: record 1", "messages", tuple(tools or ()))], tok,
+                       kwargs, list(stops), max_length, bound_turns=bound)
+    encoded = prepare._encode_range((0, 1), job)
+    return prepare.kept_arrays(encoded), prepare._report(encoded, max_length, 1, [], 0)
+
+
+@pytest.mark.parametrize("family, messages, tools, kwargs", LONG_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(LONG_CASES)])
+def test_turns_past_the_length_limit_are_not_rendered_and_the_kept_tokens_are_the_same(family, messages, tools,
+                                                                                       kwargs):
+    """At every limit across the conversation's length: the kept ids and labels, the token counts and the cut tokens
+    are those of rendering every turn; the turns not rendered are counted, never lost."""
+    tok, extra_stops = tokenizer(family)
+    stops = setup_chat_template(tok, "auto", extra_stops).stop_tokens
+    whole = len(tok.apply_chat_template(messages, tools=tools, return_dict=True, **kwargs)["input_ids"])
+    # prompt lengths of some turns: a limit that keeps exactly the first answer token of a turn, or none of it
+    prompts = [len(tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, return_dict=True,
+                                           **kwargs)["input_ids"])
+               for i, m in enumerate(messages) if m["role"] == "assistant"][2::3]
+    limits = {*range(16, whole + 40, max(1, whole // 12)), whole - 1, whole, whole + 1}
+    limits |= {n + d for n in prompts for d in (0, 1)}
+    skipped_somewhere = False
+    for max_length in sorted(limits):
+        bounded, report = encode_one(tok, stops, messages, tools, kwargs, max_length, bound=True)
+        every, full = encode_one(tok, stops, messages, tools, kwargs, max_length, bound=False)
+        for key in every:
+            assert bounded[key].tolist() == every[key].tolist(), (key, max_length)
+        assert (report.kept, report.tokens, report.trained_tokens, report.truncated) == (
+            full.kept, full.tokens, full.trained_tokens, full.truncated), max_length
+        # The cut tail is tokenized without the boundaries of the turns not rendered (and without the eos a template
+        # that leaves the last turn open gets appended): a few tokens apart at most
+        assert abs(report.truncated_tokens - full.truncated_tokens) <= max(2, 0.1 * full.truncated_tokens), max_length
+        assert report.trained_turns + report.beyond_limit_turns == full.trained_turns, max_length
+        assert full.beyond_limit_turns == 0
+        skipped_somewhere |= report.beyond_limit_turns > 0
+    assert skipped_somewhere  # the bound was exercised (Qwen3's turns train on their own, and are bounded too)
+
+
+def test_a_ten_thousand_turn_record_renders_only_what_fits(monkeypatch):
+    """The issue's 10,000-turn record took 295 s: every turn's history was rendered. Now the rendering stops at the
+    first turn whose prompt fills the limit: a bounded number of renders, and the rest counted in the report."""
+    from chattune import prepare
+
+    tok, _ = tokenizer("qwen2_5")
+    stops = setup_chat_template(tok, "auto").stop_tokens
+    calls = []
+    make = prepare.make_renderer
+
+    def counting(*args, **kw):
+        render = make(*args, **kw)
+
+        def wrapped(messages, *rest, **more):
+            calls.append(len(messages))
+            return render(messages, *rest, **more)
+        return wrapped
+
+    monkeypatch.setattr(prepare, "make_renderer", counting)
+    messages = [m for i in range(10_000) for m in (U(f"question {i}: what is {i}+{i}?"), A(f"It is {2 * i}."))]
+    kept, report = encode_one(tok, stops, messages, None, {}, 512, bound=True)
+    assert report.trained_turns + report.beyond_limit_turns == 10_000
+    assert 10 < report.trained_turns < 40 and report.tokens == 512 and report.truncated == 1
+    # the whole text, the generation prompt once, two renders per turn up to the limit and the prompt that fills it
+    assert len(calls) == 2 * report.trained_turns + 3
+    assert calls[0] == len(messages) and sum(calls[1:]) < 2_000  # beyond the whole text: the first turns' histories
+    assert f"{report.beyond_limit_turns:,} assistant turns start after 512 tokens" in report.format()
+
+
+def test_a_template_that_drops_old_history_is_rendered_turn_by_turn():
+    """A template that elides answers older than the last five messages renders a prompt full of a long early
+    answer, and later prompts without it: those later turns do train, so the history check must stop the bound."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{% if m.role == 'assistant' and loop.index0 < messages|length - 5 %}(earlier){% else %}"
+                "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = qwen_tokenizer(template)
+    long = A(" ".join(f"word{k}" for k in range(400)))
+    messages = [U("Hi"), long, *[m for k in range(12) for m in (U(f"q{k}"), A(f"a{k}"))], U("last"), long]
+    stops = setup_chat_template(tok, "auto").stop_tokens
+    bounded, report = encode_one(tok, stops, messages, None, {}, 128, bound=True)
+    every, full = encode_one(tok, stops, messages, None, {}, 128, bound=False)
+    assert report.beyond_limit_turns == 0 and report.trained_turns == full.trained_turns == 14
+    assert {k: v.tolist() for k, v in bounded.items()} == {k: v.tolist() for k, v in every.items()}
+    assert report.kept == full.kept >= 5  # the short turns long after the long answer train on their own
