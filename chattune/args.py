@@ -123,7 +123,8 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     estimate_memory: bool = field(
         default=False,
-        metadata={"help": "Print the per-GPU memory estimate for this run (config only, no weights) and exit."},
+        metadata={"help": "Print the per-GPU memory and the time estimate for this run (config only, no weights; with "
+                          "--data_path from the real lengths of the data) and exit."},
     )
     estimate_gpus: int = field(
         default=0, metadata={"help": "GPU count for --estimate_memory (default: the processes of this launch)."}

@@ -8,8 +8,7 @@ the rest), so MoE, GLM and remote-code models are counted as they are. Then, per
     logits                                   full vocabulary for the micro-batch, or one chunk with a fused loss
     overhead                                 CUDA context and allocator slack
 
-The estimate is a planning tool: it is meant to be within ~15% of the measured peak for dense decoder models, and it
-errs on the high side.
+The estimate is a planning tool, checked against published measurements (tests/test_memory.py states the band).
 """
 
 from __future__ import annotations
@@ -19,8 +18,14 @@ from typing import Any
 
 GB = 2**30
 CARDS = (24, 40, 80)
-CUDA_CONTEXT_BYTES = 0.5 * GB
-ALLOCATOR_SLACK = 1.03  # allocator rounding and transient buffers
+# Calibrated on Qwen's published profile (tests/published_profiles.py; README "Memory and time"), physics first:
+# every term above is counted from the config; these constants stand for what cannot be counted.
+RUNTIME_RESERVE = 2.0 * GB  # CUDA context, cuBLAS/NCCL workspaces, cached blocks reserved but not in use
+PERSISTENT_SLACK = 0.20  # allocator rounding of the many parameter/state tensors, buckets, what is not counted
+LOGIT_FRAGMENTATION = 0.5  # the caching allocator's extra reserve around the logits' large short-lived blocks
+LOGIT_BYTES = 8  # per vocabulary entry and token without a fused loss (bf16 logits, fp32 log-softmax), fitted
+ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/zero3.json
+DEEPSPEED_SUB_GROUP = 1e9  # sub_group_size of the ZeRO configs
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,14 @@ def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShap
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
-    """Bytes per GPU by component (weights, gradients, optimizer, activations, logits, overhead) and the total."""
+    """Bytes per GPU by component and the total: the peak the CUDA caching allocator reserves, which is what decides
+    an out-of-memory error (see the constants above for what each term stands for and how they were calibrated).
+
+    persistent  weights + gradients + optimizer states (+ under ZeRO-3 the parameters gathered for compute)
+    transient   the larger of: activations + logits x (1 + LOGIT_FRAGMENTATION) (forward/backward), and the
+                optimizer step's temporaries
+    total       persistent x (1 + PERSISTENT_SLACK) + transient + RUNTIME_RESERVE
+    """
     w = s.bytes_per_weight
     shard = s.gpus if s.zero_stage == 3 else 1
     opt_shard = s.gpus if s.zero_stage in (2, 3) else 1
@@ -103,21 +115,46 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
             optimizer = 0 if s.offload else trainable * 12 / opt_shard
         else:  # plain Trainer: fp32 weights and grads, Adam moments, autocast copies of one layer at a time
             weights, grads, optimizer = trainable * 4, trainable * 4, trainable * 8
+        step = _step_temporaries(trainable / opt_shard, 4, s)
     else:
         frozen_linear = shape.linear_params * (0.5 + 1 / 64 + 1 / 256) if s.mode == "qlora" else shape.linear_params * w
         weights = (frozen_linear + (shape.embedding_params + shape.other_params) * w) / shard
-        trainable = shape.lora_params_per_rank * s.lora_r + (shape.embedding_params if s.train_embeddings else 0)
-        weights += trainable * 4 / shard  # adapters in fp32
-        grads = trainable * 4 / opt_shard
-        optimizer = 0 if s.offload else trainable * 8 / opt_shard
+        adapters = shape.lora_params_per_rank * s.lora_r  # fp32 (peft casts adapters up), Adam moments in fp32
+        weights += adapters * 4 / shard
+        grads = adapters * 4 / opt_shard
+        optimizer = 0 if s.offload else adapters * 8 / opt_shard
+        step = _step_temporaries(adapters / opt_shard, 4, s)
+        if s.train_embeddings:  # modules_to_save: a trainable copy in the compute dtype, beside the frozen original
+            copies = shape.embedding_params
+            if s.zero_stage:  # DeepSpeed keeps an fp32 master and fp32 moments for every trainable parameter
+                weights += copies * w / shard
+                grads += copies * w / opt_shard
+                optimizer += 0 if s.offload else copies * 12 / opt_shard
+            else:  # torch AdamW keeps the moments in the parameter's dtype
+                weights += copies * w
+                grads += copies * w
+                optimizer += copies * 2 * w
+            step = max(step, _step_temporaries(copies / opt_shard, w, s))
     if s.offload and s.zero_stage == 3:
         weights = _layer_working_set(shape, w)  # parameters stream in from CPU one layer at a time
+    elif s.zero_stage == 3:  # parameters gathered for the layers being computed (and prefetched)
+        weights += min(ZERO3_MAX_LIVE_PARAMETERS, shape.total) * w
     activations = _activations(shape, s)
     logits = _logits(shape, s)
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
              "logits": logits}
-    total = sum(parts.values()) * ALLOCATOR_SLACK + CUDA_CONTEXT_BYTES
+    persistent = weights + grads + optimizer
+    transient = max(activations + logits * (1 + LOGIT_FRAGMENTATION), step)
+    total = persistent * (1 + PERSISTENT_SLACK) + transient + RUNTIME_RESERVE
     return {**parts, "overhead": total - sum(parts.values()), "total": total}
+
+
+def _step_temporaries(trainable: float, dtype_bytes: int, s: Setup) -> float:
+    """What the optimizer step allocates on top of the states: torch's foreach AdamW one temporary per parameter
+    (the denominator), DeepSpeed the fp32 gradients of one sub-group (sub_group_size 1e9)."""
+    if s.zero_stage:
+        return 0 if s.offload else min(trainable, DEEPSPEED_SUB_GROUP) * 4
+    return trainable * dtype_bytes
 
 
 def _layer_working_set(shape: ModelShape, w: int) -> float:
@@ -137,13 +174,14 @@ def _activations(shape: ModelShape, s: Setup) -> float:
 
 
 def _logits(shape: ModelShape, s: Setup) -> float:
-    """bf16 logits + their fp32 copy + log-softmax kept for backward: ~10 bytes per vocabulary entry per token."""
+    """bf16 logits + their fp32 copy + log-softmax kept for backward, and the gradient being formed: LOGIT_BYTES
+    per vocabulary entry per token (a fused loss holds one chunk of them)."""
     from chattune.loss import chunk_tokens
 
     tokens = s.micro_batch_tokens
     if s.fused_ce:
         tokens = min(tokens, chunk_tokens(tokens, shape.vocab_size, shape.hidden_size))
-    return tokens * shape.vocab_size * 10
+    return tokens * shape.vocab_size * LOGIT_BYTES
 
 
 def cheapest_fix(shape: ModelShape, s: Setup, card_gb: int) -> str | None:
@@ -226,3 +264,141 @@ def run_setup(training_args: Any, lora_args: Any, mode: str, gpus: int) -> Setup
         lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
         bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    name: str
+    bf16_flops: float  # dense tensor-core peak, bf16 with fp32 accumulate (the vendor's data sheet)
+    memory_bandwidth: float  # bytes/s
+    link_bandwidth: float  # bytes/s between GPUs of a node (NVLink, else PCIe)
+
+
+GPU_KINDS = {
+    "H100": GpuKind("H100 SXM", 989e12, 3.35e12, 450e9),
+    "A100": GpuKind("A100 SXM", 312e12, 2.04e12, 300e9),
+    "L40S": GpuKind("L40S", 362e12, 0.864e12, 32e9),
+    "RTX4090": GpuKind("RTX 4090", 165e12, 1.01e12, 32e9),
+    "RTX3090": GpuKind("RTX 3090", 71e12, 0.936e12, 32e9),
+}
+# Model FLOPs utilisation at long sequences: MFU_MAX x d / (d + MFU_HALF_HIDDEN) for hidden size d (narrow models use
+# the tensor cores less well): 0.45 for d = 2048, 0.60 for 4096, 0.72 for 8192. Fitted on Qwen's published s/it (A100,
+# flash-attention 2, gradient checkpointing); assumed to carry over to other cards in proportion to their peak.
+MFU_MAX = 0.9
+MFU_HALF_HIDDEN = 2048
+# Q-LoRA dequantizes every quantized weight in each forward, recompute and backward pass: bytes moved per weight
+# and pass (fitted on Qwen's GPTQ Q-LoRA rows; the kernels are far from the bandwidth bound).
+DEQUANT_BYTES_PER_WEIGHT = 20
+# A floor per micro-batch and decoder layer, whatever its size: kernel launches and Python in the forward,
+# recompute and backward passes (Qwen's 1.8B model takes 1.0 s per 8 micro-batches at 256 and at 1024 tokens).
+LAYER_SECONDS = 0.004
+
+
+def flops_per_token(shape: ModelShape, s: Setup, sequence_tokens: int) -> float:
+    """Training FLOPs per token: the matmuls of the decoder and output layer (2 per weight forward), attention over a
+    causal context of `sequence_tokens` (flash-attention skips the masked half), backward twice the forward for
+    what is trained and once for frozen weights (gradients of their inputs only), and a second forward with
+    gradient checkpointing."""
+    weights = shape.linear_params + shape.vocab_size * shape.hidden_size
+    forward = 2 * weights
+    attention = 2 * shape.num_layers * shape.hidden_size * sequence_tokens  # QK^T and AV over ~half the context
+    backward = (2 if s.mode == "full" else 1) * forward + 2 * attention
+    recompute = (forward - 2 * shape.vocab_size * shape.hidden_size + attention) if s.gradient_checkpointing else 0
+    return forward + attention + backward + recompute
+
+
+def estimate_seconds(shape: ModelShape, s: Setup, tokens: float, gpu: str = "H100", sequence_tokens: float = 0,
+                     micro_batches: float | None = None) -> float:
+    """Seconds for one GPU to train on `tokens` tokens (padding included) in `micro_batches` micro-batches (default:
+    full ones of s.micro_batch_tokens) of sequences of `sequence_tokens` (default the whole micro-batch), from FLOPs
+    at the fitted utilisation, plus a per-layer floor, Q-LoRA's dequantization and ZeRO-3's parameter gathering per
+    micro-batch."""
+    kind = GPU_KINDS[gpu]
+    t = s.micro_batch_tokens
+    mfu = MFU_MAX * shape.hidden_size / (shape.hidden_size + MFU_HALF_HIDDEN)
+    seconds = tokens * flops_per_token(shape, s, sequence_tokens or t) / (kind.bf16_flops * mfu)
+    micro_batches = tokens / t if micro_batches is None else micro_batches
+    passes = 3 if s.gradient_checkpointing else 2
+    seconds += micro_batches * shape.num_layers * LAYER_SECONDS
+    if s.mode == "qlora":
+        seconds += micro_batches * passes * shape.linear_params * DEQUANT_BYTES_PER_WEIGHT / kind.memory_bandwidth
+    if s.zero_stage == 3 and s.gpus > 1:  # every pass gathers the other GPUs' shards of every weight
+        gathered = shape.total * s.bytes_per_weight * (s.gpus - 1) / s.gpus
+        seconds += micro_batches * passes * gathered / kind.link_bandwidth
+    return seconds
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the user's tokenized data means for the planner: the largest micro-batch (activations), the tokens the
+    GPUs process per epoch (padding included), and the token-weighted sample length (attention cost)."""
+    samples: int
+    tokens: int  # real tokens
+    processed_tokens: int  # real + padding
+    micro_batches: int
+    peak_micro_batch_tokens: int
+    sequence_tokens: float  # sum(length^2) / sum(length)
+    packing: bool
+
+
+def data_plan(lengths: Any, batch_size: int, budget: int, packing: bool, seed: int = 0) -> DataPlan:
+    """Micro-batches as training forms them: packed into `budget`-token bins (best-fit-decreasing, as
+    collate.PackedBatchSampler), or `batch_size` samples in a seeded random order, each padded to its longest."""
+    import numpy as np
+
+    from chattune.collate import pack_bins
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return DataPlan(0, 0, 0, 0, 0, 0.0, packing)
+    square = float((lengths.astype(np.float64) ** 2).sum() / lengths.sum())
+    if packing:
+        bins = pack_bins(lengths.tolist(), budget)
+        peak = max(int(lengths[b].sum()) for b in bins)
+        return DataPlan(len(lengths), int(lengths.sum()), int(lengths.sum()), len(bins), peak, square, True)
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    width = [int(lengths[order[k:k + batch_size]].max()) for k in range(0, len(order), batch_size)]
+    sizes = [len(order[k:k + batch_size]) for k in range(0, len(order), batch_size)]
+    processed = sum(w * n for w, n in zip(width, sizes, strict=True))
+    return DataPlan(len(lengths), int(lengths.sum()), processed, len(width), batch_size * int(lengths.max()), square,
+                    False)
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_time(shape: ModelShape, s: Setup, plan: DataPlan | None, epochs: float) -> str:
+    """Estimated time per epoch and for the run on each GPU kind (with the data), or per 1,000 micro-batches of the
+    worst case (without)."""
+    lines = [f"time estimate, {s.gpus} GPU(s) (throughput fitted on Qwen's published A100 profile; README \"Memory "
+             "and time\" gives its error)"]
+    if plan is None:
+        tokens = 1000 * s.micro_batch_tokens
+        lines.append(f"  no --data_path: per 1,000 micro-batches of {s.micro_batch_tokens} tokens per GPU "
+                     "(pass --data_path for the time per epoch of your data)")
+        for key, kind in GPU_KINDS.items():
+            lines.append(f"  {kind.name:<10} {format_duration(estimate_seconds(shape, s, tokens, key)):>8}")
+        return "\n".join(lines)
+    padding = plan.processed_tokens - plan.tokens
+    lines.append(f"  data: {plan.samples:,} samples, {plan.tokens:,} tokens"
+                 + (f" + {padding:,} padding ({padding / max(plan.processed_tokens, 1):.0%})" if padding else "")
+                 + f", {plan.micro_batches:,} micro-batch(es) per epoch, "
+                 + ("packed" if plan.packing else "padded to the longest of each batch")
+                 + f"; largest {plan.peak_micro_batch_tokens:,} tokens")
+    per_gpu = plan.processed_tokens / s.gpus
+    for key, kind in GPU_KINDS.items():
+        epoch = estimate_seconds(shape, s, per_gpu, key, sequence_tokens=plan.sequence_tokens,
+                                 micro_batches=plan.micro_batches / s.gpus)
+        lines.append(f"  {kind.name:<10} {format_duration(epoch):>8} per epoch, {format_duration(epoch * epochs):>8} "
+                     f"for {epochs:g} epoch(s)")
+    return "\n".join(lines)

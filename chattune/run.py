@@ -64,10 +64,15 @@ def dump_tokenized(prepared: Prepared, path: str) -> None:
     log(f"wrote {len(prepared.dataset)} tokenized samples to {path}")
 
 
-def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments) -> str:
+def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments,
+                    data_args: DataArguments | None = None) -> str:
+    """--estimate_memory: the per-GPU memory and the time, from the config alone; with --data_path from the real
+    lengths of the tokenized data too (prepared and cached as training would)."""
+    from dataclasses import replace
+
     from transformers import AutoConfig
 
-    from chattune.memory import format_estimate, run_setup, shape_from_config
+    from chattune.memory import data_plan, format_estimate, format_time, run_setup, shape_from_config
     from chattune.model import mode_of
 
     try:
@@ -78,7 +83,35 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
     setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args),
                       training_args.estimate_gpus or training_args.world_size)
     shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
-    return format_estimate(shape, setup, model_args.model_name_or_path)
+    plan = None
+    if data_args is not None and data_args.data_path:
+        tokenizer, template = prepare_tokenizer(model_args.model_name_or_path, data_args.template,
+                                                cache_dir=training_args.cache_dir,
+                                                trust_remote_code=model_args.trust_remote_code)
+        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
+                           training_args.model_max_length).train
+        log(train.report.format())
+        lengths = sample_lengths(train.dataset)
+        # auto packs on a CUDA run (flash-attention or flex_attention); only --packing false pads
+        plan = data_plan(lengths, training_args.per_device_train_batch_size, training_args.micro_batch_tokens(),
+                         packing=training_args.packing != "false", seed=training_args.seed)
+        setup = replace(setup, micro_batch_tokens=plan.peak_micro_batch_tokens)
+    epochs = training_args.num_train_epochs
+    if plan is not None and training_args.max_steps > 0:
+        per_step = training_args.gradient_accumulation_steps * setup.gpus
+        epochs = training_args.max_steps * per_step / max(plan.micro_batches, 1)
+    return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path),
+                      format_time(shape, setup, plan, epochs)])
+
+
+def sample_lengths(dataset: Any) -> Any:
+    """Token count of every sample of a prepared dataset, from the Arrow list offsets (no row is decoded)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = dataset.data.column("input_ids")
+    return np.concatenate([pc.list_value_length(chunk).to_numpy() for chunk in column.chunks]) if column.num_chunks \
+        else np.zeros(0, np.int64)
 
 
 def model_config_and_attention(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
@@ -105,7 +138,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         lora_args: LoraArguments) -> Any:
     """Run the job; returns the Trainer after training (None for --dump_tokenized / --estimate_memory)."""
     if training_args.estimate_memory:
-        print(memory_estimate(model_args, training_args, lora_args))
+        print(memory_estimate(model_args, training_args, lora_args, data_args))
         return None
     tokenizer, setup = prepare_tokenizer(
         model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,

@@ -1,9 +1,23 @@
 """The memory planner: parameter counts from configs, literal arithmetic, and the measured H100 anchors."""
 
 import pytest
+from published_profiles import QWEN1, QWEN1_SIZES, QWEN_PROFILE, QWEN_PROFILE_GPU, memory_error, setup_of
 from transformers import Qwen2Config
 
-from chattune.memory import GB, ModelShape, Setup, cheapest_fix, estimate, shape_from_config
+from chattune.memory import (
+    GB,
+    LOGIT_BYTES,
+    LOGIT_FRAGMENTATION,
+    PERSISTENT_SLACK,
+    RUNTIME_RESERVE,
+    ModelShape,
+    Setup,
+    cheapest_fix,
+    data_plan,
+    estimate,
+    estimate_seconds,
+    shape_from_config,
+)
 
 QWEN25_7B = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
@@ -28,20 +42,67 @@ def test_literal_arithmetic_full_without_deepspeed():
     parts = estimate(shape, Setup(mode="full", micro_batch_tokens=1000, gradient_checkpointing=False, fused_ce=False))
     assert parts["weights"] == parts["gradients"] == 4e9 and parts["optimizer"] == 8e9  # fp32 + Adam
     assert parts["activations"] == 1000 * 10 * (8 * 1000 + 4 * 4000) * 2
-    assert parts["logits"] == 1000 * 1000 * 10
+    assert parts["logits"] == 1000 * 1000 * LOGIT_BYTES
+    # the peak: persistent state with its slack, the larger of (activations + logits) and the step's temporaries
+    transient = max(parts["activations"] + parts["logits"] * (1 + LOGIT_FRAGMENTATION), 1e9 * 4)
+    assert parts["total"] == pytest.approx(16e9 * (1 + PERSISTENT_SLACK) + transient + RUNTIME_RESERVE)
     zero3 = estimate(shape, Setup(mode="full", gpus=4, zero_stage=3, micro_batch_tokens=1000))
-    assert zero3["weights"] == 2e9 / 4 and zero3["optimizer"] == 12e9 / 4
+    # a quarter of the bf16 weights, plus up to stage3_max_live_parameters gathered for compute
+    assert zero3["weights"] == 2e9 / 4 + 1e9 * 2 and zero3["optimizer"] == 12e9 / 4
 
 
 # Measured peaks (H100, max_memory_allocated), DESIGN.md "Measured anchors": 7B Qwen2.5 shapes, r=64,
-# packed 4096-token micro-batches, gradient checkpointing.
+# packed 4096-token micro-batches, gradient checkpointing. These are allocated bytes: what the caching allocator
+# reserves (the estimate's target, what decides an out-of-memory error) is more, by the CUDA context and the cached
+# blocks, so they bound the estimate from below.
 ANCHORS = [("lora", False, 25.0), ("lora", True, 18.6), ("qlora", False, 16.0), ("qlora", True, 9.6)]
 
 
 @pytest.mark.parametrize("mode,fused,measured_gb", ANCHORS)
-def test_estimate_within_15_percent_of_measured_peaks(qwen7b, mode, fused, measured_gb):
+def test_estimate_is_above_our_measured_allocated_peaks_and_within_40_percent(qwen7b, mode, fused, measured_gb):
     total = estimate(qwen7b, Setup(mode=mode, micro_batch_tokens=4096, fused_ce=fused))["total"] / GB
-    assert abs(total - measured_gb) / measured_gb < 0.15, total
+    assert measured_gb < total < 1.4 * measured_gb, total
+
+
+# Qwen's published profile (tests/published_profiles.py): the band the README states.
+def test_qwen1_shapes_have_the_published_parameter_counts():
+    for name, shape in QWEN1.items():
+        assert round(shape.total / 1e9, 2) == QWEN1_SIZES[name]
+
+
+def test_memory_within_the_stated_band_of_every_published_row():
+    """README: all 81 rows of Qwen's profile within -10%..+30%, 69 of them within -5%..+15%."""
+    errors = {(r.model, r.method, r.gpus, r.tokens): memory_error(r) for r in QWEN_PROFILE}
+    assert len(errors) == 81
+    outside = {k: f"{e:+.1%}" for k, e in errors.items() if not -0.10 <= e <= 0.30}
+    assert not outside
+    assert sum(-0.05 <= e <= 0.15 for e in errors.values()) >= 69
+
+
+def test_time_within_the_stated_band_of_the_published_speed():
+    """README: s/it within 25% on 65 of the 81 rows; the single-node LoRA and Q-LoRA rows within 40%."""
+    errors = {}
+    for r in QWEN_PROFILE:
+        seconds = estimate_seconds(QWEN1[r.model], setup_of(r), tokens=8 * r.tokens, gpu=QWEN_PROFILE_GPU)
+        errors[r] = (seconds - r.seconds_per_iteration) / r.seconds_per_iteration
+    assert sum(abs(e) <= 0.25 for e in errors.values()) >= 65
+    single = [e for r, e in errors.items() if r.nodes == 1 and r.method in ("lora", "lora_emb", "qlora")]
+    assert len(single) == 66 and max(abs(e) for e in single) <= 0.40
+
+
+def test_data_plan_counts_padding_and_packing_as_training_batches_them():
+    lengths = [100, 30, 70, 10, 90, 50]
+    packed = data_plan(lengths, batch_size=2, budget=128, packing=True)
+    assert packed.tokens == packed.processed_tokens == 350 and packed.peak_micro_batch_tokens <= 128
+    assert packed.micro_batches == 3  # 100+10+..., best-fit-decreasing fills three 128-token bins
+    assert packed.sequence_tokens == pytest.approx(sum(n * n for n in lengths) / 350)
+    padded = data_plan(lengths, batch_size=2, budget=128, packing=False, seed=3)
+    import numpy as np
+
+    order = np.random.default_rng(3).permutation(6)
+    expected = sum(2 * max(lengths[i] for i in order[k:k + 2]) for k in range(0, 6, 2))
+    assert padded.processed_tokens == expected > 350 and padded.peak_micro_batch_tokens == 200
+    assert padded.micro_batches == 3
 
 
 def test_verdicts_and_cheapest_changes(qwen7b):
@@ -71,3 +132,36 @@ def test_cli_estimate_memory_needs_no_weights(tmp_path):
     # without gradient checkpointing (the flag's default) a 24 GB card needs it: the verdict names the change
     assert "24 GB card: does not fit; cheapest changes: --gradient_checkpointing True" in proc.stdout
     assert "40 GB card: fits" in proc.stdout
+    # no data: the time of 1,000 worst-case micro-batches per card kind
+    assert "per 1,000 micro-batches of 4096 tokens per GPU" in proc.stdout and "RTX 3090" in proc.stdout
+
+
+def test_cli_estimate_with_data_uses_its_lengths(tmp_path):
+    """--estimate_memory --data_path: the activations come from the largest real micro-batch, not the flags' worst
+    case, and the time is given per epoch of the data."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fixtures import build_model
+
+    model = build_model("qwen2", tmp_path / "m")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model), "--output_dir",
+                           str(tmp_path / "o"), "--estimate_memory", "--use_lora", "--data_path",
+                           "examples/sharegpt.json", "--packing", "false", "--per_device_train_batch_size", "2",
+                           "--num_train_epochs", "2", "--data_cache_dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "data: 13 conversations" in proc.stderr  # the report of the prepared data
+    longest = max(len(row["input_ids"]) for row in _rows(tmp_path / "cache"))
+    assert f"{2 * longest} tokens per micro-batch" in proc.stdout  # batch 2 x the longest sample, not 2 x 8192
+    assert "data: 13 samples, 620 tokens + " in proc.stdout and "padded to the longest of each batch" in proc.stdout
+    assert "per epoch" in proc.stdout and "for 2 epoch(s)" in proc.stdout
+
+
+def _rows(cache):
+    from chattune.prepare import load_cached
+
+    [target] = [p.parent for p in cache.rglob("dataset.arrow")]
+    return load_cached(target)
