@@ -13,16 +13,48 @@ from chattune import __version__
 from chattune.model import ModelInfo
 
 
-def _estimated_gb(info: ModelInfo, training_args, lora_args, world_size: int, config: Any,
-                  trust_remote_code: bool) -> float | None:
-    from chattune.memory import GB, estimate, run_setup, shape_from_config
+def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, config: Any, trust_remote_code: bool,
+               data, packed: bool, steps: int, micro_batches: int | None) -> tuple[float | None, str | None]:
+    """(GB per GPU, time of the run on this GPU kind) from the config and the real lengths of the prepared data:
+    the largest micro-batch is the packing budget, or the batch padded to the longest sample."""
+    from dataclasses import replace
+
+    from chattune.memory import GB, GPU_KINDS, estimate, estimate_seconds, format_duration, run_setup, shape_from_config
+    from chattune.run import sample_lengths
 
     try:
         shape = shape_from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # an architecture that cannot be built on the meta device: no estimate, no failure
-        return None
+        return None, None
     setup = run_setup(training_args, lora_args, info.mode, world_size)
-    return round(estimate(shape, setup)["total"] / GB, 1)
+    lengths = sample_lengths(data.train.dataset)
+    if len(lengths) and not packed:
+        setup = replace(setup, micro_batch_tokens=min(setup.micro_batch_tokens,
+                                                      training_args.per_device_train_batch_size * int(lengths.max())))
+    gb = round(estimate(shape, setup)["total"] / GB, 1)
+    kind = gpu_kind()
+    if kind is None or not len(lengths):
+        return gb, None
+    per_step = training_args.gradient_accumulation_steps
+    if micro_batches is None:  # padded: every micro-batch as wide as its longest sample; bound by the longest
+        micro_batches = math.ceil(len(lengths) / training_args.per_device_train_batch_size / world_size) * world_size
+    tokens_per_micro_batch = float(lengths.sum()) / max(micro_batches, 1)
+    run_micro_batches = steps * per_step
+    seconds = estimate_seconds(shape, setup, run_micro_batches * tokens_per_micro_batch, kind,
+                               sequence_tokens=float((lengths.astype(float) ** 2).sum() / lengths.sum()),
+                               micro_batches=run_micro_batches)
+    return gb, f"~{format_duration(seconds)} on {GPU_KINDS[kind].name} (estimate)"
+
+
+def gpu_kind() -> str | None:
+    """This machine's GPU as a key of memory.GPU_KINDS, if it is one of them."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0).upper().replace(" ", "")
+    for key in ("H100", "A100", "L40S", "RTX4090", "RTX3090"):
+        if key.replace("RTX", "") in name:
+            return key
+    return None
 
 
 def plan(info: ModelInfo, model_args, training_args, lora_args, data, world_size: int, config: Any,
@@ -39,6 +71,8 @@ def plan(info: ModelInfo, model_args, training_args, lora_args, data, world_size
     steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         steps_per_epoch * training_args.num_train_epochs)
     tokens_per_sample = report.tokens / max(1, report.kept)
+    gb, duration = _estimates(info, training_args, lora_args, world_size, config, model_args.trust_remote_code, data,
+                              packed=micro_batches is not None, steps=steps, micro_batches=micro_batches)
     return {
         "model": model_args.model_name_or_path,
         "mode": info.mode,
@@ -56,8 +90,8 @@ def plan(info: ModelInfo, model_args, training_args, lora_args, data, world_size
         "global_batch_tokens": round(per_step * tokens_per_sample),
         "steps": steps,
         "evaluation": info.evaluation,
-        "estimated_gb_per_gpu": _estimated_gb(info, training_args, lora_args, world_size, config,
-                                              model_args.trust_remote_code),
+        "estimated_gb_per_gpu": gb,
+        "estimated_time": duration,
         "notes": list(info.notes),
     }
 
@@ -74,7 +108,7 @@ def format_plan(p: dict[str, Any]) -> str:
         f"  embeddings {p['modules_to_save']}" if p["mode"] != "full" else "  embeddings trained (full fine-tuning)",
         f"  processes  {p['processes']}",
         f"  batch      {p['global_batch_samples']} samples, ~{p['global_batch_tokens']:,} tokens per optimizer step",
-        f"  steps      {p['steps']}",
+        f"  steps      {p['steps']}" + (f", {p['estimated_time']}" if p.get("estimated_time") else ""),
         f"  eval       {p['evaluation']}",
         f"  memory     ~{p['estimated_gb_per_gpu']} GB per GPU (estimate; --estimate_memory for the breakdown)"
         if p["estimated_gb_per_gpu"] else "  memory     (no estimate for this architecture)",

@@ -1,5 +1,7 @@
 """The memory planner: parameter counts from configs, literal arithmetic, and the measured H100 anchors."""
 
+from dataclasses import replace
+
 import pytest
 from published_profiles import QWEN1, QWEN1_SIZES, QWEN_PROFILE, QWEN_PROFILE_GPU, memory_error, setup_of
 from transformers import Qwen2Config
@@ -16,6 +18,7 @@ from chattune.memory import (
     data_plan,
     estimate,
     estimate_seconds,
+    run_setup,
     shape_from_config,
 )
 
@@ -165,3 +168,28 @@ def _rows(cache):
 
     [target] = [p.parent for p in cache.rglob("dataset.arrow")]
     return load_cached(target)
+
+
+def test_the_run_plan_sizes_activations_by_the_longest_sample_of_padded_data(tmp_path):
+    """The plan printed before training uses the prepared data: padded batches are as wide as their longest sample,
+    so a 8192-token limit with 300-token samples is estimated at 300 tokens per row, not 8192."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from chattune.args import parse_args
+    from chattune.report import _estimates
+
+    QWEN25_7B.save_pretrained(tmp_path / "m")
+    _, _, training, lora = parse_args(["--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path),
+                                       "--data_path", "examples/sharegpt.json", "--use_lora", "--use_cpu", "True",
+                                       "--bf16", "False", "--model_max_length", "8192",
+                                       "--per_device_train_batch_size", "2", "--gradient_checkpointing", "True"])
+    rows = datasets.Dataset.from_dict({"input_ids": [[1] * 300, [1] * 120, [1] * 40]})
+    data = SimpleNamespace(train=SimpleNamespace(dataset=rows))
+    gb, _ = _estimates(SimpleNamespace(mode="lora"), training, lora, 1, QWEN25_7B, False, data, packed=False,
+                       steps=1, micro_batches=None)
+    shape, setup = shape_from_config(QWEN25_7B), run_setup(training, lora, "lora", 1)
+    assert setup.micro_batch_tokens == 16384  # the flags' worst case: 2 x 8192
+    assert gb == round(estimate(shape, replace(setup, micro_batch_tokens=600))["total"] / GB, 1)  # 2 x 300
+    assert gb < round(estimate(shape, setup)["total"] / GB, 1)
