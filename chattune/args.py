@@ -39,6 +39,11 @@ class DataArguments:
         default=None, metadata={"help": "Training data: file(s) comma separated, or a directory (JSON/JSONL/parquet)."}
     )
     eval_data_path: Optional[str] = field(default=None, metadata={"help": "Evaluation data, same formats."})
+    val_size: str = field(
+        default="0",
+        metadata={"help": "Hold out this share of the training conversations for evaluation: a fraction (0.05) or a "
+                          "count (200); seeded by --seed, written to output_dir/val.jsonl (+ val_ids.json)."},
+    )
     lazy_preprocess: bool = field(
         default=False,
         metadata={"help": "Accepted for Qwen compatibility. Data is always tokenized once into a memory-mapped cache."},
@@ -121,6 +126,11 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "Liger's RMSNorm/SwiGLU/RoPE kernels: auto (on CUDA when liger-kernel is installed) | "
                           "true | false."},
     )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop after this many evaluations without a lower eval_loss (needs evaluation data: "
+                          "--val_size or --eval_data_path); the best checkpoint is loaded at the end."},
+    )
     estimate_memory: bool = field(
         default=False,
         metadata={"help": "Print the per-GPU memory and the time estimate for this run (config only, no weights; with "
@@ -147,6 +157,13 @@ class TrainingArguments(transformers.TrainingArguments):
             if getattr(self, new, None) is None and getattr(self, old, None) is not None:
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
+        if self.early_stopping_patience > 0:
+            self.load_best_model_at_end = True  # stopping early keeps the best checkpoint, not the last one
+        if self.load_best_model_at_end and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            # evaluate with every checkpoint, as Trainer requires for picking the best (validate checks for eval data)
+            self.eval_strategy = getattr(self.save_strategy, "value", self.save_strategy)
+            if self.eval_strategy == "steps":
+                self.eval_steps = self.save_steps
         super().__post_init__()
 
     def micro_batch_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Trainer callbacks: preemption (signals, a stop file), the run's clock, per-epoch reshuffling of packed bins."""
+"""Trainer callbacks: preemption (signals, a stop file), the run's clock, per-epoch reshuffling of packed bins, the
+loss plot."""
 
 from __future__ import annotations
 
@@ -101,3 +102,69 @@ class EpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         if self.sampler is not None:
             self.sampler.set_epoch(int(state.epoch or 0))
+
+
+LOSS_PLOT = "loss.png"
+
+
+def plot_loss(log_history: list[dict], path: str | os.PathLike) -> bool:
+    """Training loss, evaluation loss and the learning rate against the step, from Trainer's log history, as a PNG
+    (written to a temporary name, then renamed). False when there is nothing to plot yet."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    rates = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), dpi=100)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train, strict=True), label="training loss", linewidth=1)
+    if evals:
+        axes.plot(*zip(*evals, strict=True), "o-", label="evaluation loss", linewidth=1.5)
+        best = min(evals, key=lambda e: e[1])
+        axes.annotate(f"best {best[1]:.4f}", best, textcoords="offset points", xytext=(0, -14), ha="center")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (per trained token)")
+    axes.grid(alpha=0.3)
+    lines, labels = axes.get_legend_handles_labels()
+    if rates:
+        rate_axes = axes.twinx()
+        rate_axes.plot(*zip(*rates, strict=True), color="gray", linestyle=":", label="learning rate", linewidth=1)
+        rate_axes.set_ylabel("learning rate")
+        more, more_labels = rate_axes.get_legend_handles_labels()
+        lines, labels = lines + more, labels + more_labels
+    axes.legend(lines, labels, loc="best", framealpha=0.8)
+    figure.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    figure.savefig(tmp)
+    os.replace(tmp, path)
+    return True
+
+
+class LossPlotCallback(TrainerCallback):
+    """Writes loss.png next to trainer_state.json: in each checkpoint and in the output directory, refreshed at every
+    save and at the end, so a user looks at the curves instead of parsing JSON. A plot that cannot be written is a
+    warning, never a failed run."""
+
+    def _write(self, args, state, folder: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        try:
+            if os.path.isdir(folder):
+                plot_loss(state.log_history, os.path.join(folder, LOSS_PLOT))
+        except Exception as e:  # noqa: BLE001 - a plot must never cost the run
+            from chattune.cli import log
+
+            log(f"warning: could not write {LOSS_PLOT} in {folder}: {e}")
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(args, state, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        self._write(args, state, args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(args, state, args.output_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import platform
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
@@ -19,15 +21,15 @@ def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, confi
     the largest micro-batch is the packing budget, or the batch padded to the longest sample."""
     from dataclasses import replace
 
+    from chattune.collate import sample_lengths
     from chattune.memory import GB, GPU_KINDS, estimate, estimate_seconds, format_duration, run_setup, shape_from_config
-    from chattune.run import sample_lengths
 
     try:
         shape = shape_from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # an architecture that cannot be built on the meta device: no estimate, no failure
         return None, None
     setup = run_setup(training_args, lora_args, info.mode, world_size)
-    lengths = sample_lengths(data.train.dataset)
+    lengths = np.asarray(sample_lengths(data.train.dataset), dtype=np.int64)
     if len(lengths) and not packed:
         setup = replace(setup, micro_batch_tokens=min(setup.micro_batch_tokens,
                                                       training_args.per_device_train_batch_size * int(lengths.max())))
@@ -136,6 +138,11 @@ def run_report(trainer, clock, the_plan: dict, data) -> dict[str, Any]:
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else _train_loss(trainer),
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        # with --load_best_model_at_end / --early_stopping_patience the saved model is the best checkpoint's
+        "best_eval_loss": trainer.state.best_metric if trainer.args.load_best_model_at_end else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None,
+        "stopped_early": bool(trainer.args.early_stopping_patience and trainer.state.max_steps
+                              and trainer.state.global_step < trainer.state.max_steps),
         "loss_path": trainer.loss.kind,  # as trained: auto falls back to "none" if the first-batch check fails
         "versions": {
             "chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,
@@ -146,7 +153,11 @@ def run_report(trainer, clock, the_plan: dict, data) -> dict[str, Any]:
 
 def format_done(out: str, report: dict[str, Any]) -> str:
     parts = [f"saved to {out}: final loss {report['final_loss']}"]
-    if report["eval_loss"] is not None:
+    if report.get("best_checkpoint"):
+        stop = f", stopped early at step {report['steps']}" if report.get("stopped_early") else ""
+        parts.append(f"best eval loss {report['best_eval_loss']:.4f} (the saved model is "
+                     f"{Path(report['best_checkpoint']).name}{stop})")
+    elif report["eval_loss"] is not None:
         parts.append(f"eval loss {report['eval_loss']:.4f}")
     parts.append(f"{report['tokens_per_second']:,.0f} tokens/s")
     if report["peak_gpu_memory_gb"] is not None:

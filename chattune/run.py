@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,12 +26,32 @@ class Data:
 
 
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
-               main_process_first: Any = None, main: bool = True) -> Data:
+               main_process_first: Any = None, main: bool = True, seed: int = 42, output_dir: str | None = None,
+               first: bool = True) -> Data:
     """Read, validate and tokenize the data in bounded memory (chattune.stream). In a distributed run the main process
     of each node prepares it first; the other ranks (`main` false) then memory-map its cache without opening the
-    data files."""
+    data files. With --val_size the training data is split first (chattune.split) and the held-out part is the
+    evaluation data; the process that is `first` of the job copies it into `output_dir`."""
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
+    from chattune.split import parse_val_size, publish, split_data
+
+    val_size = parse_val_size(data_args.val_size)
+    if val_size is not None:
+        with main_process_first(desc="splitting data") if main_process_first else contextlib.nullcontext():
+            split = split_data(data_args.data_path, val_size, seed, data_args.data_cache_dir,
+                               data_args.skip_invalid_records, main=main)
+        if first:
+            if output_dir:
+                publish(split, output_dir)
+            log(f"held out {split.held_out:,} of {split.conversations:,} conversations for evaluation (--val_size "
+                f"{data_args.val_size}, seed {seed})" + (f"; written to {output_dir}/val.jsonl" if output_dir else ""))
+        held = replace(data_args, data_path=str(split.train), eval_data_path=str(split.val), val_size="0",
+                       skip_invalid_records=False)
+        data = build_data(tokenizer, setup, held, max_length, main_process_first, main)
+        data.train.report.files, data.train.report.skipped_records = split.files, split.skipped_records
+        data.train.report.skipped_examples = split.skipped_examples
+        return data
     template_kwargs = data_args.parsed_template_kwargs()
 
     def prepare(path: str, what: str) -> Prepared:
@@ -68,10 +88,9 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
                     data_args: DataArguments | None = None) -> str:
     """--estimate_memory: the per-GPU memory and the time, from the config alone; with --data_path from the real
     lengths of the tokenized data too (prepared and cached as training would)."""
-    from dataclasses import replace
-
     from transformers import AutoConfig
 
+    from chattune.collate import sample_lengths
     from chattune.memory import data_plan, format_estimate, format_time, run_setup, shape_from_config
     from chattune.model import mode_of
 
@@ -88,10 +107,10 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
         tokenizer, template = prepare_tokenizer(model_args.model_name_or_path, data_args.template,
                                                 cache_dir=training_args.cache_dir,
                                                 trust_remote_code=model_args.trust_remote_code)
-        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
+        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None, val_size="0"),
                            training_args.model_max_length).train
         log(train.report.format())
-        lengths = sample_lengths(train.dataset)
+        lengths = sample_lengths(train.dataset)  # collate's reader: what training packs
         # auto packs on a CUDA run (flash-attention or flex_attention); only --packing false pads
         plan = data_plan(lengths, training_args.per_device_train_batch_size, training_args.micro_batch_tokens(),
                          packing=training_args.packing != "false", seed=training_args.seed)
@@ -102,16 +121,6 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
         epochs = training_args.max_steps * per_step / max(plan.micro_batches, 1)
     return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path),
                       format_time(shape, setup, plan, epochs)])
-
-
-def sample_lengths(dataset: Any) -> Any:
-    """Token count of every sample of a prepared dataset, from the Arrow list offsets (no row is decoded)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    column = dataset.data.column("input_ids")
-    return np.concatenate([pc.list_value_length(chunk).to_numpy() for chunk in column.chunks]) if column.num_chunks \
-        else np.zeros(0, np.int64)
 
 
 def model_config_and_attention(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
@@ -148,7 +157,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
                                                                                                  training_args)
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
                       main_process_first=training_args.main_process_first,
-                      main=training_args.local_process_index == 0)
+                      main=training_args.local_process_index == 0, seed=training_args.seed,
+                      output_dir=training_args.output_dir, first=training_args.process_index == 0)
     if training_args.process_index == 0:
         log(data.train.report.format())
         if data.eval is not None:

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 import transformers
+from transformers import EarlyStoppingCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import IntervalStrategy
 
 from chattune import __version__, checkpoints
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
-from chattune.callbacks import EpochCallback, PreemptionCallback, ThroughputCallback
+from chattune.callbacks import EpochCallback, LossPlotCallback, PreemptionCallback, ThroughputCallback
 from chattune.cli import log
 from chattune.collate import PackedBatchSampler, sample_lengths
 from chattune.errors import ConfigError
@@ -221,7 +222,9 @@ def build_trainer(model, training_args, tokenizer, data, batches: Batches, loss:
         eval_dataset=data.eval.dataset if data.eval else None,
         data_collator=padding_collator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[preemption, clock, EpochCallback(batches.sampler)],
+        callbacks=[preemption, clock, EpochCallback(batches.sampler), LossPlotCallback(),
+                   *([EarlyStoppingCallback(training_args.early_stopping_patience)]
+                     if training_args.early_stopping_patience > 0 else [])],
         loss=loss,
         packed_sampler=batches.sampler,
         flash_kwargs=info.attn_implementation.startswith("flash_attention"),

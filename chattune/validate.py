@@ -121,9 +121,26 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
     if training_args.packing == "true" and budget and budget < training_args.model_max_length:
         problems.append(f"--max_tokens_per_batch {budget} is below --model_max_length {training_args.model_max_length}:"
                         " the longest samples would fit no micro-batch")
+    from chattune.split import parse_val_size
+
+    try:
+        val_size = parse_val_size(data_args.val_size)
+    except ConfigError as e:
+        problems.append(str(e))
+        val_size = None
+    if val_size is not None and data_args.eval_data_path:
+        problems.append(f"--val_size {data_args.val_size} and --eval_data_path both give evaluation data: use one")
+    has_eval = bool(data_args.eval_data_path) or val_size is not None
     strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
-    if strategy != "no" and not data_args.eval_data_path:
-        problems.append(f"--eval_strategy {strategy}: add --eval_data_path (the data to evaluate on)")
+    if strategy != "no" and not has_eval:
+        problems.append(f"--eval_strategy {strategy}: add --val_size or --eval_data_path (the data to evaluate on)")
+    for flag, given in (("--load_best_model_at_end", training_args.load_best_model_at_end),
+                        (f"--early_stopping_patience {training_args.early_stopping_patience}",
+                         training_args.early_stopping_patience > 0)):
+        if given and not has_eval:
+            problems.append(f"{flag}: needs evaluation data; add --val_size 0.05 (or --eval_data_path)")
+    if training_args.early_stopping_patience < 0:
+        problems.append(f"--early_stopping_patience {training_args.early_stopping_patience}: give 0 (off) or more")
     return problems
 
 

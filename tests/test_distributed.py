@@ -153,3 +153,41 @@ def test_zero3_lora_auto_trains_the_embeddings_of_never_trained_control_tokens(m
     embed = next(t for name, t in saved.items() if "embed_tokens" in name)
     assert embed.shape == (151936, 64)  # the whole trained embedding, gathered, not an empty ZeRO-3 shard
     assert embed[[151644, 151645]].abs().sum() > 0  # the zero rows trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_zero3_early_stopping_saves_the_best_checkpoint(mode, model_dirs, tmp_path):
+    """--val_size with --early_stopping_patience under ZeRO-3 on two processes: the held-out split is made once and
+    evaluated, training stops when the held-out loss turns up, and the saved model is the best checkpoint's (as
+    recovered from its DeepSpeed shards by zero_to_fp32), not the last one's."""
+    out = tmp_path / "out"
+    args = [
+        "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(DATA),
+        "--output_dir", str(out), "--deepspeed", "ds_configs/zero3.json", "--use_cpu", "True", "--max_steps", "12",
+        "--save_steps", "1", "--per_device_train_batch_size", "1", "--logging_steps", "1", "--report_to", "none",
+        "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0", "--val_size", "0.25",
+        "--early_stopping_patience", "2", "--learning_rate", "0.3" if mode == "lora" else "0.03",
+    ] + (["--use_lora", "--lora_r", str(LORA_R)] if mode == "lora" else [])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    proc = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("held out 3 of 13 conversations") == 1  # logged (and copied) by process 0 only
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+    best = Path(state["best_model_checkpoint"])
+    assert state["global_step"] < 12 and best.name != f"checkpoint-{state['global_step']}", evals
+    recovered = recovered_from_checkpoint(best)
+    if mode == "lora":
+        saved = load_file(str(out / "adapter_model.safetensors"))
+        recovered = {name.replace(".default.", "."): t for name, t in recovered.items()}
+    else:
+        saved = load_file(str(out / "model.safetensors"))
+    assert saved and set(saved) <= set(recovered)
+    for name, tensor in saved.items():
+        close(tensor, recovered[name].to(tensor.dtype))
+    last = {name.replace(".default.", "."): t
+            for name, t in recovered_from_checkpoint(out / f"checkpoint-{state['global_step']}").items()}
+    assert any(not torch.allclose(tensor, last[name].to(tensor.dtype)) for name, tensor in saved.items())
+    assert (out / "val.jsonl").exists() and (out / "loss.png").exists()

@@ -1,0 +1,176 @@
+"""--val_size: hold out a seeded share of the training conversations, once, as files every later step reads.
+
+The training data is read and validated in one streaming pass that writes every usable conversation, in order, as
+a canonical `messages` record (one JSONL line: roles, contents, reasoning, tool calls, tools, untrained turns as
+`"train": false`). A seeded choice of ordinals then sends each line to `train.jsonl` or `val.jsonl`. Both are cached
+under the data cache (`splits/<key>`, keyed by the files' bytes, the size, the seed and the code), so a re-run, a
+resumed run and every rank of a job see exactly the same split. The run copies `val.jsonl` and `val_ids.json` (the
+source of every held-out conversation: "data.jsonl: line 12") into its output directory, for evaluation after
+training (run_gptq.py, check_deploy.py) on exactly the conversations training never saw.
+
+Memory stays bounded: conversations are streamed to disk, and only one bit per conversation is held for the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chattune import __version__
+from chattune.data import (
+    Conversation,
+    DataError,
+    Tally,
+    expand_sources,
+    read_sources,
+    source_files,
+    sources_size,
+    validate_chunk,
+)
+from chattune.errors import ConfigError
+
+TRAIN_FILE, VAL_FILE, IDS_FILE, META_FILE = "train.jsonl", "val.jsonl", "val_ids.json", "split.json"
+
+
+def parse_val_size(text: str | float | int | None) -> float | int | None:
+    """'0' or empty: no split; a number in (0, 1): that fraction of the conversations; an integer >= 1: that many."""
+    if text in (None, "", 0, "0"):
+        return None
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise ConfigError(f"--val_size {text}: give a fraction between 0 and 1 (0.05: 5% of the conversations) or a "
+                      "whole number of conversations (200)")
+
+
+def held_out_count(val_size: float | int, conversations: int) -> int:
+    n = max(1, round(conversations * val_size)) if isinstance(val_size, float) else val_size
+    if n >= conversations:
+        raise DataError(f"--val_size {val_size} holds out {n} of the {conversations} conversations, leaving nothing to "
+                        "train on; use a smaller --val_size")
+    return n
+
+
+def conversation_record(conv: Conversation) -> dict:
+    """The conversation as a `messages` record that reads back to the same conversation."""
+    messages = [dict(m) for m in conv.messages]
+    for i in conv.masked:
+        messages[i]["train"] = False
+    record: dict = {"messages": messages}
+    if conv.tools:
+        record["tools"] = list(conv.tools)
+    return record
+
+
+@dataclass
+class Split:
+    train: Path
+    val: Path
+    ids: Path
+    conversations: int = 0  # usable conversations of the data, both parts
+    held_out: int = 0
+    skipped_records: int = 0  # invalid records dropped (--skip_invalid_records), as the report counts them
+    files: list[str] = field(default_factory=list)
+    skipped_examples: list[str] = field(default_factory=list)
+
+
+def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str | Path | None = None,
+               skip_invalid: bool = False, main: bool = True) -> Split:
+    """The train / held-out files of `data_path`, made once per content, size and seed (see the module docstring).
+    `main` false: the other ranks of a node find the main process's split without opening a data file."""
+    from chattune.prepare import code_fingerprint
+    from chattune.stream import _content_key, _locked, _read_index, _stat_key, _write_index, usable_cache_dir
+
+    sources = expand_sources(data_path)
+    if sources.problems:
+        raise DataError(Tally(file_problems=sources.problems).error_message(skip_invalid))
+    cache = usable_cache_dir(cache_dir)
+    text = f"chattune {__version__} split v1 code {code_fingerprint()}\n" + json.dumps([str(val_size), seed,
+                                                                                          skip_invalid])
+    stat_key = "split-" + _stat_key(text, sources)
+    if not main:
+        key = _read_index(cache, stat_key)
+        if key and _ready(cache / "splits" / key):
+            return _load(cache / "splits" / key)
+    key = _content_key(text, sources, sources_size(sources.items))
+    _write_index(cache, stat_key, key)
+    target = cache / "splits" / key
+    if _ready(target):
+        return _load(target)
+    (cache / "splits").mkdir(parents=True, exist_ok=True)
+    with _locked(cache, "split-" + key):
+        if _ready(target):  # made by another process while this one waited for the lock
+            return _load(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache / "splits"))
+        try:
+            _write_split(tmp, sources, val_size, seed, skip_invalid)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(target)
+
+
+def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_invalid: bool) -> None:
+    import numpy as np
+
+    tally = Tally(file_problems=list(sources.problems))
+    every, labels = folder / "all.jsonl", folder / "sources.txt"
+    with open(every, "w", encoding="utf-8") as out, open(labels, "w", encoding="utf-8") as names:
+        for chunk in read_sources(sources, tally):
+            validated = validate_chunk(chunk)
+            tally.add(validated)
+            for conv in validated.conversations:
+                out.write(json.dumps(conversation_record(conv), ensure_ascii=False) + "\n")
+                names.write(conv.source.replace("\n", " ") + "\n")
+    error = tally.error_message(skip_invalid)
+    if error:
+        raise DataError(error)
+    files = [str(f) for path, kind in sources.items for f in source_files(path, kind)]
+    if tally.conversations == 0:
+        raise DataError(tally.nothing_left_message(files))
+    n = held_out_count(val_size, tally.conversations)
+    chosen = np.zeros(tally.conversations, dtype=bool)
+    chosen[np.random.default_rng(seed).choice(tally.conversations, size=n, replace=False)] = True
+    held_out = []
+    with open(every, encoding="utf-8") as lines, open(labels, encoding="utf-8") as names, \
+            open(folder / TRAIN_FILE, "w", encoding="utf-8") as train, \
+            open(folder / VAL_FILE, "w", encoding="utf-8") as val:
+        for k, (line, name) in enumerate(zip(lines, names, strict=True)):
+            (val if chosen[k] else train).write(line)
+            if chosen[k]:
+                held_out.append(name.rstrip("\n"))
+    every.unlink()
+    labels.unlink()
+    (folder / IDS_FILE).write_text(json.dumps(held_out, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
+    meta = Split(Path(TRAIN_FILE), Path(VAL_FILE), Path(IDS_FILE), tally.conversations, n, tally.bad_records,
+                 files, [line.strip() for line in tally.record_problems.lines()])
+    (folder / META_FILE).write_text(json.dumps(asdict(meta), default=str, indent=1), encoding="utf-8")
+
+
+def _ready(target: Path) -> bool:
+    return (target / META_FILE).exists()  # written last, and the folder is renamed into place whole
+
+
+def _load(target: Path) -> Split:
+    meta = json.loads((target / META_FILE).read_text(encoding="utf-8"))
+    meta.update(train=target / TRAIN_FILE, val=target / VAL_FILE, ids=target / IDS_FILE)
+    return Split(**meta)
+
+
+def publish(split: Split, output_dir: str | Path) -> None:
+    """Copy the held-out conversations and their sources into the run's output directory."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for source, name in ((split.val, VAL_FILE), (split.ids, IDS_FILE)):
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, out / name)
