@@ -5,7 +5,8 @@
         --out_path output/qwen-gptq-int4 --bits 4
 
 The conversations are rendered with the training chat template, exactly as finetune.py renders them. A held-out set
-(--eval_samples, never calibrated on) measures perplexity over the assistant tokens before and after quantization;
+(--eval_samples, never calibrated on; the run's own val.jsonl when the model carries one, from finetune.py
+--val_size) measures perplexity over the assistant tokens before and after quantization;
 the table is printed and written to OUT/gptq_report.json. OUT loads with AutoModelForCausalLM.from_pretrained (and
 chat.py) as is: GPTQ weights, quantization_config in config.json, the tokenizer with its chat template, the
 generation config (stop tokens) and chattune.json of the run. Needs the gptqmodel and optimum pins of

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from chattune.cli import log
 from chattune.errors import ConfigError, UserError
 from chattune.loss import accepts_logits_to_keep
 from chattune.merge import DTYPES, is_adapter_dir, load_for_inference, run_info, save_model
+from chattune.split import carry_held_out, conversation_key, held_out_of
 from chattune.template import IGNORE_INDEX
 
 BITS = (4, 8)
@@ -162,6 +164,9 @@ def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict
     loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records)
     if loaded.skipped_records:
         log(f"skipped {loaded.skipped_records} invalid records (--skip_invalid_records)")
+    held_out = held_out_of(args.model_name_or_path) if args.eval_samples else None
+    if held_out is not None:
+        return _build_with_held_out(args, loaded, held_out, tokenizer, setup, template_kwargs)
     split = split_conversations(len(loaded.conversations), args.eval_samples, args.num_samples, args.seed)
 
     def samples(indices: list[int], what: str) -> Samples:
@@ -176,6 +181,47 @@ def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict
 
     return Data(samples(split.eval, "perplexity"), samples(split.calibration, "calibration"),
                 len(loaded.conversations), split)
+
+
+def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer: Any, setup: Any,
+                         template_kwargs: dict | None) -> Data:
+    """The model carries its run's held-out conversations (finetune.py --val_size): perplexity is taken on them (up
+    to --eval_samples, seeded), and calibration uses the other conversations of --data_path, never one of those."""
+    from chattune.data import load_conversations
+    from chattune.prepare import prepare_dataset
+
+    evaluation = load_conversations(held_out).conversations
+    if len(evaluation) > args.eval_samples:
+        order = list(range(len(evaluation)))
+        random.Random(args.seed).shuffle(order)
+        evaluation = [evaluation[i] for i in sorted(order[:args.eval_samples])]
+    excluded = {conversation_key(c) for c in load_conversations(held_out).conversations}
+    candidates = [c for c in loaded.conversations if conversation_key(c) not in excluded]
+    if not candidates:
+        raise UserError(f"every conversation of {args.data_path} is in the run's held-out set ({held_out}): give "
+                        "--data_path the training data, which calibrates without them")
+    order = list(range(len(candidates)))
+    random.Random(args.seed).shuffle(order)
+    calibration = [candidates[i] for i in sorted(order[:args.num_samples])]
+    shortfall = None
+    if len(calibration) < args.num_samples:
+        shortfall = (f"only {len(calibration)} conversations of the data are not held out, fewer than --num_samples "
+                     f"{args.num_samples}. GPTQ calibrates better on {args.num_samples}+ conversations.")
+    log(f"perplexity on the run's held-out conversations ({held_out}: {len(evaluation)}); calibrating on "
+        f"{len(calibration)} others of {args.data_path} ({len(loaded.conversations) - len(candidates)} held-out "
+        "ones left out)")
+
+    def samples(conversations: list, what: str) -> Samples:
+        prepared = prepare_dataset(
+            conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=args.max_len,
+            template_kwargs=template_kwargs, cache_dir=args.data_cache_dir, files=loaded.files, what=what,
+            length_flag="--max_len",
+        ).dataset
+        return Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(conversations))
+
+    split = Split([], [], shortfall)
+    return Data(samples(evaluation, "perplexity"), samples(calibration, "calibration"), len(loaded.conversations),
+                split)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -315,6 +361,7 @@ def finish_output(out: str, tokenizer: Any, generation_config: Any, source: str,
         info["gptq"] = {"bits": bits, "group_size": group_size}
         with open(os.path.join(out, "chattune.json"), "w") as f:
             json.dump(info, f, indent=1)
+    carry_held_out(source, out)
 
 
 def weights_bytes(path: str) -> int:

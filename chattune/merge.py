@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from chattune.errors import ConfigError
+from chattune.split import carry_held_out
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -116,6 +117,7 @@ def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size
         info["merged_from"] = os.path.abspath(source)
         with open(os.path.join(out, "chattune.json"), "w") as f:
             json.dump(info, f, indent=1)
+    carry_held_out(source, out)  # the run's val.jsonl goes with the model: run_gptq.py evaluates on it
 
 
 def load_for_inference(path: str, adapter_path: str | None = None, base: str | None = None, dtype: Any = "auto",

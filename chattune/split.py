@@ -174,3 +174,22 @@ def publish(split: Split, output_dir: str | Path) -> None:
         tmp = out / f".{name}.{os.getpid()}.tmp"
         shutil.copyfile(source, tmp)
         os.replace(tmp, out / name)
+
+
+def held_out_of(model_dir: str | Path) -> Path | None:
+    """The held-out conversations a run (or an artifact made from one: merged, GPTQ) carries, if any."""
+    path = Path(model_dir) / VAL_FILE
+    return path if path.is_file() else None
+
+
+def carry_held_out(source_dir: str | Path, out_dir: str | Path) -> None:
+    """Give an artifact made from `source_dir` its held-out conversations, so later steps find them with it."""
+    for name in (VAL_FILE, IDS_FILE):
+        source = Path(source_dir) / name
+        if source.is_file() and Path(out_dir).resolve() != Path(source_dir).resolve():
+            shutil.copyfile(source, Path(out_dir) / name)
+
+
+def conversation_key(conv: Conversation) -> str:
+    """Identity of a conversation's content (to keep held-out conversations out of another use of the same data)."""
+    return json.dumps([conv.messages, conv.tools, conv.masked], ensure_ascii=False, sort_keys=True)

@@ -233,3 +233,53 @@ def test_qlora_on_a_gptq_base_trains_and_the_adapter_reproduces_it(model_dirs, t
                                                  quantization_config=GPTQConfig(bits=4, backend="gptq_torch"))
     reloaded = PeftModel.from_pretrained(fresh, out).eval()
     torch.testing.assert_close(logits(reloaded, tok), logits(trained, tok))
+
+
+def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_calibrated_on_them(model_dirs,
+                                                                                                   tmp_path):
+    """finetune.py --val_size writes val.jsonl; merge and GPTQ carry it: run_gptq.py measures perplexity on exactly
+    those conversations and calibrates on the others of --data_path."""
+    import shutil
+
+    from chattune.data import load_conversations
+    from chattune.prepare import prepare_dataset
+    from chattune.split import conversation_record
+    from chattune.tokenizer import prepare_tokenizer
+
+    model = tmp_path / "merged"
+    shutil.copytree(model_dirs("qwen2"), model)
+    every = load_conversations(DATA).conversations
+    held = [every[i] for i in (1, 5, 11)]
+    (model / "val.jsonl").write_text("".join(json.dumps(conversation_record(c)) + "\n" for c in held))
+    tokenizer, setup = prepare_tokenizer(str(model), "auto")
+    args = gptq.GptqArgs(str(model), str(DATA), str(tmp_path / "out"), num_samples=128, eval_samples=32,
+                         max_len=256, data_cache_dir=str(tmp_path / "cache"))
+    data = gptq.build_data(args, tokenizer, setup, {})
+    assert (data.eval.conversations, data.calibration.conversations) == (3, 10)
+
+    def ids(conversations):
+        prepared = prepare_dataset(conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=256,
+                                   cache_dir=tmp_path / "cache").dataset
+        return sorted(map(tuple, prepared["input_ids"]))
+
+    assert sorted(map(tuple, data.eval.input_ids)) == ids(held)
+    others = [c for i, c in enumerate(every) if i not in (1, 5, 11)]
+    assert sorted(map(tuple, data.calibration.input_ids)) == ids(others)
+    assert not set(map(tuple, data.eval.input_ids)) & set(map(tuple, data.calibration.input_ids))
+
+
+@pytest.mark.slow
+def test_the_held_out_split_travels_from_training_through_merge_and_gptq(model_dirs, tmp_path):
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path",
+                    str(DATA), "--output_dir", str(run), "--use_lora", "--lora_r", "8", "--max_steps", "2",
+                    "--use_cpu", "True", "--val_size", "3", "--save_strategy", "no", "--preview_data", "0",
+                    "--data_cache_dir", str(tmp_path / "cache")], cwd=ROOT, check=True, capture_output=True,
+                   timeout=600)
+    script("merge_lora.py", "--adapter_path", run, "--output_path", tmp_path / "merged")
+    assert (tmp_path / "merged" / "val.jsonl").read_bytes() == (run / "val.jsonl").read_bytes()
+    proc = quantize(tmp_path / "merged", tmp_path / "gptq", 8, tmp_path / "cache")
+    assert "perplexity on the run's held-out conversations" in proc.stderr
+    report = json.loads((tmp_path / "gptq" / "gptq_report.json").read_text())
+    assert (report["eval_conversations"], report["calibration_conversations"]) == (3, 8)
+    assert (tmp_path / "gptq" / "val.jsonl").read_bytes() == (run / "val.jsonl").read_bytes()
