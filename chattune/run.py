@@ -15,7 +15,7 @@ from chattune.cli import log
 from chattune.errors import ConfigError
 from chattune.prepare import Prepared, format_preview
 from chattune.stream import prepare_files
-from chattune.template import TemplateSetup
+from chattune.template import TemplateSetup, bake_template_kwargs
 from chattune.tokenizer import prepare_tokenizer
 
 
@@ -153,6 +153,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
         model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
         trust_remote_code=model_args.trust_remote_code,
     )
+    # Every tokenizer this run saves (checkpoints, result; merged and GPTQ models copy it) renders, without being
+    # told, the prompt training used: --template_kwargs are baked into its chat template.
+    tokenizer.chat_template = bake_template_kwargs(tokenizer.chat_template, data_args.parsed_template_kwargs())
     config, attention = (None, None) if data_args.dump_tokenized else model_config_and_attention(model_args,
                                                                                                  training_args)
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,

@@ -25,6 +25,7 @@ Contract (what `render_conversation` + `encode_samples` guarantee):
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,6 +198,23 @@ def setup_chat_template(tokenizer: Any, name: str = "auto", extra_stop_tokens: S
             "to stop; set eos_token in tokenizer_config.json or pass a built-in --template"
         )
     return TemplateSetup(name=name, added_tokens=tuple(added), stop_tokens=tuple(dict.fromkeys(stops)))
+
+
+BAKED_MARK = "{#- chattune: the training run's template variables #}"
+
+
+def bake_template_kwargs(chat_template: Any, template_kwargs: dict[str, Any] | None) -> Any:
+    """The chat template with the training's extra variables (--template_kwargs, e.g. enable_thinking false) set at
+    its top, so that an engine rendering the saved template without them (vLLM, llama.cpp, TGI) renders the prompt
+    training used. Rendering it with the same variables gives the same text. Idempotent."""
+    if not template_kwargs or not isinstance(chat_template, str) or chat_template.startswith(BAKED_MARK):
+        return chat_template
+    sets = []
+    for name, value in template_kwargs.items():
+        if not name.isidentifier():
+            raise TemplateError(f"--template_kwargs: {name!r} is not a template variable name")
+        sets.append("{%- set " + name + " = " + json.dumps(value) + " %}")  # JSON literals are Jinja literals
+    return BAKED_MARK + "".join(sets) + chat_template  # adds no text, strips none of the template's
 
 
 def make_renderer(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> Renderer:

@@ -1,0 +1,185 @@
+"""check_deploy.py: a LoRA run with --val_size, its merged model and its GPTQ model pass the deploy check; an
+artifact tampered in one way fails exactly that check (exit 1); bad input is exit 2."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def check(run, artifact=None, *extra):
+    return script("check_deploy.py", "--run_dir", run, *(["--model_path", artifact] if artifact else []), *extra)
+
+
+def write_data(path: Path) -> Path:
+    """Short arithmetic answers: a tiny random model learns in a few epochs to answer in this shape and stop."""
+    with path.open("w") as f:
+        for k in range(48):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {k} plus one?"},
+                                             {"role": "assistant", "content": f"It is {k + 1}."}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifacts(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    data = write_data(root / "data.jsonl")
+    run = root / "run"
+    proc = subprocess.run([
+        sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(data),
+        "--output_dir", str(run), "--use_lora", "--lora_r", "16", "--use_cpu", "True", "--num_train_epochs", "8",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--val_size", "8", "--save_strategy", "no",
+        "--preview_data", "0", "--data_cache_dir", str(root / "cache")], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = root / "merged"
+    assert script("merge_lora.py", "--adapter_path", run, "--output_path", merged).returncode == 0
+    gptq = root / "gptq"
+    proc = script("run_gptq.py", "--model_name_or_path", merged, "--data_path", data, "--out_path", gptq,
+                  "--bits", 8, "--group_size", 32, "--num_samples", 16, "--max_len", 256, "--data_cache_dir",
+                  root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"root": root, "run": run, "merged": merged, "gptq": gptq, "data": data}
+
+
+@pytest.mark.parametrize("which", ["run", "merged", "gptq"])
+def test_the_adapter_the_merged_and_the_gptq_model_pass(artifacts, which):
+    artifact = artifacts[which]
+    proc = check(artifacts["run"], artifact if which != "run" else None)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for name in ("prompt", "stop", "quality"):
+        assert f"PASS  {name}" in proc.stdout
+    report = json.loads((artifact / "deploy_check.json").read_text())
+    assert report["passed"] and report["conversations"] == 8 and report["data"].endswith("val.jsonl")
+    stop = next(c for c in report["checks"] if c["name"] == "stop")
+    assert stop["values"]["stopped"] == stop["values"]["sampled"] == 8
+    quality = next(c for c in report["checks"] if c["name"] == "quality")["values"]
+    if which == "merged":
+        assert abs(quality["relative_change"]) < 1e-4  # fp32 merge: exact up to rounding
+    if which == "gptq":
+        assert "GPTQ model" in proc.stdout and quality["allowed"] == 0.05
+
+
+def tampered(artifacts, name: str) -> Path:
+    copy = artifacts["root"] / f"tampered-{name}"
+    if copy.exists():
+        shutil.rmtree(copy)
+    shutil.copytree(artifacts["merged"], copy)
+    return copy
+
+
+def test_a_changed_template_fails_the_prompt_check(artifacts):
+    artifact = tampered(artifacts, "template")
+    template = artifact / "chat_template.jinja"
+    text = template.read_text()
+    generation = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"  # the generation prompt
+    assert generation in text
+    template.write_text(text.replace(generation, generation.replace("assistant\n", "assistant\n\n")))
+    proc = check(artifacts["run"], artifact)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "FAIL  prompt   8 of 8 prompts differ from training's" in proc.stdout
+    assert "PASS  quality" in proc.stdout and "FAILED (prompt)" in proc.stdout
+
+
+def test_a_removed_stop_token_fails_the_stop_check(artifacts):
+    artifact = tampered(artifacts, "stop")
+    config = json.loads((artifact / "generation_config.json").read_text())
+    config["eos_token_id"] = [151643]  # <|endoftext|> only: the trained <|im_end|> removed
+    (artifact / "generation_config.json").write_text(json.dumps(config))
+    proc = check(artifacts["run"], artifact)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "FAIL  stop     generation_config.json stops on <|endoftext|>, not on the trained end-of-turn token(s) " \
+           "<|im_end|>" in proc.stdout
+    assert "FAILED (stop)" in proc.stdout
+
+
+def test_a_scaled_weight_fails_the_quality_check(artifacts):
+    artifact = tampered(artifacts, "weight")
+    weights = load_file(str(artifact / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name] = weights[name] * 1.5
+    save_file(weights, str(artifact / "model.safetensors"), metadata={"format": "pt"})
+    proc = check(artifacts["run"], artifact)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "FAIL  quality" in proc.stdout and "unquantized model, allowed ±0.100%" in proc.stdout
+    report = json.loads((artifact / "deploy_check.json").read_text())
+    quality = next(c for c in report["checks"] if c["name"] == "quality")["values"]
+    assert abs(quality["relative_change"]) > 1e-3 and not report["passed"]
+
+
+def test_bad_input_is_exit_2(artifacts, tmp_path):
+    proc = check(tmp_path)
+    assert proc.returncode == 2 and "no val.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "val.jsonl").write_text((artifacts["run"] / "val.jsonl").read_text())
+    proc = check(tmp_path)
+    assert proc.returncode == 2 and "no chattune.json" in proc.stderr and "Traceback" not in proc.stderr
+    proc = check(artifacts["run"], tmp_path / "missing")
+    assert proc.returncode == 2 and "--model_path" in proc.stderr and "not a directory" in proc.stderr
+
+
+def test_template_variables_of_training_are_baked_into_the_saved_template(model_dirs, tmp_path):
+    """A Qwen3 run with enable_thinking false: an engine renders the saved template without variables, and must get
+    the '<think>\\n\\n</think>' prompt training used; the deploy check's prompt check confirms it."""
+    data = write_data(tmp_path / "data.jsonl")
+    run = tmp_path / "run"
+    proc = subprocess.run([
+        sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen3")), "--data_path", str(data),
+        "--output_dir", str(run), "--use_lora", "--use_cpu", "True", "--max_steps", "1", "--val_size", "4",
+        "--template_kwargs", '{"enable_thinking": false}', "--save_strategy", "no", "--preview_data", "0",
+        "--data_cache_dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(run)
+    prompt = saved.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                       tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    proc = check(run, None, "--stop_samples", "0")
+    assert "PASS  prompt   4 prompts identical to training's" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+def test_baking_changes_no_rendering_of_the_real_templates():
+    """Rendering the baked template with or without the variables gives what the original gives with them."""
+    from test_real_templates import CASES, tokenizer
+
+    from chattune.template import bake_template_kwargs
+
+    for family, messages, tools, kwargs in CASES:
+        tok, _ = tokenizer(family)
+        if family.startswith("qwen3"):
+            kwargs = kwargs or {"enable_thinking": False}
+        if not kwargs:
+            continue
+        want = [tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
+                                        **kwargs) for i in range(1, len(messages) + 1)]
+        tok.chat_template = bake_template_kwargs(tok.chat_template, kwargs)
+        assert bake_template_kwargs(tok.chat_template, kwargs) == tok.chat_template  # idempotent
+        for i, text in enumerate(want, 1):
+            assert tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
+                                           **kwargs) == text
+            assert tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True,
+                                           tokenize=False) == text
+
+
+def test_quality_bounds():
+    """Unquantized: a drift either way beyond 1e-3 fails; GPTQ: an increase beyond 5% fails, a decrease never."""
+    from chattune.deploy import DeployArgs, check_quality
+
+    args = DeployArgs("run")
+    assert check_quality(2.0, 2.0 * (1 + 5e-4), 100, False, args).passed
+    assert not check_quality(2.0, 2.0 * (1 + 2e-3), 100, False, args).passed
+    assert check_quality(2.0, 2.0 * 1.04, 100, True, args).passed
+    assert not check_quality(2.0, 2.0 * 1.06, 100, True, args).passed
+    assert not check_quality(2.0, 2.0 * (1 - 2e-3), 100, False, args).passed
+    assert check_quality(2.0, 1.5, 100, True, args).passed
