@@ -38,7 +38,8 @@ def parse_args(argv=None):
     ap.add_argument("--stop_samples", type=int, default=d.stop_samples, help="held-out turns generated (default 8)")
     ap.add_argument("--stop_margin", type=int, default=d.stop_margin,
                     help="tokens allowed beyond the reference answer before a turn counts as not stopping")
-    ap.add_argument("--max_length", type=int, default=d.max_length, help="tokens per held-out sample for the loss")
+    ap.add_argument("--max_length", type=int, default=d.max_length,
+                    help="tokens per held-out sample (default: the run's --model_max_length)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16", "auto"],

@@ -159,10 +159,14 @@ class TrainingArguments(transformers.TrainingArguments):
                 setattr(self, old, None)
         if self.early_stopping_patience > 0:
             self.load_best_model_at_end = True  # stopping early keeps the best checkpoint, not the last one
-        if self.load_best_model_at_end and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            # the count of evaluations without improvement survives a resume (Trainer restores it only when asked)
+            self.restore_callback_states_from_checkpoint = True
+        save = str(getattr(self.save_strategy, "value", self.save_strategy))
+        if self.load_best_model_at_end and save in ("steps", "epoch") and \
+                str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             # evaluate with every checkpoint, as Trainer requires for picking the best (validate checks for eval data)
-            self.eval_strategy = getattr(self.save_strategy, "value", self.save_strategy)
-            if self.eval_strategy == "steps":
+            self.eval_strategy = save
+            if save == "steps":
                 self.eval_steps = self.save_steps
         super().__post_init__()
 

@@ -42,7 +42,7 @@ class DeployArgs:
     max_merge_drift: float = 1e-3  # unquantized artifacts: allowed relative difference of the held-out loss
     stop_samples: int = 8  # turns generated for the stop check
     stop_margin: int = 16  # tokens allowed beyond the reference answer
-    max_length: int = 2048  # tokens per held-out sample for the loss
+    max_length: int = 0  # tokens per held-out sample; default: the run's --model_max_length (chattune.json)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -85,16 +85,17 @@ def _held_out(args: DeployArgs) -> tuple[str, list[Any]]:
     return str(path), conversations
 
 
-def _run_setup(run_dir: str) -> tuple[Any, list[str], dict]:
-    """The training tokenizer (as saved by the run), its end-of-turn tokens and template variables."""
+def _run_setup(args: DeployArgs) -> tuple[Any, list[str], dict, int]:
+    """The training tokenizer (as saved by the run), its end-of-turn tokens, template variables and length limit."""
     from chattune.merge import run_info
     from chattune.tokenizer import load_tokenizer
 
-    info = run_info(run_dir)
+    info = run_info(args.run_dir)
     if not info:
-        raise UserError(f"{run_dir}: no chattune.json; give --run_dir the output directory of a finetune.py run")
-    return load_tokenizer(run_dir, trust_remote_code=True), list(info.get("stop_tokens") or []), \
-        info.get("template_kwargs") or {}
+        raise UserError(f"{args.run_dir}: no chattune.json; give --run_dir the output directory of a finetune.py run")
+    return (load_tokenizer(args.run_dir, trust_remote_code=args.trust_remote_code),
+            list(info.get("stop_tokens") or []), info.get("template_kwargs") or {},
+            args.max_length or int(info.get("model_max_length") or 2048))
 
 
 def _device(name: str) -> str:
@@ -179,10 +180,13 @@ def check_stop(turns: list[Turn], model: Any, tokenizer: Any, stop_tokens: list[
     configured = _stop_ids(model.generation_config)
     missing = [tokenizer.convert_ids_to_tokens(t) for t in trained if t not in configured]
     listed = ", ".join(tokenizer.convert_ids_to_tokens(configured)) or "none"
-    if missing:
+    if missing or not trained:
         return Check("stop", False, f"generation_config.json stops on {listed}, not on the trained "
                      f"end-of-turn token(s) {', '.join(missing)}: an engine using it will not stop",
                      {"configured": configured, "trained": trained})
+    if samples and not turns:
+        return Check("stop", False, f"stops on {listed}; no held-out turn fits the length limit, so generation could "
+                     "not be checked (raise --max_length)", {"configured": configured, "trained": trained})
     chosen = random.Random(seed).sample(turns, min(samples, len(turns)))
     stopped, lengths = 0, []
     device = next(model.parameters()).device
@@ -192,7 +196,7 @@ def check_stop(turns: list[Turn], model: Any, tokenizer: Any, stop_tokens: list[
         greedy = copy.deepcopy(model.generation_config)  # the artifact's stops; greedy, bounded
         greedy.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
                       max_new_tokens=len(turn.answer_ids) + margin, eos_token_id=configured,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else configured[0])
+                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trained[0])
         out = model.generate(input_ids=prompt["input_ids"].to(device),
                              attention_mask=prompt["attention_mask"].to(device), generation_config=greedy)
         new = out[0, prompt["input_ids"].shape[1]:].tolist()
@@ -201,7 +205,8 @@ def check_stop(turns: list[Turn], model: Any, tokenizer: Any, stop_tokens: list[
             stopped += 1
     passed = stopped == len(chosen)
     detail = (f"stops on {listed}; greedy generation stopped on a trained end-of-turn token in {stopped} of "
-              f"{len(chosen)} held-out turns (within the reference length + {margin} tokens)")
+              f"{len(chosen)} held-out turns (within the reference length + {margin} tokens)" if chosen else
+              f"stops on {listed}; generation not checked (--stop_samples 0)")
     return Check("stop", passed, detail, {"configured": configured, "trained": trained, "stopped": stopped,
                                           "sampled": len(chosen), "generated_lengths": lengths})
 
@@ -227,6 +232,7 @@ def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quan
 
 
 def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
+    from chattune.data import DataError
     from chattune.gptq import Samples
     from chattune.prepare import prepare_dataset
 
@@ -235,16 +241,21 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
         if not os.path.isdir(path):
             raise UserError(f"{flag} {path}: not a directory")
     data_path, conversations = _held_out(args)
-    run_tokenizer, stop_tokens, template_kwargs = _run_setup(args.run_dir)
+    run_tokenizer, stop_tokens, template_kwargs, max_length = _run_setup(args)
     log(f"checking {artifact_path} against the run {args.run_dir} on {len(conversations)} conversations of "
         f"{data_path}")
     artifact, artifact_tokenizer = _load(artifact_path, args)
     checks = [check_prompts(conversations, run_tokenizer, template_kwargs, artifact_tokenizer)]
-    turns = _answers(conversations, run_tokenizer, stop_tokens, template_kwargs, args.max_length)
+    turns = _answers(conversations, run_tokenizer, stop_tokens, template_kwargs, max_length)
     checks.append(check_stop(turns, artifact, artifact_tokenizer, stop_tokens, args.stop_samples, args.stop_margin,
                              args.seed))
-    prepared = prepare_dataset(conversations, run_tokenizer, stop_tokens=stop_tokens, max_length=args.max_length,
-                               template_kwargs=template_kwargs, what="held-out", length_flag="--max_length").dataset
+    try:
+        prepared = prepare_dataset(conversations, run_tokenizer, stop_tokens=stop_tokens, max_length=max_length,
+                                   template_kwargs=template_kwargs, what="held-out", length_flag="--max_length"
+                                   ).dataset
+    except DataError as e:  # nothing trained within the limit: the quality cannot be measured, which fails it
+        checks.append(Check("quality", False, f"not measured: {e}"))
+        return checks, _report(args, artifact_path, data_path, conversations, checks)
     samples = Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(conversations))
     artifact_loss, tokens = _loss(artifact, samples, "loss of the artifact")
     quantized = _is_quantized(artifact)
@@ -255,10 +266,13 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
         reference, _ = _load(args.run_dir, args)
         reference_loss, _ = _loss(reference, samples, "loss of the trained model")
     checks.append(check_quality(reference_loss, artifact_loss, tokens, quantized, args))
-    report = {"run_dir": os.path.abspath(args.run_dir), "artifact": os.path.abspath(artifact_path),
-              "data": data_path, "conversations": len(conversations), "passed": all(c.passed for c in checks),
-              "checks": [asdict(c) for c in checks], "args": asdict(args)}
-    return checks, report
+    return checks, _report(args, artifact_path, data_path, conversations, checks)
+
+
+def _report(args: DeployArgs, artifact_path: str, data_path: str, conversations: list, checks: list[Check]) -> dict:
+    return {"run_dir": os.path.abspath(args.run_dir), "artifact": os.path.abspath(artifact_path),
+            "data": data_path, "conversations": len(conversations), "passed": all(c.passed for c in checks),
+            "checks": [asdict(c) for c in checks], "args": asdict(args)}
 
 
 def main(args: DeployArgs) -> int:

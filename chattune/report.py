@@ -22,7 +22,16 @@ def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, confi
     from dataclasses import replace
 
     from chattune.collate import sample_lengths
-    from chattune.memory import GB, GPU_KINDS, estimate, estimate_seconds, format_duration, run_setup, shape_from_config
+    from chattune.memory import (
+        GB,
+        GPU_KINDS,
+        data_plan,
+        estimate,
+        estimate_seconds,
+        format_duration,
+        run_setup,
+        shape_from_config,
+    )
 
     try:
         shape = shape_from_config(config, trust_remote_code=trust_remote_code)
@@ -38,9 +47,12 @@ def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, confi
     if kind is None or not len(lengths):
         return gb, None
     per_step = training_args.gradient_accumulation_steps
-    if micro_batches is None:  # padded: every micro-batch as wide as its longest sample; bound by the longest
-        micro_batches = math.ceil(len(lengths) / training_args.per_device_train_batch_size / world_size) * world_size
-    tokens_per_micro_batch = float(lengths.sum()) / max(micro_batches, 1)
+    processed = float(lengths.sum())
+    if micro_batches is None:  # padded: every micro-batch as wide as its longest sample, padding computed too
+        padded = data_plan(lengths, training_args.per_device_train_batch_size, 0, packing=False,
+                           seed=training_args.seed)
+        micro_batches, processed = padded.micro_batches, float(padded.processed_tokens)
+    tokens_per_micro_batch = processed / max(micro_batches, 1)
     run_micro_batches = steps * per_step
     seconds = estimate_seconds(shape, setup, run_micro_batches * tokens_per_micro_batch, kind,
                                sequence_tokens=float((lengths.astype(float) ** 2).sum() / lengths.sum()),
@@ -52,9 +64,12 @@ def gpu_kind() -> str | None:
     """This machine's GPU as a key of memory.GPU_KINDS, if it is one of them."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(0).upper().replace(" ", "")
-    for key in ("H100", "A100", "L40S", "RTX4090", "RTX3090"):
-        if key.replace("RTX", "") in name:
+    import re
+
+    name = torch.cuda.get_device_name(0).upper()
+    for key, pattern in (("H100", r"\bH100\b"), ("A100", r"\bA100\b"), ("L40S", r"\bL40S\b"),
+                         ("RTX4090", r"\b4090\b"), ("RTX3090", r"\b3090\b")):
+        if re.search(pattern, name):
             return key
     return None
 

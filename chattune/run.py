@@ -12,7 +12,7 @@ import torch
 
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.cli import log
-from chattune.errors import ConfigError
+from chattune.errors import ConfigError, UserError
 from chattune.prepare import Prepared, format_preview
 from chattune.stream import prepare_files
 from chattune.template import TemplateSetup, bake_template_kwargs
@@ -27,7 +27,7 @@ class Data:
 
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
                main_process_first: Any = None, main: bool = True, seed: int = 42, output_dir: str | None = None,
-               first: bool = True) -> Data:
+               first: bool = True, overwrite: bool = False) -> Data:
     """Read, validate and tokenize the data in bounded memory (chattune.stream). In a distributed run the main process
     of each node prepares it first; the other ranks (`main` false) then memory-map its cache without opening the
     data files. With --val_size the training data is split first (chattune.split) and the held-out part is the
@@ -43,14 +43,21 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
                                data_args.skip_invalid_records, main=main)
         if first:
             if output_dir:
-                publish(split, output_dir)
+                publish(split, output_dir, overwrite)
             log(f"held out {split.held_out:,} of {split.conversations:,} conversations for evaluation (--val_size "
-                f"{data_args.val_size}, seed {seed})" + (f"; written to {output_dir}/val.jsonl" if output_dir else ""))
+                f"{data_args.val_size}, seed {seed})" + (f"; written to {output_dir}/val.jsonl" if output_dir else "")
+                + (f"; {split.copies_left_out:,} copies of held-out conversations left out of training"
+                   if split.copies_left_out else ""))
         held = replace(data_args, data_path=str(split.train), eval_data_path=str(split.val), val_size="0",
                        skip_invalid_records=False)
-        data = build_data(tokenizer, setup, held, max_length, main_process_first, main)
-        data.train.report.files, data.train.report.skipped_records = split.files, split.skipped_records
-        data.train.report.skipped_examples = split.skipped_examples
+        try:
+            data = build_data(tokenizer, setup, held, max_length, main_process_first, main)
+        except UserError as e:  # name the user's file and record, not the split's copy
+            raise type(e)(split.original_place(str(e))) from None
+        report = data.train.report
+        report.files, report.skipped_records = split.files, split.skipped_records
+        report.skipped_examples, report.ignored = split.skipped_examples, split.ignored
+        data.eval.report.files = [f"held out of {', '.join(split.files)} ({split.ids.name})"]
         return data
     template_kwargs = data_args.parsed_template_kwargs()
 
@@ -107,13 +114,19 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
         tokenizer, template = prepare_tokenizer(model_args.model_name_or_path, data_args.template,
                                                 cache_dir=training_args.cache_dir,
                                                 trust_remote_code=model_args.trust_remote_code)
-        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None, val_size="0"),
-                           training_args.model_max_length).train
+        # prepared as training prepares it (baked template, --val_size split): training reuses the cache entry
+        tokenizer.chat_template = bake_template_kwargs(tokenizer.chat_template, data_args.parsed_template_kwargs())
+        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
+                           training_args.model_max_length, seed=training_args.seed).train
         log(train.report.format())
         lengths = sample_lengths(train.dataset)  # collate's reader: what training packs
+        packing, budget = training_args.packing != "false", training_args.micro_batch_tokens()
+        if packing and lengths and max(lengths) > budget:
+            raise ConfigError(f"--max_tokens_per_batch {budget} is below the longest sample ({max(lengths)} tokens): "
+                              "it would fit no micro-batch; raise it to at least --model_max_length")
         # auto packs on a CUDA run (flash-attention or flex_attention); only --packing false pads
-        plan = data_plan(lengths, training_args.per_device_train_batch_size, training_args.micro_batch_tokens(),
-                         packing=training_args.packing != "false", seed=training_args.seed)
+        plan = data_plan(lengths, training_args.per_device_train_batch_size, budget, packing=packing,
+                         seed=training_args.seed)
         setup = replace(setup, micro_batch_tokens=plan.peak_micro_batch_tokens)
     epochs = training_args.num_train_epochs
     if plan is not None and training_args.max_steps > 0:
@@ -161,7 +174,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
                       main_process_first=training_args.main_process_first,
                       main=training_args.local_process_index == 0, seed=training_args.seed,
-                      output_dir=training_args.output_dir, first=training_args.process_index == 0)
+                      output_dir=training_args.output_dir, first=training_args.process_index == 0,
+                      overwrite=training_args.overwrite_output_dir)
     if training_args.process_index == 0:
         log(data.train.report.format())
         if data.eval is not None:

@@ -13,7 +13,9 @@ Memory stays bounded: conversations are streamed to disk, and only one bit per c
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -34,15 +36,18 @@ from chattune.data import (
 from chattune.errors import ConfigError
 
 TRAIN_FILE, VAL_FILE, IDS_FILE, META_FILE = "train.jsonl", "val.jsonl", "val_ids.json", "split.json"
+TRAIN_SOURCES = "train_sources.txt"  # the source of every line of train.jsonl, for messages about it
 
 
 def parse_val_size(text: str | float | int | None) -> float | int | None:
     """'0' or empty: no split; a number in (0, 1): that fraction of the conversations; an integer >= 1: that many."""
-    if text in (None, "", 0, "0"):
-        return None
     try:
-        value = float(text)
+        value = float(text) if text not in (None, "") else 0.0
     except (TypeError, ValueError):
+        value = float("nan")
+    if value == 0:
+        return None
+    if not math.isfinite(value):
         value = float("nan")
     if 0 < value < 1:
         return value
@@ -81,26 +86,65 @@ class Split:
     skipped_records: int = 0  # invalid records dropped (--skip_invalid_records), as the report counts them
     files: list[str] = field(default_factory=list)
     skipped_examples: list[str] = field(default_factory=list)
+    copies_left_out: int = 0  # training conversations identical to a held-out one: not trained (counted)
+    ignored: list[str] = field(default_factory=list)  # entries of given directories that were not read, with why
+    key: str = ""  # identity of the split (data bytes, size, seed, code)
+
+    @property
+    def train_sources(self) -> Path:
+        return self.train.with_name(TRAIN_SOURCES)
+
+    def original_place(self, message: str) -> str:
+        """A message about `train.jsonl: line N` / `val.jsonl: line N` (the split's files) with the user's file and
+        record instead."""
+        import re
+
+        for path, names in ((self.train, self.train_sources), (self.val, None)):
+            pattern = re.compile(re.escape(str(path)) + r": line (\d+)")
+            if not pattern.search(message):
+                continue
+            labels = (names.read_text(encoding="utf-8").splitlines() if names is not None
+                      else json.loads(self.ids.read_text(encoding="utf-8")))
+
+            def label(match, labels=labels) -> str:
+                n = int(match.group(1))
+                return labels[n - 1] if 0 < n <= len(labels) else match.group(0)
+
+            message = pattern.sub(label, message)
+        return message
 
 
 def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str | Path | None = None,
                skip_invalid: bool = False, main: bool = True) -> Split:
     """The train / held-out files of `data_path`, made once per content, size and seed (see the module docstring).
-    `main` false: the other ranks of a node find the main process's split without opening a data file."""
+    `main` false: the other ranks of a node find the main process's split (or its failure) without opening a data
+    file."""
     from chattune.prepare import code_fingerprint
-    from chattune.stream import _content_key, _locked, _read_index, _stat_key, _write_index, usable_cache_dir
+    from chattune.stream import (
+        _content_key,
+        _failure,
+        _locked,
+        _note_failure,
+        _read_index,
+        _stat_key,
+        _write_index,
+        usable_cache_dir,
+    )
 
     sources = expand_sources(data_path)
     if sources.problems:
         raise DataError(Tally(file_problems=sources.problems).error_message(skip_invalid))
     cache = usable_cache_dir(cache_dir)
-    text = f"chattune {__version__} split v1 code {code_fingerprint()}\n" + json.dumps([str(val_size), seed,
+    text = f"chattune {__version__} split v2 code {code_fingerprint()}\n" + json.dumps([str(val_size), seed,
                                                                                           skip_invalid])
     stat_key = "split-" + _stat_key(text, sources)
     if not main:
         key = _read_index(cache, stat_key)
         if key and _ready(cache / "splits" / key):
             return _load(cache / "splits" / key)
+        if key and _failure(cache, "split-" + key):
+            raise DataError("the training data could not be split: the main process stopped on it (its message "
+                            "above lists the problems)")
     key = _content_key(text, sources, sources_size(sources.items))
     _write_index(cache, stat_key, key)
     target = cache / "splits" / key
@@ -112,14 +156,23 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
             return _load(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache / "splits"))
         try:
-            _write_split(tmp, sources, val_size, seed, skip_invalid)
-            os.replace(tmp, target)
+            _write_split(tmp, sources, val_size, seed, skip_invalid, key)
+            try:
+                os.replace(tmp, target)
+            except OSError as e:  # another node, without a working lock, finished the same split first
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _ready(target):
+                    raise
+        except DataError as e:
+            _note_failure(cache, "split-" + key, str(e))  # the node's other ranks fail at once
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load(target)
 
 
-def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_invalid: bool) -> None:
+def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_invalid: bool, key: str) -> None:
+    import hashlib
+
     import numpy as np
 
     tally = Tally(file_problems=list(sources.problems))
@@ -129,7 +182,7 @@ def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_i
             validated = validate_chunk(chunk)
             tally.add(validated)
             for conv in validated.conversations:
-                out.write(json.dumps(conversation_record(conv), ensure_ascii=False) + "\n")
+                out.write(json.dumps(conversation_record(conv), ensure_ascii=False, sort_keys=True) + "\n")
                 names.write(conv.source.replace("\n", " ") + "\n")
     error = tally.error_message(skip_invalid)
     if error:
@@ -140,19 +193,34 @@ def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_i
     n = held_out_count(val_size, tally.conversations)
     chosen = np.zeros(tally.conversations, dtype=bool)
     chosen[np.random.default_rng(seed).choice(tally.conversations, size=n, replace=False)] = True
-    held_out = []
+
+    def digest(line: str) -> bytes:
+        return hashlib.blake2b(line.encode(), digest_size=16).digest()
+
+    with open(every, encoding="utf-8") as lines:  # canonical lines: equal conversations, equal lines
+        held = {digest(line) for k, line in enumerate(lines) if chosen[k]}
+    held_out, copies = [], 0
     with open(every, encoding="utf-8") as lines, open(labels, encoding="utf-8") as names, \
             open(folder / TRAIN_FILE, "w", encoding="utf-8") as train, \
+            open(folder / TRAIN_SOURCES, "w", encoding="utf-8") as train_names, \
             open(folder / VAL_FILE, "w", encoding="utf-8") as val:
         for k, (line, name) in enumerate(zip(lines, names, strict=True)):
-            (val if chosen[k] else train).write(line)
             if chosen[k]:
+                val.write(line)
                 held_out.append(name.rstrip("\n"))
+            elif digest(line) in held:  # a copy of a held-out conversation: training it would leak the evaluation
+                copies += 1
+            else:
+                train.write(line)
+                train_names.write(name)
     every.unlink()
     labels.unlink()
+    if copies == tally.conversations - n:
+        raise DataError(f"every training conversation is a copy of a held-out one ({copies}); the data has too few "
+                        "distinct conversations for --val_size")
     (folder / IDS_FILE).write_text(json.dumps(held_out, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
     meta = Split(Path(TRAIN_FILE), Path(VAL_FILE), Path(IDS_FILE), tally.conversations, n, tally.bad_records,
-                 files, [line.strip() for line in tally.record_problems.lines()])
+                 files, [line.strip() for line in tally.record_problems.lines()], copies, list(sources.ignored), key)
     (folder / META_FILE).write_text(json.dumps(asdict(meta), default=str, indent=1), encoding="utf-8")
 
 
@@ -166,9 +234,18 @@ def _load(target: Path) -> Split:
     return Split(**meta)
 
 
-def publish(split: Split, output_dir: str | Path) -> None:
-    """Copy the held-out conversations and their sources into the run's output directory."""
+def publish(split: Split, output_dir: str | Path, overwrite: bool = False) -> None:
+    """Copy the held-out conversations and their sources into the run's output directory. A run resumed in a
+    directory whose held-out set differs (the data, --val_size or --seed changed) would evaluate, and stop early,
+    on other conversations, some of which it trained on: refused unless --overwrite_output_dir."""
     out = Path(output_dir)
+    previous = out / VAL_FILE
+    if not overwrite and previous.is_file() and previous.read_bytes() != split.val.read_bytes():
+        raise ConfigError(
+            f"--val_size: {previous} holds another held-out split than this run makes (the data, --val_size or "
+            "--seed changed since the run in this directory started); resuming would evaluate on other "
+            "conversations, some of them trained on. Restore the original data and flags, or start fresh with "
+            "--overwrite_output_dir (or another --output_dir)")
     out.mkdir(parents=True, exist_ok=True)
     for source, name in ((split.val, VAL_FILE), (split.ids, IDS_FILE)):
         tmp = out / f".{name}.{os.getpid()}.tmp"

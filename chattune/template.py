@@ -201,20 +201,39 @@ def setup_chat_template(tokenizer: Any, name: str = "auto", extra_stop_tokens: S
 
 
 BAKED_MARK = "{#- chattune: the training run's template variables #}"
+BAKED_END = "{#- chattune: end #}"
 
 
 def bake_template_kwargs(chat_template: Any, template_kwargs: dict[str, Any] | None) -> Any:
-    """The chat template with the training's extra variables (--template_kwargs, e.g. enable_thinking false) set at
-    its top, so that an engine rendering the saved template without them (vLLM, llama.cpp, TGI) renders the prompt
-    training used. Rendering it with the same variables gives the same text. Idempotent."""
-    if not template_kwargs or not isinstance(chat_template, str) or chat_template.startswith(BAKED_MARK):
+    """The chat template with the training's extra variables (--template_kwargs, e.g. enable_thinking false) as its
+    defaults, so that an engine rendering the saved template without them (vLLM, llama.cpp, TGI) renders the prompt
+    training used; a caller that passes a variable still decides it. Rendering with the same variables gives the
+    same text. Baking again replaces the earlier defaults."""
+    if not template_kwargs or not isinstance(chat_template, str):
         return chat_template
+    if chat_template.startswith(BAKED_MARK) and BAKED_END in chat_template:
+        chat_template = chat_template.split(BAKED_END, 1)[1]
     sets = []
     for name, value in template_kwargs.items():
         if not name.isidentifier():
             raise TemplateError(f"--template_kwargs: {name!r} is not a template variable name")
-        sets.append("{%- set " + name + " = " + json.dumps(value) + " %}")  # JSON literals are Jinja literals
-    return BAKED_MARK + "".join(sets) + chat_template  # adds no text, strips none of the template's
+        sets.append("{%- if " + name + " is not defined %}{%- set " + name + " = " + _jinja_literal(value)
+                    + " %}{%- endif %}")
+    return BAKED_MARK + "".join(sets) + BAKED_END + chat_template  # adds no text, strips none of the template's
+
+
+def _jinja_literal(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_jinja_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_jinja_literal(v)}" for k, v in value.items()) + "}"
+    raise TemplateError(f"--template_kwargs: {value!r} is not a JSON value")
 
 
 def make_renderer(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> Renderer:

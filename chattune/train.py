@@ -371,4 +371,5 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo
     with open(os.path.join(out, "chattune.json"), "w") as f:
         json.dump({"template": setup.name, "template_kwargs": data_args.parsed_template_kwargs(),
                    "stop_tokens": list(setup.stop_tokens), "mode": info.mode,
+                   "model_max_length": trainer.args.model_max_length,
                    "base_model": trainer.model.config._name_or_path, "version": __version__}, f, indent=1)

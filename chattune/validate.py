@@ -139,6 +139,12 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
                          training_args.early_stopping_patience > 0)):
         if given and not has_eval:
             problems.append(f"{flag}: needs evaluation data; add --val_size 0.05 (or --eval_data_path)")
+        save = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
+        implied = flag == "--load_best_model_at_end" and training_args.early_stopping_patience > 0
+        if given and not implied and save not in ("steps", "epoch"):
+            why = "writes no checkpoint to pick from" if save == "no" else "is not supported with it"
+            problems.append(f"{flag}: the best model is picked among the checkpoints, and --save_strategy {save} "
+                            f"{why}; use --save_strategy steps (the default) or epoch")
     if training_args.early_stopping_patience < 0:
         problems.append(f"--early_stopping_patience {training_args.early_stopping_patience}: give 0 (off) or more")
     return problems

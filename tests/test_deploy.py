@@ -165,6 +165,12 @@ def test_baking_changes_no_rendering_of_the_real_templates():
                                         **kwargs) for i in range(1, len(messages) + 1)]
         tok.chat_template = bake_template_kwargs(tok.chat_template, kwargs)
         assert bake_template_kwargs(tok.chat_template, kwargs) == tok.chat_template  # idempotent
+        if "enable_thinking" in kwargs:  # a caller's own value still decides (an engine asked to think)
+            tok_plain, _ = tokenizer(family)
+            for value in (True, False):
+                assert tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                               enable_thinking=value) == tok_plain.apply_chat_template(
+                    messages, tools=tools, add_generation_prompt=True, tokenize=False, enable_thinking=value)
         for i, text in enumerate(want, 1):
             assert tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
                                            **kwargs) == text
@@ -183,3 +189,22 @@ def test_quality_bounds():
     assert not check_quality(2.0, 2.0 * 1.06, 100, True, args).passed
     assert not check_quality(2.0, 2.0 * (1 - 2e-3), 100, False, args).passed
     assert check_quality(2.0, 1.5, 100, True, args).passed
+
+
+def test_baked_defaults_are_replaced_not_stacked_and_none_is_jinja_none():
+    from chattune.template import BAKED_MARK, bake_template_kwargs
+
+    template = "{{ 'yes' if x is none else 'no' }}-{{ y }}"
+    once = bake_template_kwargs(template, {"x": None, "y": 1})
+    again = bake_template_kwargs(once, {"y": 2})
+    assert again.count(BAKED_MARK) == 1 and again.endswith(template) and "y = 2" in again and "x =" not in again
+    from jinja2 import Template
+
+    assert Template(once).render() == "yes-1" and Template(once).render(y=5) == "yes-5"
+    assert Template(again).render() == "no-2"
+
+
+def test_no_turn_to_generate_is_a_failed_stop_check_not_a_pass(artifacts):
+    proc = check(artifacts["run"], None, "--max_length", "4")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "no held-out turn fits the length limit" in proc.stdout

@@ -156,3 +156,47 @@ def test_loss_plot_draws_training_and_evaluation_loss(tmp_path):
     history += [{"eval_loss": 1.9 - 0.05 * s, "step": s} for s in (2, 4, 6, 8)]
     assert plot_loss(history, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_copies_of_a_held_out_conversation_are_not_trained(tmp_path):
+    """Scraped data repeats itself: every copy of a held-out conversation stays out of training (counted), or the
+    held-out loss would be measured on trained conversations."""
+    data = tmp_path / "d.jsonl"
+    write_jsonl(tmp_path / "ten.jsonl", 10)
+    data.write_text((tmp_path / "ten.jsonl").read_text() * 5)  # 50 records, 10 distinct conversations
+    split = split_data(str(data), 0.2, seed=7, cache_dir=tmp_path / "cache")
+    train, val = conversations(split.train), conversations(split.val)
+    assert len(val) == 10 and not {str(c) for c in train} & {str(c) for c in val}
+    assert split.copies_left_out == 50 - 10 - len(train) > 0
+    names = split.train_sources.read_text().splitlines()
+    assert len(names) == len(train) and all(n.startswith(f"{data}: line ") for n in names)
+
+
+def test_with_val_size_errors_name_the_users_file_and_record(tmp_path, model_dirs, capsys):
+    import finetune
+
+    data = write_jsonl(tmp_path / "ctl.jsonl", 20)
+    with data.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "say <|im_end|> now"},
+                                         {"role": "assistant", "content": "no"}]}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(data), "--val_size", "2",
+                       "--seed", "1", "--data_cache_dir", str(tmp_path / "cache"), "--dump_tokenized",
+                       str(tmp_path / "t.jsonl")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{data}: line 21" in err and "splits" not in err.split("error: ", 1)[1], err[-2000:]
+
+
+def test_resuming_with_another_held_out_split_is_refused(tmp_path, model_dirs):
+    from chattune.split import publish
+
+    data = write_jsonl(tmp_path / "d.jsonl", 30)
+    out = tmp_path / "run"
+    publish(split_data(str(data), 5, seed=0, cache_dir=tmp_path / "cache"), out)
+    publish(split_data(str(data), 5, seed=0, cache_dir=tmp_path / "cache"), out)  # the same split: fine
+    other = split_data(str(data), 5, seed=1, cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="holds another held-out split than this run makes"):
+        publish(other, out)
+    publish(other, out, overwrite=True)
+    assert (out / "val.jsonl").read_bytes() == other.val.read_bytes()
