@@ -325,7 +325,7 @@ def test_single_gpu_wrapper_runs_one_process_on_one_gpu(env, visible, fake_bin, 
 LORA_FILES = {"adapter_model.safetensors", "adapter_config.json"}
 FULL_FILES = {"model.safetensors", "config.json"}
 COMMON_FILES = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-                "chattune.json", "trainer_state.json", "run_report.json"}
+                "chattune.json", "trainer_state.json", "run_report.json", "loss.png"}
 LORA_R8_PARAMS = 16_384  # r=8 on q,k,v,o,gate,up,down of 2 layers (hidden 64, kv 32, mlp 128): 2 x 8 x 1024
 
 
