@@ -69,6 +69,11 @@ def test_the_adapter_the_merged_and_the_gptq_model_pass(artifacts, which):
         assert abs(quality["relative_change"]) < 1e-4  # fp32 merge: exact up to rounding
     if which == "gptq":
         assert "GPTQ model" in proc.stdout and quality["allowed"] == 0.05
+    if which != "run":  # the held-out split travelled with the model (merge, then GPTQ copied it) ...
+        assert (artifact / "val.jsonl").read_bytes() == (artifacts["run"] / "val.jsonl").read_bytes()
+    if which == "gptq":  # ... and run_gptq.py measured perplexity on it, calibrating on the other conversations
+        gptq = json.loads((artifact / "gptq_report.json").read_text())
+        assert (gptq["eval_conversations"], gptq["calibration_conversations"]) == (8, 16)
 
 
 def tampered(artifacts, name: str) -> Path:

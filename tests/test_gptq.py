@@ -266,20 +266,3 @@ def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_
     others = [c for i, c in enumerate(every) if i not in (1, 5, 11)]
     assert sorted(map(tuple, data.calibration.input_ids)) == ids(others)
     assert not set(map(tuple, data.eval.input_ids)) & set(map(tuple, data.calibration.input_ids))
-
-
-@pytest.mark.slow
-def test_the_held_out_split_travels_from_training_through_merge_and_gptq(model_dirs, tmp_path):
-    run = tmp_path / "run"
-    subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path",
-                    str(DATA), "--output_dir", str(run), "--use_lora", "--lora_r", "8", "--max_steps", "2",
-                    "--use_cpu", "True", "--val_size", "3", "--save_strategy", "no", "--preview_data", "0",
-                    "--data_cache_dir", str(tmp_path / "cache")], cwd=ROOT, check=True, capture_output=True,
-                   timeout=600)
-    script("merge_lora.py", "--adapter_path", run, "--output_path", tmp_path / "merged")
-    assert (tmp_path / "merged" / "val.jsonl").read_bytes() == (run / "val.jsonl").read_bytes()
-    proc = quantize(tmp_path / "merged", tmp_path / "gptq", 8, tmp_path / "cache")
-    assert "perplexity on the run's held-out conversations" in proc.stderr
-    report = json.loads((tmp_path / "gptq" / "gptq_report.json").read_text())
-    assert (report["eval_conversations"], report["calibration_conversations"]) == (3, 8)
-    assert (tmp_path / "gptq" / "val.jsonl").read_bytes() == (run / "val.jsonl").read_bytes()
