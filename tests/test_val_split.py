@@ -182,7 +182,7 @@ def test_with_val_size_errors_name_the_users_file_and_record(tmp_path, model_dir
     with pytest.raises(SystemExit) as e:
         finetune.main(["--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(data), "--val_size", "2",
                        "--seed", "1", "--data_cache_dir", str(tmp_path / "cache"), "--dump_tokenized",
-                       str(tmp_path / "t.jsonl")])
+                       str(tmp_path / "t.jsonl"), "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert f"{data}: line 21" in err and "splits" not in err.split("error: ", 1)[1], err[-2000:]
