@@ -234,7 +234,6 @@ def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quan
 def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
     from chattune.data import DataError
     from chattune.gptq import Samples
-    from chattune.prepare import prepare_dataset
 
     artifact_path = args.model_path or args.run_dir
     for flag, path in (("--run_dir", args.run_dir), ("--model_path", artifact_path)):
@@ -250,13 +249,11 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
     checks.append(check_stop(turns, artifact, artifact_tokenizer, stop_tokens, args.stop_samples, args.stop_margin,
                              args.seed))
     try:
-        prepared = prepare_dataset(conversations, run_tokenizer, stop_tokens=stop_tokens, max_length=max_length,
-                                   template_kwargs=template_kwargs, what="held-out", length_flag="--max_length"
-                                   ).dataset
+        samples = Samples.of(conversations, run_tokenizer, stop_tokens, max_length, template_kwargs, "held-out",
+                             "--max_length")
     except DataError as e:  # nothing trained within the limit: the quality cannot be measured, which fails it
         checks.append(Check("quality", False, f"not measured: {e}"))
         return checks, _report(args, artifact_path, data_path, conversations, checks)
-    samples = Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(conversations))
     artifact_loss, tokens = _loss(artifact, samples, "loss of the artifact")
     quantized = _is_quantized(artifact)
     if os.path.abspath(artifact_path) == os.path.abspath(args.run_dir):

@@ -147,6 +147,19 @@ class Samples:
     def tokens(self) -> int:
         return sum(len(ids) for ids in self.input_ids)
 
+    @classmethod
+    def of(cls, conversations: list, tokenizer: Any, stop_tokens: Any, max_length: int, template_kwargs: Any,
+           what: str, length_flag: str, cache_dir: str | None = None, files: Any = ()) -> Samples:
+        """`conversations` tokenized by the training pipeline (prepare_dataset), as lists."""
+        from chattune.prepare import prepare_dataset
+
+        if not conversations:
+            return cls([], [], 0)
+        prepared = prepare_dataset(conversations, tokenizer, stop_tokens=stop_tokens, max_length=max_length,
+                                   template_kwargs=template_kwargs, cache_dir=cache_dir, files=files, what=what,
+                                   length_flag=length_flag).dataset
+        return cls(list(prepared["input_ids"]), list(prepared["labels"]), len(conversations))
+
 
 @dataclass
 class Data:
@@ -159,7 +172,6 @@ class Data:
 def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict | None) -> Data:
     """Read and validate the conversations, split them, and tokenize each side with the training code."""
     from chattune.data import load_conversations
-    from chattune.prepare import prepare_dataset
 
     loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records)
     if loaded.skipped_records:
@@ -170,17 +182,17 @@ def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict
     split = split_conversations(len(loaded.conversations), args.eval_samples, args.num_samples, args.seed)
 
     def samples(indices: list[int], what: str) -> Samples:
-        if not indices:
-            return Samples([], [], 0)
-        prepared = prepare_dataset(
-            [loaded.conversations[i] for i in indices], tokenizer, stop_tokens=setup.stop_tokens,
-            max_length=args.max_len, template_kwargs=template_kwargs, cache_dir=args.data_cache_dir,
-            files=loaded.files, what=what, length_flag="--max_len",
-        ).dataset
-        return Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(indices))
+        return _samples(args, [loaded.conversations[i] for i in indices], tokenizer, setup, template_kwargs,
+                        loaded.files, what)
 
     return Data(samples(split.eval, "perplexity"), samples(split.calibration, "calibration"),
                 len(loaded.conversations), split)
+
+
+def _samples(args: GptqArgs, conversations: list, tokenizer: Any, setup: Any, template_kwargs: dict | None,
+             files: Any, what: str) -> Samples:
+    return Samples.of(conversations, tokenizer, setup.stop_tokens, args.max_len, template_kwargs, what, "--max_len",
+                      args.data_cache_dir, files)
 
 
 def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer: Any, setup: Any,
@@ -188,14 +200,14 @@ def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer:
     """The model carries its run's held-out conversations (finetune.py --val_size): perplexity is taken on them (up
     to --eval_samples, seeded), and calibration uses the other conversations of --data_path, never one of those."""
     from chattune.data import load_conversations
-    from chattune.prepare import prepare_dataset
 
-    evaluation = load_conversations(held_out).conversations
+    every_held_out = load_conversations(held_out).conversations
+    excluded = {conversation_key(c) for c in every_held_out}
+    evaluation = every_held_out
     if len(evaluation) > args.eval_samples:
         order = list(range(len(evaluation)))
         random.Random(args.seed).shuffle(order)
         evaluation = [evaluation[i] for i in sorted(order[:args.eval_samples])]
-    excluded = {conversation_key(c) for c in load_conversations(held_out).conversations}
     candidates = [c for c in loaded.conversations if conversation_key(c) not in excluded]
     if not candidates:
         raise UserError(f"every conversation of {args.data_path} is in the run's held-out set ({held_out}): give "
@@ -211,17 +223,9 @@ def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer:
         f"{len(calibration)} others of {args.data_path} ({len(loaded.conversations) - len(candidates)} held-out "
         "ones left out)")
 
-    def samples(conversations: list, what: str) -> Samples:
-        prepared = prepare_dataset(
-            conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=args.max_len,
-            template_kwargs=template_kwargs, cache_dir=args.data_cache_dir, files=loaded.files, what=what,
-            length_flag="--max_len",
-        ).dataset
-        return Samples(list(prepared["input_ids"]), list(prepared["labels"]), len(conversations))
-
-    split = Split([], [], shortfall)
-    return Data(samples(evaluation, "perplexity"), samples(calibration, "calibration"), len(loaded.conversations),
-                split)
+    return Data(_samples(args, evaluation, tokenizer, setup, template_kwargs, loaded.files, "perplexity"),
+                _samples(args, calibration, tokenizer, setup, template_kwargs, loaded.files, "calibration"),
+                len(loaded.conversations), Split([], [], shortfall))
 
 
 # --------------------------------------------------------------------------------------------------------------
