@@ -346,6 +346,14 @@ class DataPlan:
     packing: bool
 
 
+def token_weighted_length(lengths: Any) -> float:
+    """sum(length^2) / sum(length): the sequence length the average token attends over (attention cost)."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return float((lengths**2).sum() / lengths.sum())
+
+
 def data_plan(lengths: Any, batch_size: int, budget: int, packing: bool, seed: int = 0) -> DataPlan:
     """Micro-batches as training forms them: packed into `budget`-token bins (best-fit-decreasing, as
     collate.PackedBatchSampler), or `batch_size` samples in a seeded random order, each padded to its longest."""
@@ -356,7 +364,7 @@ def data_plan(lengths: Any, batch_size: int, budget: int, packing: bool, seed: i
     lengths = np.asarray(lengths, dtype=np.int64)
     if not len(lengths):
         return DataPlan(0, 0, 0, 0, 0, 0.0, packing)
-    square = float((lengths.astype(np.float64) ** 2).sum() / lengths.sum())
+    square = token_weighted_length(lengths)
     if packing:
         bins = pack_bins(lengths.tolist(), budget)
         peak = max(int(lengths[b].sum()) for b in bins)

@@ -31,6 +31,7 @@ def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, confi
         format_duration,
         run_setup,
         shape_from_config,
+        token_weighted_length,
     )
 
     try:
@@ -55,7 +56,7 @@ def _estimates(info: ModelInfo, training_args, lora_args, world_size: int, confi
     tokens_per_micro_batch = processed / max(micro_batches, 1)
     run_micro_batches = steps * per_step
     seconds = estimate_seconds(shape, setup, run_micro_batches * tokens_per_micro_batch, kind,
-                               sequence_tokens=float((lengths.astype(float) ** 2).sum() / lengths.sum()),
+                               sequence_tokens=token_weighted_length(lengths),
                                micro_batches=run_micro_batches)
     return gb, f"~{format_duration(seconds)} on {GPU_KINDS[kind].name} (estimate)"
 
