@@ -4,6 +4,7 @@
     python check_deploy.py --run_dir output/qwen-lora                                  # the adapter itself
     python check_deploy.py --run_dir output/qwen-lora --model_path output/qwen-merged
     python check_deploy.py --run_dir output/qwen-lora --model_path output/qwen-gptq --max_loss_increase 0.05
+    python check_deploy.py --run_dir output/qwen-lora --model_path output/qwen-gptq --engine vllm  # in vLLM
 
 Checks, one line each (details in ARTIFACT/deploy_check.json):
   prompt   the artifact's saved tokenizer and chat template, used as an engine uses them (no template variables),
@@ -12,6 +13,8 @@ Checks, one line each (details in ARTIFACT/deploy_check.json):
            reference answer's length + --stop_margin tokens, on --stop_samples turns
   quality  its loss on the held-out trained tokens against the trained model's (adapter on its base): within
            --max_merge_drift for a merged model, at most --max_loss_increase higher for a GPTQ model
+With --engine vllm the artifact runs in vLLM's offline engine (the prompt as vLLM's chat path tokenizes it, vLLM's
+stops, the loss from its prompt logprobs); the trained model's loss is always taken with transformers.
 Exit code: 0 all passed, 1 a check failed, 2 bad input. The held-out conversations are the run's val.jsonl
 (finetune.py --val_size), or --data_path.
 """
@@ -34,7 +37,8 @@ def parse_args(argv=None):
     ap.add_argument("--max_loss_increase", type=float, default=d.max_loss_increase,
                     help="GPTQ: allowed relative increase of the held-out loss (default 0.05)")
     ap.add_argument("--max_merge_drift", type=float, default=d.max_merge_drift,
-                    help="unquantized artifacts: allowed relative difference of the held-out loss (default 1e-3)")
+                    help="unquantized artifacts: allowed relative difference of the held-out loss (default 1e-3 in "
+                    "float32, 1e-2 in bfloat16/float16)")
     ap.add_argument("--stop_samples", type=int, default=d.stop_samples, help="held-out turns generated (default 8)")
     ap.add_argument("--stop_margin", type=int, default=d.stop_margin,
                     help="tokens allowed beyond the reference answer before a turn counts as not stopping")
@@ -43,7 +47,13 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16", "auto"],
-                    help="dtype both models are compared in (default float32: bf16 noise stays out of the check)")
+                    help="dtype both models are compared in (default float32, which keeps rounding out of the "
+                    "check; bfloat16 for an adapter under --engine vllm, whose LoRA kernels are 16-bit only)")
+    ap.add_argument("--engine", default=d.engine, choices=["transformers", "vllm"],
+                    help="what runs the artifact: transformers (as chat.py serves it; CPU or GPU), or vllm (vLLM's own "
+                    "engine: its chat rendering, stops, kernels and quantized loading; needs vLLM and a CUDA GPU)")
+    ap.add_argument("--gpu_memory_utilization", type=float, default=d.gpu_memory_utilization,
+                    help="vllm: the share of the GPU memory its engine may take (default 0.5)")
     ap.add_argument("--report_path", default=None, help="where deploy_check.json goes (default: in the artifact)")
     ap.add_argument("--trust_remote_code", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
     return DeployArgs(**vars(ap.parse_args(argv)))

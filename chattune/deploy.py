@@ -8,8 +8,12 @@ On the run's held-out conversations (val.jsonl from finetune.py --val_size, or -
 2. stop     the artifact's generation_config lists the trained end-of-turn tokens, and greedy generation from the
             artifact stops on one of them within the reference answer's length + a margin, on a sample of turns.
 3. quality  the artifact's loss on the held-out trained tokens against the trained model's (the adapter on its
-            base, or the trained full model): within --max_merge_drift (1e-3, bf16 noise) for a plain model, within
-            --max_loss_increase (5%) for a GPTQ model.
+            base, or the trained full model), both in one dtype (float32 by default): within --max_merge_drift
+            (1e-3 in float32, 1e-2 in 16-bit) for a plain model, within --max_loss_increase (5%) for a GPTQ model.
+
+The artifact runs in transformers (--engine transformers, as chat.py serves it) or in vLLM's offline engine
+(--engine vllm: vLLM's chat rendering and tokenization, its stops, kernels and quantized loading; GPU); the trained
+model's loss is always taken with transformers.
 
 Exit code 0 when every check passes, 1 when one fails (which, and by how much), 2 on bad input.
 """
@@ -31,6 +35,8 @@ from chattune.cli import log
 from chattune.errors import UserError
 
 REPORT_FILE = "deploy_check.json"
+IGNORE_INDEX = -100
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora: the ranks it allocates for
 
 
 @dataclass
@@ -39,14 +45,16 @@ class DeployArgs:
     model_path: str | None = None  # the artifact; default: the run's own output (adapter or full model)
     data_path: str | None = None  # default: run_dir/val.jsonl
     max_loss_increase: float = 0.05  # GPTQ: allowed relative increase of the held-out loss
-    max_merge_drift: float = 1e-3  # unquantized artifacts: allowed relative difference of the held-out loss
+    max_merge_drift: float | None = None  # unquantized: allowed relative loss difference; 1e-3 fp32, 1e-2 16-bit
     stop_samples: int = 8  # turns generated for the stop check
     stop_margin: int = 16  # tokens allowed beyond the reference answer
     max_length: int = 0  # tokens per held-out sample; default: the run's --model_max_length (chattune.json)
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str | None = None  # both models' dtype; float32, or bfloat16 for an adapter in vLLM (16-bit LoRA kernels)
     report_path: str | None = None  # default: ARTIFACT/deploy_check.json
+    engine: str = "transformers"  # or vllm: the checks run through vLLM's own engine (GPU)
+    gpu_memory_utilization: float = 0.5  # vllm: the share of the GPU its engine may take
     trust_remote_code: bool = True
 
 
@@ -116,37 +124,235 @@ def _load(path: str, args: DeployArgs) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
-def _is_quantized(model: Any) -> bool:
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "quantization_config", None))
+def _release_memory() -> None:
+    """Give the (GPU) memory of models no longer referenced back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def check_prompts(conversations: list[Any], run_tokenizer: Any, template_kwargs: dict, artifact_tokenizer: Any
-                  ) -> Check:
-    """Check 1: for every trained turn, the artifact's prompt (its template, no variables) == training's."""
+def _trained_loss(args: DeployArgs, samples: Any) -> float:
+    """The held-out loss of the trained model (the adapter on its base, or the full model) with transformers."""
+    model, _ = _load(args.run_dir, args)
+    return _loss(model, samples, "loss of the trained model")[0]
+
+
+@dataclass
+class Request:
+    history: list[dict]
+    tools: list[dict]
+
+
+class TransformersEngine:
+    """The artifact as transformers (and so chat.py) serves it: its own tokenizer and template, rendered with no
+    template variables, its generation_config's stops."""
+
+    name = "transformers"
+
+    def __init__(self, path: str, args: DeployArgs, max_length: int):
+        self.model, self.tokenizer = _load(path, args)
+        self.quantized = bool(getattr(self.model.config, "quantization_config", None))
+
+    @staticmethod
+    def available() -> None:
+        pass
+
+    def prompts(self, requests: list[Request]) -> list[list[int]]:
+        return [list(self.tokenizer.apply_chat_template(r.history, tools=r.tools or None, add_generation_prompt=True,
+                                                        tokenize=True, return_dict=True)["input_ids"])
+                for r in requests]
+
+    def stop_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        return [ids] if isinstance(ids, int) else list(ids or [])
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request], max_new_tokens: list[int]) -> list[list[int]]:
+        """Greedy, with the artifact's own stops: the new ids of each request, through the stop token if any."""
+        device = next(self.model.parameters()).device
+        stops = self.stop_ids()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (stops or [0])[0]
+        out = []
+        for request, limit in zip(requests, max_new_tokens, strict=True):
+            prompt = self.tokenizer.apply_chat_template(request.history, tools=request.tools or None,
+                                                        add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                        return_tensors="pt")
+            greedy = copy.deepcopy(self.model.generation_config)  # the artifact's stops; greedy, bounded
+            greedy.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                          max_new_tokens=limit, eos_token_id=stops, pad_token_id=pad)
+            ids = self.model.generate(input_ids=prompt["input_ids"].to(device),
+                                      attention_mask=prompt["attention_mask"].to(device), generation_config=greedy)
+            out.append(ids[0, prompt["input_ids"].shape[1]:].tolist())
+        return out
+
+    def loss(self, samples: Any, desc: str) -> tuple[float, int]:
+        return _loss(self.model, samples, desc)
+
+    def close(self) -> None:
+        self.model = None
+        _release_memory()
+
+
+class VllmEngine:
+    """The artifact as vLLM serves it, through vLLM's own engine: its model loading (quantization_config included),
+    chat rendering and tokenization, stops and kernels. A merged or GPTQ model directory is served as it is; an
+    adapter as a LoRA on its base with the run's tokenizer (its baked template) and generation_config, as README
+    "Serve it" serves it."""
+
+    name = "vllm"
+
+    @staticmethod
+    def available() -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise UserError("--engine vllm: vLLM is not installed here (pip install vllm, on a machine with a CUDA "
+                            "GPU); --engine transformers runs the same checks without it") from None
+        if not torch.cuda.is_available():
+            raise UserError("--engine vllm needs a CUDA GPU, and none is visible here; --engine transformers runs "
+                            "the same checks on the CPU") from None
+
+    def __init__(self, path: str, args: DeployArgs, max_length: int):
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from chattune.merge import _base_of, is_adapter_dir
+
+        options: dict[str, Any] = dict(
+            dtype=args.dtype, seed=args.seed, enforce_eager=True, gpu_memory_utilization=args.gpu_memory_utilization,
+            trust_remote_code=args.trust_remote_code)
+        self.lora = None
+        model_dir = path
+        if is_adapter_dir(path):
+            adapter = json.loads(Path(path, "adapter_config.json").read_text())
+            if adapter.get("modules_to_save"):
+                raise UserError(f"{path}: the adapter also trains {', '.join(adapter['modules_to_save'])} "
+                                "(modules_to_save), which vLLM cannot serve as a LoRA: merge it (merge_lora.py) and "
+                                "check the merged model with --model_path")
+            model_dir = _base_of(path, None)
+            # vLLM takes the base's tokenizer and generation_config unless told: give it the run's (README "Serve it")
+            options.update(model=model_dir, tokenizer=path, generation_config=path, enable_lora=True, max_loras=1,
+                           max_lora_rank=_vllm_lora_rank(int(adapter.get("r") or 8)))
+            self.lora = LoRARequest("artifact", 1, path)
+        else:
+            options.update(model=path, generation_config=path)
+        self.quantized = _has_quantization_config(model_dir)
+        options["max_model_len"] = _vllm_max_len(model_dir, max_length + args.stop_margin + 1, args.trust_remote_code)
+        self.llm = LLM(**options)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def prompts(self, requests: list[Request]) -> list[list[int]]:
+        """The prompt ids vLLM's chat path feeds the model: one token generated per request, its prompt read back."""
+        from vllm import SamplingParams
+
+        one = SamplingParams(max_tokens=1, temperature=0.0)
+        return [list(out.prompt_token_ids) for out in self._chat(requests, [one] * len(requests))]
+
+    def stop_ids(self) -> list[int]:
+        """What vLLM stops on: the tokenizer's end-of-sequence token and generation_config's eos_token_id."""
+        model_config = getattr(self.llm, "model_config", None) or self.llm.llm_engine.model_config
+        config = model_config.try_get_generation_config() or {}
+        ids = config.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        eos = self.tokenizer.eos_token_id
+        return list(dict.fromkeys(([eos] if eos is not None else []) + ids))
+
+    def generate(self, requests: list[Request], max_new_tokens: list[int]) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=limit, temperature=0.0) for limit in max_new_tokens]
+        return [list(out.outputs[0].token_ids) for out in self._chat(requests, params)]
+
+    def _chat(self, requests: list[Request], params: list[Any]) -> list[Any]:
+        """`LLM.chat` over the requests, batched per tool list (one `tools` per call), in the requests' order."""
+        groups: dict[str, list[int]] = {}
+        for k, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.tools, sort_keys=True), []).append(k)
+        outputs: list[Any] = [None] * len(requests)
+        for members in groups.values():
+            tools = requests[members[0]].tools or None
+            results = self.llm.chat([requests[k].history for k in members], [params[k] for k in members],
+                                    use_tqdm=False, lora_request=self.lora, add_generation_prompt=True, tools=tools)
+            for k, out in zip(members, results, strict=True):
+                outputs[k] = out
+        return outputs
+
+    def loss(self, samples: Any, desc: str) -> tuple[float, int]:
+        """Mean negative log-likelihood of the trained tokens from vLLM's prompt logprobs (the token at position t
+        scored by the model given the tokens before it, as training's shifted labels score it)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)  # each dict holds the prompt token
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in samples.input_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=True, lora_request=self.lora)
+        nll, count = 0.0, 0
+        for ids, labels, out in zip(samples.input_ids, samples.labels, outputs, strict=True):
+            for t in range(1, len(ids)):
+                if labels[t] == IGNORE_INDEX:
+                    continue
+                nll -= out.prompt_logprobs[t][ids[t]].logprob
+                count += 1
+        log(f"{desc}: {nll / max(count, 1):.4f} over {count:,} tokens (vLLM prompt logprobs)")
+        return nll / max(count, 1), count
+
+    def close(self) -> None:
+        self.llm = None  # vLLM has no close(): dropping the last reference shuts its engine process down
+        _release_memory()
+
+
+def _vllm_max_len(model_dir: str, want: int, trust_remote_code: bool) -> int:
+    """vLLM refuses a max_model_len beyond the model's positions: the samples' bound, capped there."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
+                    "max_position_embeddings", None)
+    return min(want, limit) if limit else want
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that holds the adapter's rank."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), rank)
+
+
+def _has_quantization_config(model_dir: str) -> bool:
+    config = Path(model_dir, "config.json")
+    return config.is_file() and bool(json.loads(config.read_text()).get("quantization_config"))
+
+
+ENGINES = {"transformers": TransformersEngine, "vllm": VllmEngine}
+
+
+def _requests(conversations: list[Any]) -> list[tuple[Any, int, Request]]:
+    """Every trained turn of the held-out conversations, as (conversation, message index, request)."""
     from chattune.template import trained_turn_indices
 
-    turns = mismatched = 0
+    return [(conv, i, Request(list(conv.messages[:i]), list(conv.tools)))
+            for conv in conversations for i in trained_turn_indices(conv.messages, conv.masked)]
+
+
+def check_prompts(conversations: list[Any], run_tokenizer: Any, template_kwargs: dict, engine: Any) -> Check:
+    """Check 1: for every trained turn, the prompt ids the engine feeds the artifact (its template rendered with no
+    variables) == training's."""
+    turns = _requests(conversations)
+    served = engine.prompts([request for _, _, request in turns])
+    mismatched = 0
     first = ""
-    for conv in conversations:
-        tools = list(conv.tools) or None
-        for i in trained_turn_indices(conv.messages, conv.masked):
-            history = list(conv.messages[:i])
-            trained = run_tokenizer.apply_chat_template(history, tools=tools, add_generation_prompt=True,
-                                                        tokenize=True, return_dict=True, **template_kwargs)
-            served = artifact_tokenizer.apply_chat_template(history, tools=tools, add_generation_prompt=True,
-                                                            tokenize=True, return_dict=True)
-            turns += 1
-            if list(served["input_ids"]) != list(trained["input_ids"]):
-                mismatched += 1
-                if not first:
-                    first = (f"; first: {conv.source}, messages[{i}]: training ends "
-                             f"{run_tokenizer.decode(trained['input_ids'][-12:])!r}, the artifact "
-                             f"{artifact_tokenizer.decode(served['input_ids'][-12:])!r}")
+    for (conv, i, request), ids in zip(turns, served, strict=True):
+        trained = list(run_tokenizer.apply_chat_template(request.history, tools=request.tools or None,
+                                                         add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                         **template_kwargs)["input_ids"])
+        if ids != trained:
+            mismatched += 1
+            if not first:
+                first = (f"; first: {conv.source}, messages[{i}]: training ends "
+                         f"{run_tokenizer.decode(trained[-12:])!r}, {engine.name} "
+                         f"{run_tokenizer.decode(ids[-12:])!r}")
     passed = mismatched == 0
-    detail = (f"{turns} prompts identical to training's (the saved chat template renders the trained prompt)"
-              if passed else f"{mismatched} of {turns} prompts differ from training's{first}")
-    return Check("prompt", passed, detail, {"turns": turns, "mismatched": mismatched})
+    detail = (f"{len(turns)} prompts identical to training's (the saved chat template renders the trained prompt)"
+              if passed else f"{mismatched} of {len(turns)} prompts differ from training's{first}")
+    return Check("prompt", passed, detail, {"turns": len(turns), "mismatched": mismatched, "engine": engine.name})
 
 
 def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], template_kwargs: dict,
@@ -167,48 +373,30 @@ def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], templat
     return turns
 
 
-def _stop_ids(generation_config: Any) -> list[int]:
-    ids = generation_config.eos_token_id
-    return [ids] if isinstance(ids, int) else list(ids or [])
-
-
-@torch.no_grad()
-def check_stop(turns: list[Turn], model: Any, tokenizer: Any, stop_tokens: list[str], samples: int, margin: int,
+def check_stop(turns: list[Turn], engine: Any, tokenizer: Any, stop_tokens: list[str], samples: int, margin: int,
                seed: int) -> Check:
-    """Check 2: the generation config stops on the trained end-of-turn tokens, and greedy generation does."""
+    """Check 2: the artifact's generation config stops on the trained end-of-turn tokens, and greedy generation does."""
     trained = [t for t in tokenizer.convert_tokens_to_ids(stop_tokens) if t is not None]
-    configured = _stop_ids(model.generation_config)
+    configured = engine.stop_ids()
     missing = [tokenizer.convert_ids_to_tokens(t) for t in trained if t not in configured]
     listed = ", ".join(tokenizer.convert_ids_to_tokens(configured)) or "none"
+    values: dict[str, Any] = {"configured": configured, "trained": trained, "engine": engine.name}
     if missing or not trained:
         return Check("stop", False, f"generation_config.json stops on {listed}, not on the trained "
-                     f"end-of-turn token(s) {', '.join(missing)}: an engine using it will not stop",
-                     {"configured": configured, "trained": trained})
+                     f"end-of-turn token(s) {', '.join(missing)}: an engine using it will not stop", values)
     if samples and not turns:
         return Check("stop", False, f"stops on {listed}; no held-out turn fits the length limit, so generation could "
-                     "not be checked (raise --max_length)", {"configured": configured, "trained": trained})
+                     "not be checked (raise --max_length)", values)
     chosen = random.Random(seed).sample(turns, min(samples, len(turns)))
-    stopped, lengths = 0, []
-    device = next(model.parameters()).device
-    for turn in chosen:
-        prompt = tokenizer.apply_chat_template(turn.history, tools=turn.tools or None, add_generation_prompt=True,
-                                               tokenize=True, return_dict=True, return_tensors="pt")
-        greedy = copy.deepcopy(model.generation_config)  # the artifact's stops; greedy, bounded
-        greedy.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-                      max_new_tokens=len(turn.answer_ids) + margin, eos_token_id=configured,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else trained[0])
-        out = model.generate(input_ids=prompt["input_ids"].to(device),
-                             attention_mask=prompt["attention_mask"].to(device), generation_config=greedy)
-        new = out[0, prompt["input_ids"].shape[1]:].tolist()
-        lengths.append(len(new))
-        if new and new[-1] in trained:
-            stopped += 1
+    generated = engine.generate([Request(t.history, t.tools) for t in chosen],
+                                [len(t.answer_ids) + margin for t in chosen])
+    stopped = sum(1 for new in generated if new and new[-1] in trained)
     passed = stopped == len(chosen)
     detail = (f"stops on {listed}; greedy generation stopped on a trained end-of-turn token in {stopped} of "
               f"{len(chosen)} held-out turns (within the reference length + {margin} tokens)" if chosen else
               f"stops on {listed}; generation not checked (--stop_samples 0)")
-    return Check("stop", passed, detail, {"configured": configured, "trained": trained, "stopped": stopped,
-                                          "sampled": len(chosen), "generated_lengths": lengths})
+    values.update(stopped=stopped, sampled=len(chosen), generated_lengths=[len(new) for new in generated])
+    return Check("stop", passed, detail, values)
 
 
 def _loss(model: Any, samples: Any, desc: str) -> tuple[float, int]:
@@ -218,11 +406,31 @@ def _loss(model: Any, samples: Any, desc: str) -> tuple[float, int]:
     return result.nll / max(result.tokens, 1), result.tokens
 
 
+def _merge_drift(args: DeployArgs) -> float:
+    if args.max_merge_drift is not None:
+        return args.max_merge_drift
+    return 1e-3 if args.dtype in (None, "float32") else 1e-2  # 16-bit: 8 or 11 bits of mantissa
+
+
+def _resolve_dtype(args: DeployArgs, artifact_path: str) -> None:
+    """float32 keeps rounding out of the comparison; vLLM's LoRA kernels take only 16-bit activations."""
+    from chattune.merge import is_adapter_dir
+
+    lora_in_vllm = args.engine == "vllm" and is_adapter_dir(artifact_path)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if lora_in_vllm else "float32"
+        if lora_in_vllm:
+            log("vLLM serves a LoRA adapter in 16-bit only: both models are compared in bfloat16")
+    elif lora_in_vllm and args.dtype in ("float32", "auto"):
+        raise UserError(f"--dtype {args.dtype} with --engine vllm on an adapter: vLLM's LoRA kernels take float16 or "
+                        "bfloat16 only; pass --dtype bfloat16 (or check the merged model, which vLLM runs in float32)")
+
+
 def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quantized: bool, args: DeployArgs
                   ) -> Check:
     """Check 3: the held-out loss of the artifact against the trained model's."""
     change = (artifact_loss - reference_loss) / reference_loss
-    bound = args.max_loss_increase if quantized else args.max_merge_drift
+    bound = args.max_loss_increase if quantized else _merge_drift(args)
     passed = change <= bound if quantized else abs(change) <= bound
     kind = "GPTQ model" if quantized else "unquantized model"
     detail = (f"held-out loss {artifact_loss:.4f} vs trained {reference_loss:.4f} over {tokens:,} tokens: "
@@ -239,30 +447,40 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
     for flag, path in (("--run_dir", args.run_dir), ("--model_path", artifact_path)):
         if not os.path.isdir(path):
             raise UserError(f"{flag} {path}: not a directory")
+    engine_class = ENGINES.get(args.engine)
+    if engine_class is None:
+        raise UserError(f"--engine {args.engine}: choose one of {', '.join(ENGINES)}")
+    engine_class.available()
+    _resolve_dtype(args, artifact_path)
     data_path, conversations = _held_out(args)
     run_tokenizer, stop_tokens, template_kwargs, max_length = _run_setup(args)
-    log(f"checking {artifact_path} against the run {args.run_dir} on {len(conversations)} conversations of "
-        f"{data_path}")
-    artifact, artifact_tokenizer = _load(artifact_path, args)
-    checks = [check_prompts(conversations, run_tokenizer, template_kwargs, artifact_tokenizer)]
-    turns = _answers(conversations, run_tokenizer, stop_tokens, template_kwargs, max_length)
-    checks.append(check_stop(turns, artifact, artifact_tokenizer, stop_tokens, args.stop_samples, args.stop_margin,
-                             args.seed))
+    log(f"checking {artifact_path} ({args.engine}) against the run {args.run_dir} on {len(conversations)} "
+        f"conversations of {data_path}")
     try:
         samples = Samples.of(conversations, run_tokenizer, stop_tokens, max_length, template_kwargs, "held-out",
                              "--max_length")
+        unmeasurable = ""
     except DataError as e:  # nothing trained within the limit: the quality cannot be measured, which fails it
-        checks.append(Check("quality", False, f"not measured: {e}"))
-        return checks, _report(args, artifact_path, data_path, conversations, checks)
-    artifact_loss, tokens = _loss(artifact, samples, "loss of the artifact")
-    quantized = _is_quantized(artifact)
-    if os.path.abspath(artifact_path) == os.path.abspath(args.run_dir):
-        reference_loss = artifact_loss  # the artifact is the trained model itself
-    else:
-        del artifact
-        reference, _ = _load(args.run_dir, args)
-        reference_loss, _ = _loss(reference, samples, "loss of the trained model")
-    checks.append(check_quality(reference_loss, artifact_loss, tokens, quantized, args))
+        samples, unmeasurable = None, str(e)
+    reference_loss = None
+    same_model = os.path.abspath(artifact_path) == os.path.abspath(args.run_dir) and args.engine == "transformers"
+    if samples is not None and not same_model:  # the trained model first: its memory is free before the artifact's
+        reference_loss = _trained_loss(args, samples)
+        _release_memory()
+    engine = engine_class(artifact_path, args, max_length)
+    try:
+        checks = [check_prompts(conversations, run_tokenizer, template_kwargs, engine)]
+        turns = _answers(conversations, run_tokenizer, stop_tokens, template_kwargs, max_length)
+        checks.append(check_stop(turns, engine, run_tokenizer, stop_tokens, args.stop_samples, args.stop_margin,
+                                 args.seed))
+        if samples is None:
+            checks.append(Check("quality", False, f"not measured: {unmeasurable}"))
+        else:
+            artifact_loss, tokens = engine.loss(samples, "loss of the artifact")
+            checks.append(check_quality(artifact_loss if reference_loss is None else reference_loss, artifact_loss,
+                                        tokens, engine.quantized, args))
+    finally:
+        engine.close()
     return checks, _report(args, artifact_path, data_path, conversations, checks)
 
 

@@ -213,3 +213,137 @@ def test_no_turn_to_generate_is_a_failed_stop_check_not_a_pass(artifacts):
     proc = check(artifacts["run"], None, "--max_length", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
     assert "no held-out turn fits the length limit" in proc.stdout
+
+
+def _vllm_here() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def test_engine_vllm_without_vllm_or_a_gpu_is_exit_2(tmp_path):
+    if _vllm_here():
+        pytest.skip("vLLM and a GPU are here: the gpu-marked vLLM tests run instead")
+    proc = check(tmp_path, None, "--engine", "vllm")
+    assert proc.returncode == 2 and "--engine vllm" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--engine transformers runs the same checks" in proc.stderr
+
+
+def test_vllm_lora_rank_and_dtype_rules(tmp_path):
+    from chattune.deploy import DeployArgs, _resolve_dtype, _vllm_lora_rank
+    from chattune.errors import UserError
+
+    assert [_vllm_lora_rank(r) for r in (1, 2, 8, 9, 64, 100, 512)] == [1, 8, 8, 16, 64, 128, 512]
+    (tmp_path / "adapter_config.json").write_text("{}")
+    args = DeployArgs(str(tmp_path), engine="vllm")
+    _resolve_dtype(args, str(tmp_path))  # an adapter in vLLM: 16-bit, and the 16-bit drift bound
+    assert args.dtype == "bfloat16"
+    assert check_quality_passes(args, 5e-3) and not check_quality_passes(args, 2e-2)
+    with pytest.raises(UserError, match="--dtype bfloat16"):
+        _resolve_dtype(DeployArgs(str(tmp_path), engine="vllm", dtype="float32"), str(tmp_path))
+    args = DeployArgs(str(tmp_path))
+    _resolve_dtype(args, str(tmp_path))  # transformers: float32 whatever the artifact
+    assert args.dtype == "float32" and not check_quality_passes(args, 5e-3)
+
+
+def check_quality_passes(args, change: float) -> bool:
+    from chattune.deploy import check_quality
+
+    return check_quality(2.0, 2.0 * (1 + change), 100, False, args).passed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("which", ["run", "merged", "gptq"])
+def test_vllm_engine_passes_the_adapter_the_merged_and_the_gptq_model(artifacts, which):
+    """The same checks through vLLM's engine: its chat path feeds the trained prompt ids, its stops end the answers,
+    and its loss (prompt logprobs) matches the trained model's."""
+    pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
+    report_path = artifacts["root"] / f"vllm-{which}.json"
+    proc = check(artifacts["run"], artifacts[which] if which != "run" else None, "--engine", "vllm",
+                 "--report_path", report_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    report = json.loads(report_path.read_text())
+    checks = {c["name"]: c["values"] for c in report["checks"]}
+    assert checks["prompt"]["engine"] == "vllm" and checks["prompt"]["mismatched"] == 0
+    assert checks["stop"]["stopped"] == checks["stop"]["sampled"] == 8
+    if which == "merged":  # float32 in both engines: only kernel rounding between them
+        assert abs(checks["quality"]["relative_change"]) < 1e-3
+    if which == "run":  # vLLM's LoRA kernels are 16-bit: both compared in bfloat16
+        assert report["args"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.gpu
+def test_vllm_engine_fails_a_changed_template_and_a_removed_stop(artifacts):
+    pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
+    artifact = tampered(artifacts, "vllm-template")
+    template = artifact / "chat_template.jinja"
+    generation = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    template.write_text(template.read_text().replace(generation, generation.replace("assistant\n", "assistant\n\n")))
+    config = json.loads((artifact / "generation_config.json").read_text())
+    config["eos_token_id"] = [151643]
+    (artifact / "generation_config.json").write_text(json.dumps(config))
+    proc = check(artifacts["run"], artifact, "--engine", "vllm")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-4000:]
+    assert "FAIL  prompt" in proc.stdout and "FAIL  stop" in proc.stdout and "PASS  quality" in proc.stdout
+
+
+def test_vllm_engine_reads_the_loss_and_the_prompts_back_in_order(model_dirs, monkeypatch):
+    """CPU check of VllmEngine's own arithmetic, with vLLM's documented output shapes served by a stand-in backed
+    by the transformers model (vLLM itself is tested by the gpu-marked tests above): the loss from prompt logprobs
+    (None first, then a dict holding the actual token and the top-1) equals the model's own shifted-label loss, and
+    chat results batched per tool list come back in the requests' order."""
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chattune.deploy import Request, VllmEngine
+    from chattune.gptq import Samples
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))
+    Logprob = types.SimpleNamespace
+
+    class StandIn:
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
+            outs = []
+            for prompt in prompts:
+                ids = prompt["prompt_token_ids"]
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                rows = [None] + [{ids[t]: Logprob(logprob=logp[t - 1, ids[t]].item()),
+                                  int(logp[t - 1].argmax()): Logprob(logprob=logp[t - 1].max().item())}
+                                 for t in range(1, len(ids))]
+                outs.append(types.SimpleNamespace(prompt_logprobs=rows))
+            return outs
+
+        def chat(self, messages, params, use_tqdm=True, lora_request=None, add_generation_prompt=True, tools=None):
+            return [types.SimpleNamespace(prompt_token_ids=tok.apply_chat_template(
+                m, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+                for m in messages]
+
+    fake = types.ModuleType("vllm")
+    fake.SamplingParams = lambda **kw: kw
+    fake.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    engine = object.__new__(VllmEngine)
+    engine.llm, engine.lora = StandIn(), None
+
+    first, second = list(range(100, 120)), list(range(300, 330))
+    samples = Samples([first, second], [[-100] * 12 + first[12:], [-100] * 5 + second[5:]], conversations=2)
+    nll = 0.0
+    for ids, labels in zip(samples.input_ids, samples.labels, strict=True):
+        with torch.no_grad():
+            nll += model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * (
+                sum(label != -100 for label in labels[1:]))
+    loss, tokens = engine.loss(samples, "stand-in")
+    assert tokens == 8 + 25 and loss == pytest.approx(nll / tokens, rel=1e-5)
+
+    tool = [{"type": "function", "function": {"name": "add", "description": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    requests = [Request([{"role": "user", "content": f"q{k}"}], tool if k % 2 else []) for k in range(5)]
+    want = [tok.apply_chat_template(r.history, tools=r.tools or None, add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"] for r in requests]
+    assert engine.prompts(requests) == want
