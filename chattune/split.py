@@ -119,17 +119,17 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
     """The train / held-out files of `data_path`, made once per content, size and seed (see the module docstring).
     `main` false: the other ranks of a node find the main process's split (or its failure) without opening a data
     file."""
-    from chattune.prepare import code_fingerprint
-    from chattune.stream import (
-        _content_key,
-        _failure,
-        _locked,
-        _note_failure,
-        _read_index,
-        _stat_key,
-        _write_index,
+    from chattune.cache import (
+        content_key,
+        has_failed,
+        locked,
+        note_failure,
+        read_index,
+        stat_key,
         usable_cache_dir,
+        write_index,
     )
+    from chattune.prepare import code_fingerprint
 
     sources = expand_sources(data_path)
     if sources.problems:
@@ -137,21 +137,21 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
     cache = usable_cache_dir(cache_dir)
     text = f"chattune {__version__} split v2 code {code_fingerprint()}\n" + json.dumps([str(val_size), seed,
                                                                                           skip_invalid])
-    stat_key = "split-" + _stat_key(text, sources)
+    stat = "split-" + stat_key(text, sources)
     if not main:
-        key = _read_index(cache, stat_key)
+        key = read_index(cache, stat)
         if key and _ready(cache / "splits" / key):
             return _load(cache / "splits" / key)
-        if key and _failure(cache, "split-" + key):
+        if key and has_failed(cache, "split-" + key):
             raise DataError("the training data could not be split: the main process stopped on it (its message "
                             "above lists the problems)")
-    key = _content_key(text, sources, sources_size(sources.items))
-    _write_index(cache, stat_key, key)
+    key = content_key(text, sources, sources_size(sources.items))
+    write_index(cache, stat, key)
     target = cache / "splits" / key
     if _ready(target):
         return _load(target)
     (cache / "splits").mkdir(parents=True, exist_ok=True)
-    with _locked(cache, "split-" + key):
+    with locked(cache, "split-" + key):
         if _ready(target):  # made by another process while this one waited for the lock
             return _load(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache / "splits"))
@@ -163,7 +163,7 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _ready(target):
                     raise
         except DataError as e:
-            _note_failure(cache, "split-" + key, str(e))  # the node's other ranks fail at once
+            note_failure(cache, "split-" + key, str(e))  # the node's other ranks fail at once
             raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

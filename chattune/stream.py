@@ -15,8 +15,6 @@ same data again. The other ranks never open a data file: they find the entry thr
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import multiprocessing
@@ -25,12 +23,23 @@ import shutil
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chattune import __version__
+from chattune.cache import (
+    content_key,
+    failure_path,
+    has_failed,
+    locked,
+    note_failure,
+    read_index,
+    stat_key,
+    usable_cache_dir,
+    write_index,
+)
 from chattune.data import (
     MAX_SHOWN_PROBLEMS,
     Chunk,
@@ -40,7 +49,6 @@ from chattune.data import (
     Validated,
     expand_sources,
     read_sources,
-    source_files,
     sources_size,
     validate_chunk,
 )
@@ -56,7 +64,6 @@ from chattune.prepare import (
     code_fingerprint,
     commit,
     control_token_error,
-    default_cache_dir,
     is_ready,
     kept_arrays,
     load_cached,
@@ -67,7 +74,6 @@ from chattune.template import content_control_tokens, make_renderer, turn_struct
 
 # Below this much input, worker processes cost more than they save.
 _PARALLEL_MIN_BYTES = 4 << 20
-_HASH_BLOCK = 8 << 20
 
 
 @dataclass
@@ -199,99 +205,6 @@ def _settings_text(settings: _Settings) -> str:
         values, sort_keys=True, default=str)
 
 
-def _stat_key(settings_text: str, sources: Sources) -> str:
-    """What the data files look like to os.stat (never opening them), with the settings: the index entry the main
-    process writes for the other ranks of its node."""
-    h = hashlib.sha256(settings_text.encode())
-    for path, kind in sources.items:
-        for f in source_files(path, kind):
-            st = f.stat()
-            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def _content_key(settings_text: str, sources: Sources, total: int) -> str:
-    """The cache key: settings and the bytes of every data file (`total` of them), streamed (nothing is parsed or
-    held)."""
-    from tqdm.auto import tqdm
-
-    h = hashlib.sha256(settings_text.encode())
-    with tqdm(total=total, desc="Hashing data files", unit="B", unit_scale=True, unit_divisor=1024,
-              disable=total < (1 << 30), file=sys.stderr) as bar:
-        for path, kind in sources.items:
-            h.update(f"{path}\0{kind}\n".encode())
-            for f in source_files(path, kind):
-                h.update(f"{f.relative_to(path) if kind == 'saved' else ''}\n".encode())
-                try:
-                    with open(f, "rb") as stream:
-                        while block := stream.read(_HASH_BLOCK):
-                            h.update(block)
-                            bar.update(len(block))
-                except OSError as e:
-                    raise DataError(f"{f}: cannot be read: {e.strerror or e}") from None
-    return h.hexdigest()[:20]
-
-
-def usable_cache_dir(cache_dir: str | Path | None) -> Path:
-    """The cache directory, or a temporary one (with a warning) when it cannot be written."""
-    from chattune.cli import log
-
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=cache, prefix=".probe."):
-            pass
-        return cache
-    except OSError as e:
-        fallback = Path(tempfile.gettempdir()) / f"chattune-{os.getuid()}" / "tokenized"
-        fallback.mkdir(parents=True, exist_ok=True)
-        log(f"warning: the data cache {cache} cannot be written ({e.strerror or e}); using {fallback} for this run "
-            "(set --data_cache_dir or CHATTUNE_CACHE to a writable directory to keep the cache)")
-        return fallback
-
-
-def _index_path(cache: Path, stat_key: str) -> Path:
-    return cache / "index" / stat_key
-
-
-def _write_index(cache: Path, stat_key: str, key: str) -> None:
-    path = _index_path(cache, stat_key)
-    with contextlib.suppress(OSError):  # only an optimisation for the other ranks: they prepare themselves without it
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{stat_key}.{os.getpid()}.tmp")
-        tmp.write_text(key)
-        os.replace(tmp, path)
-
-
-def _read_index(cache: Path, stat_key: str) -> str | None:
-    try:
-        return _index_path(cache, stat_key).read_text().strip() or None
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def _locked(cache: Path, key: str) -> Iterator[None]:
-    """Exclusive right to prepare `key` among the processes sharing the cache (other nodes' main processes on a
-    shared filesystem). POSIX record locks work over NFS; where locking is not supported, go on without it: the
-    atomic commit still keeps the cache whole."""
-    import fcntl
-
-    from chattune.cli import log
-
-    with open(cache / f".{key}.lock", "a+") as f:
-        try:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except (BlockingIOError, PermissionError):  # held elsewhere: EAGAIN on Linux, EACCES on some systems
-                log(f"waiting for another process preparing the same data (lock {cache / f'.{key}.lock'})")
-                fcntl.lockf(f, fcntl.LOCK_EX)
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-        yield
-
-
 def _load(target: Path, sources: Sources, from_cache: bool) -> Prepared:
     report = read_report(target)
     report.files = sources.files
@@ -326,45 +239,31 @@ def prepare_files(
                          char_cap(tokenizer, max_length))
     cache = usable_cache_dir(cache_dir)
     text = _settings_text(settings)
-    stat_key = _stat_key(text, sources)
+    stat = stat_key(text, sources)
     if not main:
-        key = _read_index(cache, stat_key)
+        key = read_index(cache, stat)
         if key and is_ready(cache / key):
             return _load(cache / key, sources, from_cache=True)
-        if key and _failure(cache, key):  # the same data, settings and code fail the same way: not read again
+        if key and has_failed(cache, key):  # the same data, settings and code fail the same way: not read again
             raise DataError(f"the {what} data could not be prepared: the main process stopped on it (its message "
                             "above lists the problems)")
     total = sources_size(sources.items)
-    key = _content_key(text, sources, total)
-    _write_index(cache, stat_key, key)
+    key = content_key(text, sources, total)
+    write_index(cache, stat, key)
     target = cache / key
     if is_ready(target):
         return _load(target, sources, from_cache=True)
     try:
         return _prepare_locked(cache, key, settings, sources, total, num_proc, what)
     except DataError as e:
-        _note_failure(cache, key, str(e))  # so the node's other ranks fail at once instead of each reading it all
+        note_failure(cache, key, str(e))  # so the node's other ranks fail at once instead of each reading it all
         raise
-
-
-def _failure_path(cache: Path, key: str) -> Path:
-    return cache / "failed" / key
-
-
-def _note_failure(cache: Path, key: str, message: str) -> None:
-    with contextlib.suppress(OSError):  # only spares the other ranks the work; they find the problem themselves
-        _failure_path(cache, key).parent.mkdir(exist_ok=True)
-        _failure_path(cache, key).write_text(message)
-
-
-def _failure(cache: Path, key: str) -> bool:
-    return _failure_path(cache, key).exists()
 
 
 def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources, total: int, num_proc: int | None,
                     what: str) -> Prepared:
     target = cache / key
-    with _locked(cache, key):
+    with locked(cache, key):
         if is_ready(target):  # prepared by another node's main process while this one waited
             return _load(target, sources, from_cache=True)
         if num_proc is None:
@@ -373,7 +272,7 @@ def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources
         try:
             report = _prepare_into(tmp, settings, sources, total, num_proc, what)
             commit(tmp, target, report)
-            _failure_path(cache, key).unlink(missing_ok=True)
+            failure_path(cache, key).unlink(missing_ok=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load(target, sources, from_cache=False)
