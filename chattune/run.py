@@ -91,6 +91,18 @@ def dump_tokenized(prepared: Prepared, path: str) -> None:
     log(f"wrote {len(prepared.dataset)} tokenized samples to {path}")
 
 
+def run_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+                  ) -> tuple[Any, TemplateSetup]:
+    """The run's tokenizer and template. Every tokenizer the run saves (checkpoints, result; merged and GPTQ models
+    copy it) renders, without being told, the prompt training used: --template_kwargs are baked into its chat
+    template, and the data is tokenized with that template."""
+    tokenizer, setup = prepare_tokenizer(model_args.model_name_or_path, data_args.template,
+                                         cache_dir=training_args.cache_dir,
+                                         trust_remote_code=model_args.trust_remote_code)
+    tokenizer.chat_template = bake_template_kwargs(tokenizer.chat_template, data_args.parsed_template_kwargs())
+    return tokenizer, setup
+
+
 def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments,
                     data_args: DataArguments | None = None) -> str:
     """--estimate_memory: the per-GPU memory and the time, from the config alone; with --data_path from the real
@@ -111,11 +123,8 @@ def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments
     shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
     plan = None
     if data_args is not None and data_args.data_path:
-        tokenizer, template = prepare_tokenizer(model_args.model_name_or_path, data_args.template,
-                                                cache_dir=training_args.cache_dir,
-                                                trust_remote_code=model_args.trust_remote_code)
         # prepared as training prepares it (baked template, --val_size split): training reuses the cache entry
-        tokenizer.chat_template = bake_template_kwargs(tokenizer.chat_template, data_args.parsed_template_kwargs())
+        tokenizer, template = run_tokenizer(model_args, data_args, training_args)
         train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
                            training_args.model_max_length, seed=training_args.seed).train
         log(train.report.format())
@@ -162,13 +171,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     if training_args.estimate_memory:
         print(memory_estimate(model_args, training_args, lora_args, data_args))
         return None
-    tokenizer, setup = prepare_tokenizer(
-        model_args.model_name_or_path, data_args.template, cache_dir=training_args.cache_dir,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    # Every tokenizer this run saves (checkpoints, result; merged and GPTQ models copy it) renders, without being
-    # told, the prompt training used: --template_kwargs are baked into its chat template.
-    tokenizer.chat_template = bake_template_kwargs(tokenizer.chat_template, data_args.parsed_template_kwargs())
+    tokenizer, setup = run_tokenizer(model_args, data_args, training_args)
     config, attention = (None, None) if data_args.dump_tokenized else model_config_and_attention(model_args,
                                                                                                  training_args)
     data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
