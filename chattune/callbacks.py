@@ -168,3 +168,25 @@ class LossPlotCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._write(args, state, args.output_dir)
+
+
+class CheckpointFilesCallback(TrainerCallback):
+    """Writes the run's own files (`write(folder)`: generation config with the trained stops, chattune.json) into
+    each checkpoint, so what is merged or served from a checkpoint behaves like the result. A file that cannot be
+    written is a warning naming the checkpoint: the weights are saved, and the result gets the files at the end."""
+
+    def __init__(self, write) -> None:
+        self.write = write
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not state.is_world_process_zero or not os.path.isdir(folder):
+            return
+        try:
+            self.write(folder)
+        except OSError as e:
+            from chattune.cli import log
+
+            log(f"warning: could not write the generation config and chattune.json into {folder}: "
+                f"{e.strerror or e}; the final result will have them")
+

@@ -17,6 +17,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -253,17 +254,27 @@ def publish(split: Split, output_dir: str | Path, overwrite: bool = False) -> No
         os.replace(tmp, out / name)
 
 
+def _held_out_dir(model_dir: str | Path) -> Path:
+    """Where `model_dir`'s held-out files are: in it, or for a run's checkpoint-N folder in the run's directory (a
+    checkpoint holds no copy of them)."""
+    folder = Path(model_dir)
+    if not (folder / VAL_FILE).is_file() and re.fullmatch(r"checkpoint-\d+", folder.name):
+        if (folder.parent / VAL_FILE).is_file():
+            return folder.parent
+    return folder
+
+
 def held_out_of(model_dir: str | Path) -> Path | None:
-    """The held-out conversations a run (or an artifact made from one: merged, GPTQ) carries, if any."""
-    path = Path(model_dir) / VAL_FILE
+    """The held-out conversations a run (or its checkpoint, or an artifact made from one: merged, GPTQ) carries."""
+    path = _held_out_dir(model_dir) / VAL_FILE
     return path if path.is_file() else None
 
 
 def carry_held_out(source_dir: str | Path, out_dir: str | Path) -> None:
     """Give an artifact made from `source_dir` its held-out conversations, so later steps find them with it."""
     for name in (VAL_FILE, IDS_FILE):
-        source = Path(source_dir) / name
-        if source.is_file() and Path(out_dir).resolve() != Path(source_dir).resolve():
+        source = _held_out_dir(source_dir) / name
+        if source.is_file() and Path(out_dir).resolve() != source.parent.resolve():
             shutil.copyfile(source, Path(out_dir) / name)
 
 

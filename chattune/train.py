@@ -19,7 +19,13 @@ from transformers.trainer_utils import IntervalStrategy
 
 from chattune import __version__, checkpoints
 from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
-from chattune.callbacks import EpochCallback, LossPlotCallback, PreemptionCallback, ThroughputCallback
+from chattune.callbacks import (
+    CheckpointFilesCallback,
+    EpochCallback,
+    LossPlotCallback,
+    PreemptionCallback,
+    ThroughputCallback,
+)
 from chattune.cli import log
 from chattune.collate import PackedBatchSampler, sample_lengths
 from chattune.errors import ConfigError
@@ -51,6 +57,8 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     info.packing, info.fused_ce, info.evaluation = batches.description, loss.kind, evaluation
     info.logit_transform = loss.transform.describe()
     trainer, clock, preemption = build_trainer(model, training_args, tokenizer, data, batches, loss, info)
+    trainer.add_callback(CheckpointFilesCallback(
+        lambda folder: write_run_files(folder, trainer, tokenizer, setup, data_args, info)))
     the_plan = plan(info, model_args, training_args, lora_args, data, training_args.world_size, model.config,
                     micro_batches=len(batches.sampler) if batches.sampler else None)
     space = disk_space_warning(training_args, info, the_plan["steps"])
@@ -362,9 +370,15 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo
         return
     trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
     tokenizer.save_pretrained(out)
+    write_run_files(out, trainer, tokenizer, setup, data_args, info)
+
+
+def write_run_files(out: str, trainer, tokenizer, setup, data_args, info: ModelInfo) -> None:
+    """What serving and the later steps need besides the weights: generation_config.json stopping on the trained
+    end-of-turn tokens, and chattune.json (template, its variables, stops, mode, base). In the result and in every
+    checkpoint, so a model merged from a checkpoint stops like one merged from the result."""
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(setup.stop_tokens)) if i is not None]
-    base = base_model(trainer.model)
-    generation = base.generation_config
+    generation = base_model(trainer.model).generation_config
     generation.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     generation.pad_token_id = tokenizer.pad_token_id
     generation.save_pretrained(out)

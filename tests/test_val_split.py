@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from chattune.data import DataError, load_conversations
 from chattune.errors import ConfigError
-from chattune.split import conversation_record, parse_val_size, split_data
+from chattune.merge import run_info
+from chattune.split import carry_held_out, conversation_record, held_out_of, parse_val_size, split_data
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -145,6 +146,18 @@ def test_early_stopping_keeps_the_best_checkpoint_and_evaluates_on_the_held_out_
     for folder in (out, best, last):
         png = (folder / "loss.png").read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000, folder
+
+    # a checkpoint is as complete as the result for the later steps: the trained stops and chattune.json in it,
+    # and its run's held-out conversations found (and carried by merge / GPTQ) through it
+    for folder in (best, last):
+        assert run_info(str(folder)) == run_info(str(out)) != {}
+        assert (json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
+                == json.loads((out / "generation_config.json").read_text())["eos_token_id"])
+        assert held_out_of(folder) == out / "val.jsonl"
+    merged_from_checkpoint = tmp_path / "from-checkpoint"
+    merged_from_checkpoint.mkdir()
+    carry_held_out(best, merged_from_checkpoint)
+    assert (merged_from_checkpoint / "val.jsonl").read_bytes() == (out / "val.jsonl").read_bytes()
 
 
 def test_loss_plot_draws_training_and_evaluation_loss(tmp_path):
