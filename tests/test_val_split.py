@@ -154,10 +154,18 @@ def test_early_stopping_keeps_the_best_checkpoint_and_evaluates_on_the_held_out_
         assert (json.loads((folder / "generation_config.json").read_text())["eos_token_id"]
                 == json.loads((out / "generation_config.json").read_text())["eos_token_id"])
         assert held_out_of(folder) == out / "val.jsonl"
-    merged_from_checkpoint = tmp_path / "from-checkpoint"
-    merged_from_checkpoint.mkdir()
-    carry_held_out(best, merged_from_checkpoint)
-    assert (merged_from_checkpoint / "val.jsonl").read_bytes() == (out / "val.jsonl").read_bytes()
+    merged = tmp_path / "from-checkpoint"
+    if mode == "lora":  # the user's path: merge_lora.py on a checkpoint folder
+        proc = subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(best), "--output_path",
+                               str(merged)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert run_info(str(merged))["stop_tokens"] == run_info(str(out))["stop_tokens"]
+        assert (json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+                == json.loads((out / "generation_config.json").read_text())["eos_token_id"])
+    else:
+        merged.mkdir()
+        carry_held_out(best, merged)
+    assert (merged / "val.jsonl").read_bytes() == (out / "val.jsonl").read_bytes()
 
 
 def test_loss_plot_draws_training_and_evaluation_loss(tmp_path):
