@@ -184,9 +184,9 @@ class CheckpointFilesCallback(TrainerCallback):
             return
         try:
             self.write(folder)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a missing extra file must never cost the run
             from chattune.cli import log
 
             log(f"warning: could not write the generation config and chattune.json into {folder}: "
-                f"{e.strerror or e}; the final result will have them")
+                f"{getattr(e, 'strerror', None) or e}; the final result will have them")
 

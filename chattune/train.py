@@ -57,8 +57,10 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     info.packing, info.fused_ce, info.evaluation = batches.description, loss.kind, evaluation
     info.logit_transform = loss.transform.describe()
     trainer, clock, preemption = build_trainer(model, training_args, tokenizer, data, batches, loss, info)
+    set_trained_stops(model, tokenizer, setup)
     trainer.add_callback(CheckpointFilesCallback(
-        lambda folder: write_run_files(folder, trainer, tokenizer, setup, data_args, info)))
+        lambda folder: write_run_files(folder, trainer, tokenizer, setup, data_args, info,
+                                       replace_generation_config=False)))
     the_plan = plan(info, model_args, training_args, lora_args, data, training_args.world_size, model.config,
                     micro_batches=len(batches.sampler) if batches.sampler else None)
     space = disk_space_warning(training_args, info, the_plan["steps"])
@@ -373,15 +375,25 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo
     write_run_files(out, trainer, tokenizer, setup, data_args, info)
 
 
-def write_run_files(out: str, trainer, tokenizer, setup, data_args, info: ModelInfo) -> None:
-    """What serving and the later steps need besides the weights: generation_config.json stopping on the trained
-    end-of-turn tokens, and chattune.json (template, its variables, stops, mode, base). In the result and in every
-    checkpoint, so a model merged from a checkpoint stops like one merged from the result."""
+def set_trained_stops(model, tokenizer, setup) -> None:
+    """The model's generation config stops on the trained end-of-turn tokens from the start, so every save writes
+    the generation_config.json of the result: a full model's checkpoints too (their manifest records its size)."""
     stop_ids = [i for i in tokenizer.convert_tokens_to_ids(list(setup.stop_tokens)) if i is not None]
-    generation = base_model(trainer.model).generation_config
+    generation = base_model(model).generation_config
     generation.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
     generation.pad_token_id = tokenizer.pad_token_id
-    generation.save_pretrained(out)
+
+
+def write_run_files(out: str, trainer, tokenizer, setup, data_args, info: ModelInfo,
+                    replace_generation_config: bool = True) -> None:
+    """What serving and the later steps need besides the weights: generation_config.json stopping on the trained
+    end-of-turn tokens, and chattune.json (template, its variables, stops, mode, base). In the result and in every
+    checkpoint, so a model merged from a checkpoint stops like one merged from the result. In a committed checkpoint
+    only files its manifest does not list are added (`replace_generation_config` false): a full model's checkpoint
+    has its generation_config.json already, written from the same config."""
+    generation = base_model(trainer.model).generation_config
+    if replace_generation_config or not os.path.isfile(os.path.join(out, "generation_config.json")):
+        generation.save_pretrained(out)
     with open(os.path.join(out, "chattune.json"), "w") as f:
         json.dump({"template": setup.name, "template_kwargs": data_args.parsed_template_kwargs(),
                    "stop_tokens": list(setup.stop_tokens), "mode": info.mode,

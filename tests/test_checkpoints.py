@@ -273,3 +273,25 @@ def test_too_little_space_for_the_kept_checkpoints_is_warned_at_the_start(model_
     train(model_dirs("qwen2"), out, "--max_steps", 4, "--save_total_limit", 3)
     notes = json.loads((out / "run_report.json").read_text())["plan"]["notes"]
     assert any(n.startswith(f"WARNING: {out} has 10.0 kB free; 2 checkpoints of ~") for n in notes), notes
+
+
+def test_full_model_checkpoints_carry_the_trained_stops_and_stay_whole(model_dirs, tmp_path):
+    """A base whose generation config stops elsewhere than training: every checkpoint of a full fine-tune is written
+    with the trained stops and chattune.json, and still matches its manifest (a file rewritten after the commit
+    would make the next resume set it aside as broken)."""
+    import shutil
+
+    base = tmp_path / "base"  # a base model's files: it ends text with <|endoftext|>, training turns with <|im_end|>
+    shutil.copytree(model_dirs("qwen2"), base)
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    config = base / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"eos_token": "<|im_end|>"', '"eos_token": "<|endoftext|>"'))
+    out = tmp_path / "full"
+    train(base, out, "--max_steps", "2", "--save_steps", "1", "--template", "chatml", "--use_lora", "False")
+    result = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert 151645 in result  # <|im_end|>, the template's end of turn
+    for step in (1, 2):
+        folder = out / f"checkpoint-{step}"
+        assert checkpoints.problem(str(folder)) is None, folder
+        assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == result
+        assert json.loads((folder / "chattune.json").read_text())["stop_tokens"]
