@@ -48,7 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16", "auto"],
                     help="dtype both models are compared in (default float32, which keeps rounding out of the "
-                    "check; bfloat16 for an adapter under --engine vllm, whose LoRA kernels are 16-bit only)")
+                    "check; under --engine vllm the artifact runs as vllm serve runs it, 16-bit, and the trained model "
+                    "in bfloat16, or float32 against a GPTQ model)")
     ap.add_argument("--engine", default=d.engine, choices=["transformers", "vllm"],
                     help="what runs the artifact: transformers (as chat.py serves it; CPU or GPU), or vllm (vLLM's own "
                     "engine: its chat rendering, stops, kernels and quantized loading; needs vLLM and a CUDA GPU)")

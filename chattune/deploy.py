@@ -8,12 +8,13 @@ On the run's held-out conversations (val.jsonl from finetune.py --val_size, or -
 2. stop     the artifact's generation_config lists the trained end-of-turn tokens, and greedy generation from the
             artifact stops on one of them within the reference answer's length + a margin, on a sample of turns.
 3. quality  the artifact's loss on the held-out trained tokens against the trained model's (the adapter on its
-            base, or the trained full model), both in one dtype (float32 by default): within --max_merge_drift
-            (1e-3 in float32, 1e-2 in 16-bit) for a plain model, within --max_loss_increase (5%) for a GPTQ model.
+            base, or the trained full model): within --max_merge_drift (1e-3 in float32, 1e-2 in 16-bit) for a
+            plain model, within --max_loss_increase (5%) for a GPTQ model.
 
-The artifact runs in transformers (--engine transformers, as chat.py serves it) or in vLLM's offline engine
-(--engine vllm: vLLM's chat rendering and tokenization, its stops, kernels and quantized loading; GPU); the trained
-model's loss is always taken with transformers.
+The artifact runs in transformers (--engine transformers, as chat.py serves it; both models in float32) or in
+vLLM's offline engine (--engine vllm: vLLM's chat rendering and tokenization, its stops, kernels and quantized
+loading, in the 16-bit dtype `vllm serve` uses; GPU); the trained model's loss is always taken with transformers
+(see _resolve_dtypes for the dtypes).
 
 Exit code 0 when every check passes, 1 when one fails (which, and by how much), 2 on bad input.
 """
@@ -51,9 +52,10 @@ class DeployArgs:
     max_length: int = 0  # tokens per held-out sample; default: the run's --model_max_length (chattune.json)
     seed: int = 0
     device: str = "auto"
-    dtype: str | None = None  # both models' dtype; float32, or bfloat16 for an adapter in vLLM (16-bit LoRA kernels)
+    dtype: str | None = None  # the trained model's (and transformers' artifact's) dtype; default float32, see _dtypes
     report_path: str | None = None  # default: ARTIFACT/deploy_check.json
     engine: str = "transformers"  # or vllm: the checks run through vLLM's own engine (GPU)
+    engine_dtype: str | None = None  # resolved: the dtype the artifact runs in (vllm: as `vllm serve` runs it)
     gpu_memory_utilization: float = 0.5  # vllm: the share of the GPU its engine may take
     trust_remote_code: bool = True
 
@@ -150,13 +152,15 @@ class TransformersEngine:
     template variables, its generation_config's stops."""
 
     name = "transformers"
+    stops_from = "generation_config.json"
+    max_prompt_tokens = None  # no limit of its own
 
     def __init__(self, path: str, args: DeployArgs, max_length: int):
         self.model, self.tokenizer = _load(path, args)
         self.quantized = bool(getattr(self.model.config, "quantization_config", None))
 
     @staticmethod
-    def available() -> None:
+    def preflight(path: str) -> None:
         pass
 
     def prompts(self, requests: list[Request]) -> list[list[int]]:
@@ -202,9 +206,13 @@ class VllmEngine:
     "Serve it" serves it."""
 
     name = "vllm"
+    stops_from = "vLLM (the tokenizer's eos_token and generation_config.json)"
 
     @staticmethod
-    def available() -> None:
+    def preflight(path: str) -> None:
+        """What would fail in vLLM, found before any model is loaded."""
+        from chattune.merge import is_adapter_dir
+
         try:
             import vllm  # noqa: F401
         except ImportError:
@@ -213,6 +221,15 @@ class VllmEngine:
         if not torch.cuda.is_available():
             raise UserError("--engine vllm needs a CUDA GPU, and none is visible here; --engine transformers runs "
                             "the same checks on the CPU") from None
+        if is_adapter_dir(path):
+            adapter = json.loads(Path(path, "adapter_config.json").read_text())
+            if adapter.get("modules_to_save"):
+                raise UserError(f"{path}: the adapter also trains {', '.join(adapter['modules_to_save'])} "
+                                "(modules_to_save), which vLLM cannot serve as a LoRA: merge it (merge_lora.py) and "
+                                "check the merged model with --model_path")
+            if adapter.get("bias", "none") != "none":
+                raise UserError(f"{path}: the adapter trains biases (bias={adapter['bias']!r}), which vLLM's LoRA does "
+                                "not serve: merge it (merge_lora.py) and check the merged model with --model_path")
 
     def __init__(self, path: str, args: DeployArgs, max_length: int):
         from vllm import LLM
@@ -220,17 +237,15 @@ class VllmEngine:
 
         from chattune.merge import _base_of, is_adapter_dir
 
+        # prefix caching off: the prompt checks would fill it with prefixes of the loss samples, and prompt
+        # logprobs have depended on request order with it on (vllm-project/vllm#42019)
         options: dict[str, Any] = dict(
-            dtype=args.dtype, seed=args.seed, enforce_eager=True, gpu_memory_utilization=args.gpu_memory_utilization,
-            trust_remote_code=args.trust_remote_code)
+            dtype=args.engine_dtype, seed=args.seed, enforce_eager=True, enable_prefix_caching=False,
+            gpu_memory_utilization=args.gpu_memory_utilization, trust_remote_code=args.trust_remote_code)
         self.lora = None
         model_dir = path
         if is_adapter_dir(path):
             adapter = json.loads(Path(path, "adapter_config.json").read_text())
-            if adapter.get("modules_to_save"):
-                raise UserError(f"{path}: the adapter also trains {', '.join(adapter['modules_to_save'])} "
-                                "(modules_to_save), which vLLM cannot serve as a LoRA: merge it (merge_lora.py) and "
-                                "check the merged model with --model_path")
             model_dir = _base_of(path, None)
             # vLLM takes the base's tokenizer and generation_config unless told: give it the run's (README "Serve it")
             options.update(model=model_dir, tokenizer=path, generation_config=path, enable_lora=True, max_loras=1,
@@ -239,9 +254,11 @@ class VllmEngine:
         else:
             options.update(model=path, generation_config=path)
         self.quantized = _has_quantization_config(model_dir)
-        options["max_model_len"] = _vllm_max_len(model_dir, max_length + args.stop_margin + 1, args.trust_remote_code)
+        options["max_model_len"] = _vllm_max_len(model_dir, max_length, args.stop_margin, args.trust_remote_code)
+        self.max_prompt_tokens = options["max_model_len"] - 1  # vLLM refuses longer prompts
         self.llm = LLM(**options)
         self.tokenizer = self.llm.get_tokenizer()
+        self.defaults = self.llm.get_default_sampling_params()  # generation_config's sampling settings
 
     def prompts(self, requests: list[Request]) -> list[list[int]]:
         """The prompt ids vLLM's chat path feeds the model: one token generated per request, its prompt read back."""
@@ -262,7 +279,10 @@ class VllmEngine:
     def generate(self, requests: list[Request], max_new_tokens: list[int]) -> list[list[int]]:
         from vllm import SamplingParams
 
-        params = [SamplingParams(max_tokens=limit, temperature=0.0) for limit in max_new_tokens]
+        # greedy, keeping generation_config's repetition penalty as transformers' generate does
+        penalty = getattr(self.defaults, "repetition_penalty", 1.0) or 1.0
+        params = [SamplingParams(max_tokens=limit, temperature=0.0, repetition_penalty=penalty)
+                  for limit in max_new_tokens]
         return [list(out.outputs[0].token_ids) for out in self._chat(requests, params)]
 
     def _chat(self, requests: list[Request], params: list[Any]) -> list[Any]:
@@ -302,13 +322,18 @@ class VllmEngine:
         _release_memory()
 
 
-def _vllm_max_len(model_dir: str, want: int, trust_remote_code: bool) -> int:
-    """vLLM refuses a max_model_len beyond the model's positions: the samples' bound, capped there."""
+def _vllm_max_len(model_dir: str, max_length: int, margin: int, trust_remote_code: bool) -> int:
+    """Room for the held-out samples (up to --max_length tokens) and generation (+ --stop_margin); vLLM refuses a
+    max_model_len beyond the model's positions."""
     from transformers import AutoConfig
 
+    want = max_length + margin + 1
     limit = getattr(AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code),
                     "max_position_embeddings", None)
-    return min(want, limit) if limit else want
+    if limit and want > limit:
+        raise UserError(f"--max_length {max_length} + --stop_margin {margin} + 1 tokens is more than {model_dir} has "
+                        f"positions for ({limit}): pass --max_length {max(limit - margin - 1, 1)} or less")
+    return want
 
 
 def _vllm_lora_rank(rank: int) -> int:
@@ -334,25 +359,39 @@ def _requests(conversations: list[Any]) -> list[tuple[Any, int, Request]]:
 
 def check_prompts(conversations: list[Any], run_tokenizer: Any, template_kwargs: dict, engine: Any) -> Check:
     """Check 1: for every trained turn, the prompt ids the engine feeds the artifact (its template rendered with no
-    variables) == training's."""
-    turns = _requests(conversations)
-    served = engine.prompts([request for _, _, request in turns])
-    mismatched = 0
-    first = ""
-    for (conv, i, request), ids in zip(turns, served, strict=True):
+    variables) == training's. Prompts longer than the engine takes (vLLM: its max_model_len) are counted, not sent."""
+    trained_prompts, turns = [], []
+    too_long = 0
+    for conv, i, request in _requests(conversations):
         trained = list(run_tokenizer.apply_chat_template(request.history, tools=request.tools or None,
                                                          add_generation_prompt=True, tokenize=True, return_dict=True,
                                                          **template_kwargs)["input_ids"])
+        if engine.max_prompt_tokens is not None and len(trained) > engine.max_prompt_tokens:
+            too_long += 1
+            continue
+        trained_prompts.append(trained)
+        turns.append((conv, i, request))
+    served = engine.prompts([request for _, _, request in turns])
+    mismatched = 0
+    first = ""
+    for (conv, i, _), ids, trained in zip(turns, served, trained_prompts, strict=True):
         if ids != trained:
             mismatched += 1
             if not first:
                 first = (f"; first: {conv.source}, messages[{i}]: training ends "
                          f"{run_tokenizer.decode(trained[-12:])!r}, {engine.name} "
                          f"{run_tokenizer.decode(ids[-12:])!r}")
-    passed = mismatched == 0
-    detail = (f"{len(turns)} prompts identical to training's (the saved chat template renders the trained prompt)"
-              if passed else f"{mismatched} of {len(turns)} prompts differ from training's{first}")
-    return Check("prompt", passed, detail, {"turns": len(turns), "mismatched": mismatched, "engine": engine.name})
+    passed = mismatched == 0 and bool(turns)
+    longer = (f"; {too_long} longer than {engine.name} takes ({engine.max_prompt_tokens} tokens: --max_length) not "
+              "checked" if too_long else "")
+    if not turns:
+        detail = f"no prompt could be checked{longer}"
+    elif passed:
+        detail = f"{len(turns)} prompts identical to training's (the saved chat template renders the trained prompt)"
+    else:
+        detail = f"{mismatched} of {len(turns)} prompts differ from training's{first}"
+    return Check("prompt", passed, detail + (longer if turns else ""),
+                 {"turns": len(turns), "mismatched": mismatched, "too_long": too_long, "engine": engine.name})
 
 
 def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], template_kwargs: dict,
@@ -382,7 +421,7 @@ def check_stop(turns: list[Turn], engine: Any, tokenizer: Any, stop_tokens: list
     listed = ", ".join(tokenizer.convert_ids_to_tokens(configured)) or "none"
     values: dict[str, Any] = {"configured": configured, "trained": trained, "engine": engine.name}
     if missing or not trained:
-        return Check("stop", False, f"generation_config.json stops on {listed}, not on the trained "
+        return Check("stop", False, f"{engine.stops_from} stops on {listed}, not on the trained "
                      f"end-of-turn token(s) {', '.join(missing)}: an engine using it will not stop", values)
     if samples and not turns:
         return Check("stop", False, f"stops on {listed}; no held-out turn fits the length limit, so generation could "
@@ -409,21 +448,32 @@ def _loss(model: Any, samples: Any, desc: str) -> tuple[float, int]:
 def _merge_drift(args: DeployArgs) -> float:
     if args.max_merge_drift is not None:
         return args.max_merge_drift
-    return 1e-3 if args.dtype in (None, "float32") else 1e-2  # 16-bit: 8 or 11 bits of mantissa
+    both_float32 = args.dtype in (None, "float32") and args.engine_dtype in (None, "float32")
+    return 1e-3 if both_float32 else 1e-2  # 16-bit: 8 or 11 bits of mantissa
 
 
-def _resolve_dtype(args: DeployArgs, artifact_path: str) -> None:
-    """float32 keeps rounding out of the comparison; vLLM's LoRA kernels take only 16-bit activations."""
+def _resolve_dtypes(args: DeployArgs, artifact_path: str) -> None:
+    """The trained model's dtype (args.dtype) and the artifact's (args.engine_dtype). transformers: both float32,
+    which keeps rounding out of the comparison. vLLM runs the artifact as `vllm serve` does, in the checkpoint's
+    16-bit dtype ("auto"; bfloat16 for a LoRA, whose kernels are 16-bit only; GPTQ kernels take 16-bit activations
+    only too); the trained model is then compared in bfloat16, or in float32 against a GPTQ model (the
+    --max_loss_increase bound is far above the difference). --dtype sets both."""
     from chattune.merge import is_adapter_dir
 
-    lora_in_vllm = args.engine == "vllm" and is_adapter_dir(artifact_path)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if lora_in_vllm else "float32"
-        if lora_in_vllm:
-            log("vLLM serves a LoRA adapter in 16-bit only: both models are compared in bfloat16")
-    elif lora_in_vllm and args.dtype in ("float32", "auto"):
-        raise UserError(f"--dtype {args.dtype} with --engine vllm on an adapter: vLLM's LoRA kernels take float16 or "
-                        "bfloat16 only; pass --dtype bfloat16 (or check the merged model, which vLLM runs in float32)")
+    if args.engine != "vllm":
+        args.dtype = args.engine_dtype = args.dtype or "float32"
+        return
+    adapter, quantized = is_adapter_dir(artifact_path), _has_quantization_config(artifact_path)
+    if args.dtype == "float32" and (adapter or quantized):
+        what = "a LoRA adapter" if adapter else "a GPTQ model"
+        raise UserError(f"--dtype float32 with --engine vllm on {what}: vLLM's {'LoRA' if adapter else 'GPTQ'} "
+                        "kernels take float16 or bfloat16 only; pass --dtype bfloat16, or leave --dtype out")
+    if args.dtype:
+        args.engine_dtype = args.dtype
+    else:
+        args.engine_dtype = "bfloat16" if adapter else "auto"
+        args.dtype = "float32" if quantized else "bfloat16"
+    log(f"dtypes: the artifact in vLLM {args.engine_dtype}, the trained model in transformers {args.dtype}")
 
 
 def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quantized: bool, args: DeployArgs
@@ -433,6 +483,8 @@ def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quan
     bound = args.max_loss_increase if quantized else _merge_drift(args)
     passed = change <= bound if quantized else abs(change) <= bound
     kind = "GPTQ model" if quantized else "unquantized model"
+    if args.engine_dtype and args.engine_dtype != args.dtype:
+        kind += f", {args.engine_dtype} vs trained {args.dtype}"
     detail = (f"held-out loss {artifact_loss:.4f} vs trained {reference_loss:.4f} over {tokens:,} tokens: "
               f"{change:+.3%} ({kind}, allowed {'+' if quantized else '±'}{bound:.3%})")
     return Check("quality", passed, detail, {"trained_loss": reference_loss, "artifact_loss": artifact_loss,
@@ -450,8 +502,8 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
     engine_class = ENGINES.get(args.engine)
     if engine_class is None:
         raise UserError(f"--engine {args.engine}: choose one of {', '.join(ENGINES)}")
-    engine_class.available()
-    _resolve_dtype(args, artifact_path)
+    engine_class.preflight(artifact_path)
+    _resolve_dtypes(args, artifact_path)
     data_path, conversations = _held_out(args)
     run_tokenizer, stop_tokens, template_kwargs, max_length = _run_setup(args)
     log(f"checking {artifact_path} ({args.engine}) against the run {args.run_dir} on {len(conversations)} "
