@@ -369,3 +369,32 @@ def test_vllm_engine_reads_the_loss_and_the_prompts_back_in_order(model_dirs, mo
     want = [tok.apply_chat_template(r.history, tools=r.tools or None, add_generation_prompt=True, tokenize=True,
                                     return_dict=True)["input_ids"] for r in requests]
     assert engine.prompts(requests) == want
+
+
+def test_prompts_longer_than_the_engine_takes_are_counted_not_sent(model_dirs, tmp_path):
+    import types
+
+    from transformers import AutoTokenizer
+
+    from chattune.data import load_conversations
+    from chattune.deploy import check_prompts
+
+    tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))
+    conversations = load_conversations(str(write_data(tmp_path / "d.jsonl"))).conversations[8:12]  # 8 9 10 11
+    sent = []
+
+    def prompts(requests):
+        sent.extend(requests)
+        return [tok.apply_chat_template(r.history, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"] for r in requests]
+
+    lengths = sorted(len(tok.apply_chat_template(c.messages[:1], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]) for c in conversations)
+    engine = types.SimpleNamespace(name="stand-in", max_prompt_tokens=lengths[1], prompts=prompts)
+    check = check_prompts(conversations, tok, {}, engine)
+    longer = sum(n > lengths[1] for n in lengths)
+    assert check.passed and check.values["too_long"] == longer > 0 and len(sent) == 4 - longer
+    assert f"{longer} longer than stand-in takes" in check.detail
+    engine.max_prompt_tokens = 1  # nothing fits: nothing was checked, which is no pass
+    check = check_prompts(conversations, tok, {}, engine)
+    assert not check.passed and check.detail.startswith("no prompt could be checked")
