@@ -160,27 +160,31 @@ def test_baking_changes_no_rendering_of_the_real_templates():
 
     from chattune.template import bake_template_kwargs
 
+    tokenizers = {}
     for family, messages, tools, kwargs in CASES:
-        tok, _ = tokenizer(family)
+        if family not in tokenizers:  # one per family (building one takes a second); templates passed per call
+            tokenizers[family] = tokenizer(family)[0]
+        tok = tokenizers[family]
         if family.startswith("qwen3"):
             kwargs = kwargs or {"enable_thinking": False}
         if not kwargs:
             continue
-        want = [tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
-                                        **kwargs) for i in range(1, len(messages) + 1)]
-        tok.chat_template = bake_template_kwargs(tok.chat_template, kwargs)
-        assert bake_template_kwargs(tok.chat_template, kwargs) == tok.chat_template  # idempotent
+
+        def render(template, history, tok=tok, tools=tools, **variables):
+            return tok.apply_chat_template(history, tools=tools, add_generation_prompt=True, tokenize=False,
+                                           chat_template=template, **variables)
+
+        original = tok.chat_template
+        baked = bake_template_kwargs(original, kwargs)
+        assert baked != original and bake_template_kwargs(baked, kwargs) == baked  # idempotent
         if "enable_thinking" in kwargs:  # a caller's own value still decides (an engine asked to think)
-            tok_plain, _ = tokenizer(family)
             for value in (True, False):
-                assert tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
-                                               enable_thinking=value) == tok_plain.apply_chat_template(
-                    messages, tools=tools, add_generation_prompt=True, tokenize=False, enable_thinking=value)
-        for i, text in enumerate(want, 1):
-            assert tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False,
-                                           **kwargs) == text
-            assert tok.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True,
-                                           tokenize=False) == text
+                assert render(baked, messages, enable_thinking=value) == render(original, messages,
+                                                                               enable_thinking=value)
+        for i in range(1, len(messages) + 1):
+            want = render(original, messages[:i], **kwargs)
+            assert render(baked, messages[:i], **kwargs) == want
+            assert render(baked, messages[:i]) == want
 
 
 def test_quality_bounds():
