@@ -26,7 +26,8 @@ from chattune.cli import main_guard
 
 
 def parse_args(argv=None):
-    from chattune.deploy import DeployArgs
+    from chattune.deploy import ENGINES, DeployArgs
+    from chattune.merge import add_trust_remote_code_flag
 
     d = DeployArgs("")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,14 +51,15 @@ def parse_args(argv=None):
                     help="dtype both models are compared in (default float32, which keeps rounding out of the "
                     "check; under --engine vllm the artifact runs as vllm serve runs it, 16-bit, and the trained model "
                     "in bfloat16, or float32 against a GPTQ model)")
-    ap.add_argument("--engine", default=d.engine, choices=["transformers", "vllm"],
+    ap.add_argument("--engine", default=d.engine, choices=list(ENGINES),
                     help="what runs the artifact: transformers (as chat.py serves it; CPU or GPU), or vllm (vLLM's own "
                     "engine: its chat rendering, stops, kernels and quantized loading; needs vLLM and a CUDA GPU)")
     ap.add_argument("--gpu_memory_utilization", type=float, default=d.gpu_memory_utilization,
                     help="vllm: the share of the GPU memory its engine may take (default 0.5)")
     ap.add_argument("--report_path", default=None, help="where deploy_check.json goes (default: in the artifact)")
-    ap.add_argument("--trust_remote_code", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
-    return DeployArgs(**vars(ap.parse_args(argv)))
+    add_trust_remote_code_flag(ap)
+    args = vars(ap.parse_args(argv))
+    return DeployArgs(**{**args, "trust_remote_code": args["trust_remote_code"] == "true"})
 
 
 def main(argv=None) -> int:

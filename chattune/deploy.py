@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,6 @@ from chattune.cli import log
 from chattune.errors import UserError
 
 REPORT_FILE = "deploy_check.json"
-IGNORE_INDEX = -100
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora: the ranks it allocates for
 
 
@@ -108,18 +106,13 @@ def _run_setup(args: DeployArgs) -> tuple[Any, list[str], dict, int]:
             args.max_length or int(info.get("model_max_length") or 2048))
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _load(path: str, args: DeployArgs) -> tuple[Any, Any]:
+    from chattune.gptq import resolve_device
     from chattune.merge import DTYPES, load_for_inference
 
-    device = _device(args.device)
     try:
-        model, tokenizer = load_for_inference(path, dtype=DTYPES[args.dtype], device_map={"": device},
+        model, tokenizer = load_for_inference(path, dtype=DTYPES[args.dtype],
+                                              device_map={"": resolve_device(args.device)},
                                               trust_remote_code=args.trust_remote_code)
     except OSError as e:
         raise UserError(f"{path}: cannot be loaded as a model ({e})") from None
@@ -169,8 +162,9 @@ class TransformersEngine:
                 for r in requests]
 
     def stop_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
-        return [ids] if isinstance(ids, int) else list(ids or [])
+        from chattune.tokenizer import eos_ids
+
+        return eos_ids(self.model.generation_config.eos_token_id)
 
     @torch.no_grad()
     def generate(self, requests: list[Request], max_new_tokens: list[int]) -> list[list[int]]:
@@ -269,10 +263,10 @@ class VllmEngine:
 
     def stop_ids(self) -> list[int]:
         """What vLLM stops on: the tokenizer's end-of-sequence token and generation_config's eos_token_id."""
+        from chattune.tokenizer import eos_ids
+
         model_config = getattr(self.llm, "model_config", None) or self.llm.llm_engine.model_config
-        config = model_config.try_get_generation_config() or {}
-        ids = config.get("eos_token_id")
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        ids = eos_ids((model_config.try_get_generation_config() or {}).get("eos_token_id"))
         eos = self.tokenizer.eos_token_id
         return list(dict.fromkeys(([eos] if eos is not None else []) + ids))
 
@@ -303,6 +297,8 @@ class VllmEngine:
         """Mean negative log-likelihood of the trained tokens from vLLM's prompt logprobs (the token at position t
         scored by the model given the tokens before it, as training's shifted labels score it)."""
         from vllm import SamplingParams, TokensPrompt
+
+        from chattune.template import IGNORE_INDEX
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)  # each dict holds the prompt token
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in samples.input_ids]
@@ -382,22 +378,29 @@ def check_prompts(conversations: list[Any], run_tokenizer: Any, template_kwargs:
                          f"{run_tokenizer.decode(trained[-12:])!r}, {engine.name} "
                          f"{run_tokenizer.decode(ids[-12:])!r}")
     passed = mismatched == 0 and bool(turns)
-    longer = (f"; {too_long} longer than {engine.name} takes ({engine.max_prompt_tokens} tokens: --max_length) not "
-              "checked" if too_long else "")
     if not turns:
-        detail = f"no prompt could be checked{longer}"
+        detail = "no prompt could be checked"
     elif passed:
         detail = f"{len(turns)} prompts identical to training's (the saved chat template renders the trained prompt)"
     else:
         detail = f"{mismatched} of {len(turns)} prompts differ from training's{first}"
-    return Check("prompt", passed, detail + (longer if turns else ""),
+    if too_long:
+        detail += (f"; {too_long} longer than {engine.name} takes ({engine.max_prompt_tokens} tokens: --max_length) "
+                   "not checked")
+    return Check("prompt", passed, detail,
                  {"turns": len(turns), "mismatched": mismatched, "too_long": too_long, "engine": engine.name})
 
 
 def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], template_kwargs: dict,
              max_length: int) -> list[Turn]:
     """Every trained turn with its answer ids, as the training pipeline tokenizes them (one sample per turn)."""
-    from chattune.template import encode_samples, make_renderer, render_conversation, trained_turn_indices
+    from chattune.template import (
+        IGNORE_INDEX,
+        encode_samples,
+        make_renderer,
+        render_conversation,
+        trained_turn_indices,
+    )
 
     render = make_renderer(tokenizer, template_kwargs)
     turns = []
@@ -406,7 +409,8 @@ def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], templat
             masked = [k for k in range(len(conv.messages)) if k != i and conv.messages[k]["role"] == "assistant"]
             samples = render_conversation(render, conv.messages[: i + 1], stops, tools=conv.tools, masked=masked)
             for ids, labels in (pair for encoded in encode_samples(tokenizer, samples) for pair in encoded):
-                answer = [int(t) for t, lab in zip(ids.tolist(), labels.tolist(), strict=True) if lab != -100]
+                answer = [int(t) for t, lab in zip(ids.tolist(), labels.tolist(), strict=True)
+                          if lab != IGNORE_INDEX]
                 if answer and len(ids) <= max_length:
                     turns.append(Turn(list(conv.messages[:i]), list(conv.tools), answer))
     return turns
@@ -547,14 +551,8 @@ def main(args: DeployArgs) -> int:
     for check in checks:
         print(check.line(), flush=True)
     path = Path(args.report_path or os.path.join(args.model_path or args.run_dir, REPORT_FILE))
-    path.write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
+    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
     failed = [c.name for c in checks if not c.passed]
     print(f"deploy check: {'passed' if not failed else 'FAILED (' + ', '.join(failed) + ')'}; report {path}",
           flush=True)
     return 1 if failed else 0
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return str(value)

@@ -98,8 +98,6 @@ class Split:
     def original_place(self, message: str) -> str:
         """A message about `train.jsonl: line N` / `val.jsonl: line N` (the split's files) with the user's file and
         record instead."""
-        import re
-
         for path, names in ((self.train, self.train_sources), (self.val, None)):
             pattern = re.compile(re.escape(str(path)) + r": line (\d+)")
             if not pattern.search(message):

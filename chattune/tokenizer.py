@@ -67,9 +67,12 @@ def generation_stop_tokens(name_or_path: str, tokenizer: Any, cache_dir: str | N
         config = GenerationConfig.from_pretrained(name_or_path, cache_dir=cache_dir)
     except (OSError, ValueError):
         return []
-    ids = config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    return [t for t in tokenizer.convert_ids_to_tokens(ids) if t]
+    return [t for t in tokenizer.convert_ids_to_tokens(eos_ids(config.eos_token_id)) if t]
+
+
+def eos_ids(value: Any) -> list[int]:
+    """A generation config's `eos_token_id` (one id, a list, or none) as a list."""
+    return [value] if isinstance(value, int) else list(value or [])
 
 
 def prepare_tokenizer(name_or_path: str, template: str, *, cache_dir: str | None = None,

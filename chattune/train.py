@@ -59,7 +59,7 @@ def train_and_save(model_args: ModelArguments, data_args: DataArguments, trainin
     trainer, clock, preemption = build_trainer(model, training_args, tokenizer, data, batches, loss, info)
     set_trained_stops(model, tokenizer, setup)
     trainer.add_callback(CheckpointFilesCallback(
-        lambda folder: write_run_files(folder, trainer, tokenizer, setup, data_args, info,
+        lambda folder: write_run_files(folder, trainer, setup, data_args, info,
                                        replace_generation_config=False)))
     the_plan = plan(info, model_args, training_args, lora_args, data, training_args.world_size, model.config,
                     micro_batches=len(batches.sampler) if batches.sampler else None)
@@ -372,7 +372,7 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, info: ModelInfo
         return
     trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
     tokenizer.save_pretrained(out)
-    write_run_files(out, trainer, tokenizer, setup, data_args, info)
+    write_run_files(out, trainer, setup, data_args, info)
 
 
 def set_trained_stops(model, tokenizer, setup) -> None:
@@ -384,7 +384,7 @@ def set_trained_stops(model, tokenizer, setup) -> None:
     generation.pad_token_id = tokenizer.pad_token_id
 
 
-def write_run_files(out: str, trainer, tokenizer, setup, data_args, info: ModelInfo,
+def write_run_files(out: str, trainer, setup, data_args, info: ModelInfo,
                     replace_generation_config: bool = True) -> None:
     """What serving and the later steps need besides the weights: generation_config.json stopping on the trained
     end-of-turn tokens, and chattune.json (template, its variables, stops, mode, base). In the result and in every

@@ -402,3 +402,15 @@ def test_prompts_longer_than_the_engine_takes_are_counted_not_sent(model_dirs, t
     engine.max_prompt_tokens = 1  # nothing fits: nothing was checked, which is no pass
     check = check_prompts(conversations, tok, {}, engine)
     assert not check.passed and check.detail.startswith("no prompt could be checked")
+
+
+def test_cli_flags_parse_as_the_other_scripts_do():
+    sys.path.insert(0, str(ROOT))
+    from check_deploy import parse_args
+
+    assert parse_args(["--run_dir", "r"]).trust_remote_code is True
+    assert parse_args(["--run_dir", "r", "--trust_remote_code", "false"]).trust_remote_code is False
+    with pytest.raises(SystemExit):
+        parse_args(["--run_dir", "r", "--trust_remote_code", "maybe"])
+    with pytest.raises(SystemExit):
+        parse_args(["--run_dir", "r", "--engine", "tgi"])
