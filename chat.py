@@ -55,12 +55,12 @@ def main(argv=None) -> int:
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    from chattune.merge import add_trust_remote_code_flag
+    from chattune.export.merge import add_trust_remote_code_flag
 
     add_trust_remote_code_flag(ap)
     args = ap.parse_args(argv)
     with main_guard():
-        from chattune.chat import Chat
+        from chattune.export.chat import Chat
 
         chat = Chat.load(args.model_name_or_path, args.adapter_path, args.dtype, args.device,
                          trust_remote_code=args.trust_remote_code == "true", max_new_tokens=args.max_new_tokens,

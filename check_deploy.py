@@ -26,8 +26,8 @@ from chattune.cli import main_guard
 
 
 def parse_args(argv=None):
-    from chattune.deploy import ENGINES, DeployArgs
-    from chattune.merge import add_trust_remote_code_flag
+    from chattune.export.deploy import ENGINES, DeployArgs
+    from chattune.export.merge import add_trust_remote_code_flag
 
     d = DeployArgs("")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     with main_guard():
-        from chattune.deploy import main as check
+        from chattune.export.deploy import main as check
 
         return check(parse_args(argv))
 

@@ -15,9 +15,9 @@ from chattune.cli import main_guard
 
 
 def main(argv=None) -> int:
-    from chattune.args import parse_args
     from chattune.launch import init_from_mpi
-    from chattune.run import run
+    from chattune.train.args import parse_args
+    from chattune.train.run import run
 
     init_from_mpi()  # under mpirun: rank/world size from MPI, before the process group starts
     with main_guard():

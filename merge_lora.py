@@ -21,13 +21,18 @@ def main(argv=None) -> int:
     ap.add_argument("--base_model_name_or_path", default=None, help="full-precision base (default: the adapter's)")
     ap.add_argument("--dtype", default="auto", help="auto (the base's) | bfloat16 | float16 | float32")
     ap.add_argument("--max_shard_size", default="5GB")
-    from chattune.merge import add_trust_remote_code_flag
+    from chattune.export.merge import add_trust_remote_code_flag
 
     add_trust_remote_code_flag(ap)
     args = ap.parse_args(argv)
     with main_guard():
         from chattune.errors import ConfigError
-        from chattune.merge import is_adapter_dir, merge_adapter, parse_dtype, save_model
+        from chattune.export.merge import (
+            is_adapter_dir,
+            merge_adapter,
+            parse_dtype,
+            save_model,
+        )
 
         if not is_adapter_dir(args.adapter_path):
             raise ConfigError(f"{args.adapter_path} holds no adapter_config.json: pass the output_dir of a "

@@ -20,7 +20,7 @@ from chattune.cli import main_guard
 
 
 def parse_args(argv=None):
-    from chattune.gptq import GptqArgs
+    from chattune.export.gptq import GptqArgs
 
     defaults = GptqArgs("", "", "")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip_invalid_records", action="store_true",
                     help="drop invalid records (the count is reported) instead of stopping at them")
     ap.add_argument("--data_cache_dir", default=None, help="tokenized-data cache (default ~/.cache/chattune)")
-    from chattune.merge import add_trust_remote_code_flag
+    from chattune.export.merge import add_trust_remote_code_flag
 
     add_trust_remote_code_flag(ap)
     values = vars(ap.parse_args(argv))
@@ -57,7 +57,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     with main_guard():
-        from chattune.gptq import quantize
+        from chattune.export.gptq import quantize
 
         report = quantize(args)
         print(report.format())

@@ -11,9 +11,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from published_profiles import QWEN1, QWEN_PROFILE, QWEN_PROFILE_GPU, memory_error, setup_of  # noqa: E402
+from published_profiles import (  # noqa: E402
+    QWEN1,
+    QWEN_PROFILE,
+    QWEN_PROFILE_GPU,
+    memory_error,
+    setup_of,
+)
 
-from chattune.memory import GB, estimate, estimate_seconds  # noqa: E402
+from chattune.train.memory import GB, estimate, estimate_seconds
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Data preparation speed and memory: N synthetic ShareGPT conversations (JSONL) through the training path
-(chattune.stream: read, validate, render, tokenize, cache), cold and cached.
+(chattune.data.prepare: read, validate, render, tokenize, cache), cold and cached.
 
     python bench/prepare_speed.py --model_name_or_path MODEL_DIR [--n 100000 1000000] [--num_proc 2]
 
@@ -40,8 +40,8 @@ def write_synthetic(path: str, n: int, seed: int = 0) -> None:
 
 
 def child(model: str, data: str, cache: str, num_proc: int | None) -> None:
-    from chattune.stream import prepare_files
-    from chattune.tokenizer import prepare_tokenizer
+    from chattune.data.prepare import prepare_files
+    from chattune.data.tokenizer import prepare_tokenizer
 
     tok, setup = prepare_tokenizer(model, "auto")
     start = time.perf_counter()

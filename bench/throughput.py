@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from importlib.metadata import version
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -133,23 +134,29 @@ class SidePlan:
                 f"(~{self.real_tokens_per_step:,.0f} real tokens)")
 
 
-def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePlan:
-    """Qwen's recipe for the baseline; our defaults for chattune, with the same micro-batch budget (the padded worst
-    case, which is what TrainingArguments.micro_batch_tokens() defaults to) and as many accumulated micro-batches as
-    give about the baseline's real tokens per optimizer step."""
-    from chattune.collate import pack_bins
+def step_shape(suite: Suite, budget: int) -> Any:
+    """Qwen's recipe: QWEN_SAMPLES_PER_STEP samples per optimizer step, the same samples on both sides."""
+    from chattune.train.batches import StepShape
 
-    samples_per_step = QWEN_SAMPLES_PER_STEP
+    return StepShape(QWEN_SAMPLES_PER_STEP, 0, suite.batch_size, budget, 1, 0)
+
+
+def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePlan:
+    """Qwen's recipe on both sides (the same samples per optimizer step); the baseline pads every sample to
+    model_max_length in micro-batches of Qwen's size, chattune packs each step's samples into micro-batches of the
+    same token budget (the padded worst case)."""
+    import numpy as np
+
+    from chattune.train.batches import micro_batches_per_step
+
     mean_length = sum(lengths) / len(lengths)
     if side == "baseline":
-        accumulation = max(1, samples_per_step // suite.batch_size)
-        return SidePlan(side, "sdpa", "none", False, 0, accumulation,
-                        accumulation * suite.batch_size * mean_length)
+        accumulation = max(1, QWEN_SAMPLES_PER_STEP // suite.batch_size)
+        return SidePlan(side, "sdpa", "none", False, 0, accumulation, QWEN_SAMPLES_PER_STEP * mean_length)
     budget = suite.batch_size * suite.max_length
-    samples_per_bin = len(lengths) / len(pack_bins(lengths, budget))
-    accumulation = max(1, round(samples_per_step / samples_per_bin))
+    accumulation = micro_batches_per_step(np.asarray(lengths), step_shape(suite, budget), 1)
     return SidePlan(side, "flex_attention" if cuda else "sdpa", "auto", True, budget, accumulation,
-                    accumulation * samples_per_bin * mean_length)
+                    QWEN_SAMPLES_PER_STEP * mean_length)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,9 +167,10 @@ def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePl
 def build_model(suite: Suite, plan: SidePlan, device: str, training_args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from chattune.args import LoraArguments
-    from chattune.model import apply_lora, use_common_dtype_in_flex_attention
-    from chattune.train import apply_liger_kernels
+    from chattune.train.architecture import use_common_dtype_in_flex_attention
+    from chattune.train.args import LoraArguments
+    from chattune.train.lora import apply_lora
+    from chattune.train.run import apply_liger_kernels
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if plan.attention == "flex_attention":
@@ -215,7 +223,7 @@ def quantize_nf4(model, dtype) -> None:
 
 def make_training_args(device: str, suite: Suite, plan: SidePlan, steps: int):
     """Qwen's optimizer settings (lr, weight decay 0.1, adam_beta2 0.95), a constant schedule so short runs compare."""
-    from chattune.args import TrainingArguments
+    from chattune.train.args import TrainingArguments
 
     return TrainingArguments(
         output_dir="/tmp/chattune-bench", use_cpu=device == "cpu", bf16=device == "cuda", report_to="none",
@@ -267,18 +275,19 @@ def liger_in_process() -> bool:
 def run_side(suite: Suite, plan: SidePlan, device: str, steps: int, warmup: int, dataset) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
-    from chattune.collate import PackedBatchSampler, PaddingCollator, sample_lengths
-    from chattune.loss import resolve_fused_ce
-    from chattune.trainer import ChatTrainer, LossSetup
+    from chattune.train.batches import PaddingCollator, StepSampler, sample_lengths
+    from chattune.train.loss import liger_runs_here
+    from chattune.train.trainer import ChatTrainer, LossSetup
 
     args = make_training_args(device, suite, plan, steps)
     model = build_model(suite, plan, device, args)
-    loss_kind = resolve_fused_ce(plan.fused_ce, model.get_output_embeddings(), zero3=False, use_cpu=device == "cpu")
-    sampler = PackedBatchSampler(sample_lengths(dataset), plan.packed_tokens) if plan.packed_tokens else None
+    loss_kind = plan.fused_ce if plan.fused_ce != "auto" else (
+        "liger" if device == "cuda" and liger_runs_here() is None else "chunked")
+    steps = StepSampler(sample_lengths(dataset), step_shape(suite, plan.packed_tokens), plan.accumulation, rank=0)
     timer = Timer(warmup)
     trainer = ChatTrainer(
         model=model, args=args, train_dataset=dataset, callbacks=[timer.callback],
-        loss=LossSetup(loss_kind, requested=plan.fused_ce), packed_sampler=sampler,
+        loss=LossSetup(loss_kind, requested=plan.fused_ce), steps=steps,
         # Qwen's script pads every sample to model_max_length; packed batches do not use this collator
         data_collator=PaddingCollator(0, pad_to_multiple_of=8 if plan.packed_tokens else suite.max_length),
     )
@@ -300,7 +309,7 @@ def run_side(suite: Suite, plan: SidePlan, device: str, steps: int, warmup: int,
 def child_main(args: argparse.Namespace, suite: Suite) -> None:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as chattune.model.enable_tf32 does for a real run
+        torch.backends.cuda.matmul.allow_tf32 = True  # as chattune.train.model.enable_tf32 does for a real run
         torch.backends.cudnn.allow_tf32 = True
     if args.tiny:
         torch.set_num_threads(1)  # a 64-wide model gains nothing from threads; on a busy CI runner they contend (2x)

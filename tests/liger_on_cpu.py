@@ -24,9 +24,9 @@ FAMILY = sys.argv[1]
 if FAMILY == "gemma2":
     import triton_interpreter_shim  # noqa: F401,E402  (soft-capping passes a float to the kernel)
 
-from chattune.collate import PackingCollator  # noqa: E402
-from chattune.loss import logit_transform, trained_token_count  # noqa: E402
-from chattune.trainer import ChatTrainer, LossSetup  # noqa: E402
+from chattune.train.batches import PackingCollator
+from chattune.train.loss import logit_transform, trained_token_count
+from chattune.train.trainer import ChatTrainer, LossSetup
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=4096, initializer_range=0.2, use_cache=False)

@@ -1,5 +1,5 @@
 """Published memory and speed measurements of LoRA / Q-LoRA / full fine-tuning, with the setups they state, to check
-the planner (chattune.memory) against numbers nobody here made.
+the planner (chattune.train.memory) against numbers nobody here made.
 
 Qwen (QwenLM/Qwen README, "Profiling of Memory and Speed"): one A100-SXM4-80G per node, CUDA 11.8, PyTorch 2.0,
 flash-attention 2, batch size 1, gradient accumulation 8, gradient checkpointing, Qwen's finetune.py (LoRA r=64 on
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from chattune.memory import ModelShape
+from chattune.train.memory import ModelShape
 
 
 def qwen1_shape(d: int, layers: int, intermediate_size: int, vocab: int) -> ModelShape:
@@ -84,7 +84,7 @@ QWEN_PROFILE_GPU = "A100"
 
 def setup_of(row: Row):
     """The planner's Setup for a published row."""
-    from chattune.memory import Setup
+    from chattune.train.memory import Setup
 
     return Setup(mode={"lora_emb": "lora"}.get(row.method, row.method), gpus=row.gpus, zero_stage=row.zero_stage,
                  micro_batch_tokens=row.tokens, gradient_checkpointing=True, fused_ce=False, lora_r=64,
@@ -93,7 +93,7 @@ def setup_of(row: Row):
 
 def memory_error(row: Row) -> float:
     """(estimate - published) / published, per GPU."""
-    from chattune.memory import GB, estimate
+    from chattune.train.memory import GB, estimate
 
     estimated = estimate(QWEN1[row.model], setup_of(row))["total"] / GB
     published = row.memory_gb / row.gpus

@@ -2,8 +2,8 @@
 
 import pytest
 
-from chattune.args import parse_args
 from chattune.errors import ConfigError
+from chattune.train.args import parse_args
 
 QWEN_LORA_LINE = (
     "--model_name_or_path Qwen/Qwen-7B-Chat --data_path data.json --bf16 False --output_dir output_qwen "

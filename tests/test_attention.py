@@ -11,15 +11,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from chattune.collate import PackingCollator
 from chattune.errors import ConfigError
-from chattune.model import (
+from chattune.train.architecture import (
     ModelClass,
     choose_attention,
     flash_attn_problem,
     model_class,
     use_common_dtype_in_flex_attention,
 )
+from chattune.train.batches import PackingCollator
 
 NATIVE = ModelClass("Qwen2ForCausalLM", remote_code=False, sdpa=True, flash=True, flex=True, attention_backend=True)
 REMOTE = ModelClass("QWenLMHeadModel", remote_code=True)
@@ -62,7 +62,9 @@ def test_model_class_reads_declared_support_and_remote_code(model_dirs):
     cls = model_class(config, trust_remote_code=True)
     assert (cls.name, cls.remote_code, cls.flex, cls.flash, cls.packs) == ("Qwen2ForCausalLM", False, True, True, True)
     config.auto_map = {"AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}  # what Qwen-7B-Chat's config says
-    assert model_class(config, trust_remote_code=True) == ModelClass("QWenLMHeadModel", remote_code=True)
+    # its code is not there to read: the model's own logits (no logits_to_keep) are assumed
+    assert model_class(config, trust_remote_code=True) == ModelClass("QWenLMHeadModel", remote_code=True,
+                                                                     logits_to_keep=False)
     assert not model_class(config, trust_remote_code=True).packs
     assert model_class(config, trust_remote_code=False).name == "Qwen2ForCausalLM"  # no remote code runs then
 
@@ -84,8 +86,8 @@ def test_flash_attn_detected_by_import_capability_and_dtype(monkeypatch):
 def test_run_refuses_packing_on_a_remote_code_model_before_tokenizing(model_dirs, tmp_path):
     import json
 
-    from chattune.args import parse_args
-    from chattune.run import run
+    from chattune.train.args import parse_args
+    from chattune.train.run import run
 
     remote = tmp_path / "remote"
     remote.mkdir()

@@ -13,10 +13,10 @@ import pytest
 import torch
 from fixtures import free_port
 
-from chattune import checkpoints
-from chattune.args import parse_args
 from chattune.errors import ConfigError
-from chattune.run import run
+from chattune.train import checkpoints
+from chattune.train.args import parse_args
+from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"
@@ -137,7 +137,7 @@ def test_explicit_resume_from_a_broken_checkpoint_says_what_is_missing(model_dir
 DIE_DURING_SAVE = r"""
 import os, sys
 sys.path.insert(0, {root!r})
-import chattune.trainer as t
+import chattune.train.trainer as t
 save_rng = t.ChatTrainer._save_rng_state
 def die(self, output_dir):  # after the weights and the optimizer, before the RNG state and trainer_state.json
     if self.state.global_step == {step} and self.args.process_index == {rank}:
@@ -170,7 +170,7 @@ def test_kill_during_a_save_leaves_no_visible_checkpoint(model_dirs, tmp_path):
 def disk_full_at(monkeypatch):
     """The optimizer state of the given save (1st, 2nd, ...) hits a full disk, after the weights were written.
     Records, at every save, which checkpoint-N directories exist."""
-    import chattune.trainer as t
+    import chattune.train.trainer as t
 
     original = t.ChatTrainer._save_optimizer_and_scheduler
     seen = []
@@ -207,7 +207,7 @@ def test_full_disk_at_a_checkpoint_is_reported_and_training_goes_on(model_dirs, 
 
 
 def test_full_disk_stops_the_run_when_asked(model_dirs, tmp_path, disk_full_at):
-    from chattune.trainer import SaveError
+    from chattune.train.trainer import SaveError
 
     disk_full_at(1)
     out = tmp_path / "run"
@@ -220,8 +220,8 @@ def test_a_final_save_that_fails_is_written_where_it_fits(model_dirs, tmp_path, 
     """The trained weights are not lost to a failed write: they go to a rescue directory and the error says where."""
     import tempfile
 
-    import chattune.train as t
-    from chattune.trainer import SaveError
+    import chattune.train.save as t
+    from chattune.train.trainer import SaveError
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -266,7 +266,7 @@ def test_two_rank_zero3_checkpoint_is_all_or_nothing(model_dirs, tmp_path):
 
 
 def test_too_little_space_for_the_kept_checkpoints_is_warned_at_the_start(model_dirs, tmp_path, monkeypatch):
-    from chattune import train as train_module
+    from chattune.train import run as train_module
 
     monkeypatch.setattr(train_module.checkpoints, "free_bytes", lambda path: 10_000)
     out = tmp_path / "run"

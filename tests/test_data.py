@@ -1,4 +1,4 @@
-"""Tests for chattune.data: formats, containers, validation messages, skipping, file-level errors."""
+"""Tests for chattune.data (records, reader, sources, load): formats, containers, validation messages, skipping, file-level errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from chattune.data import Conversation, DataError, LoadResult, Problem, load_conversations, normalize_record
+from chattune.data.load import LoadResult, load_conversations
+from chattune.data.problems import DataError, Problem
+from chattune.data.records import Conversation, normalize_record
 
 SHAREGPT_ROLES = "expected one of user, human, assistant, gpt, system, function_call, observation"
 MESSAGES_ROLES = "expected one of system, user, assistant, tool"

@@ -158,7 +158,7 @@ def test_baking_changes_no_rendering_of_the_real_templates():
     """Rendering the baked template with or without the variables gives what the original gives with them."""
     from test_real_templates import CASES, tokenizer
 
-    from chattune.template import bake_template_kwargs
+    from chattune.data.chat_templates import bake_template_kwargs
 
     tokenizers = {}
     for family, messages, tools, kwargs in CASES:
@@ -189,7 +189,7 @@ def test_baking_changes_no_rendering_of_the_real_templates():
 
 def test_quality_bounds():
     """Unquantized: a drift either way beyond 1e-3 fails; GPTQ: an increase beyond 5% fails, a decrease never."""
-    from chattune.deploy import DeployArgs, check_quality
+    from chattune.export.deploy import DeployArgs, check_quality
 
     args = DeployArgs("run")
     assert check_quality(2.0, 2.0 * (1 + 5e-4), 100, False, args).passed
@@ -201,7 +201,7 @@ def test_quality_bounds():
 
 
 def test_baked_defaults_are_replaced_not_stacked_and_none_is_jinja_none():
-    from chattune.template import BAKED_MARK, bake_template_kwargs
+    from chattune.data.chat_templates import BAKED_MARK, bake_template_kwargs
 
     template = "{{ 'yes' if x is none else 'no' }}-{{ y }}"
     once = bake_template_kwargs(template, {"x": None, "y": 1})
@@ -236,8 +236,9 @@ def test_engine_vllm_without_vllm_or_a_gpu_is_exit_2(tmp_path):
 
 
 def test_vllm_lora_rank_and_dtype_rules(tmp_path):
-    from chattune.deploy import DeployArgs, _resolve_dtypes, _vllm_lora_rank
     from chattune.errors import UserError
+    from chattune.export.deploy import DeployArgs, _resolve_dtypes
+    from chattune.export.engines import _vllm_lora_rank
 
     assert [_vllm_lora_rank(r) for r in (1, 2, 8, 9, 64, 100, 512)] == [1, 8, 8, 16, 64, 128, 512]
     adapter, gptq, merged = (tmp_path / name for name in ("adapter", "gptq", "merged"))
@@ -272,7 +273,7 @@ def test_vllm_lora_rank_and_dtype_rules(tmp_path):
 
 
 def check_quality_passes(args, change: float) -> bool:
-    from chattune.deploy import check_quality
+    from chattune.export.deploy import check_quality
 
     return check_quality(2.0, 2.0 * (1 + change), 100, False, args).passed
 
@@ -325,8 +326,9 @@ def test_vllm_engine_reads_the_loss_and_the_prompts_back_in_order(model_dirs, mo
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chattune.deploy import Request, VllmEngine
-    from chattune.gptq import Samples
+    from chattune.export.deploy import Request
+    from chattune.export.engines import VllmEngine
+    from chattune.export.gptq import Samples
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))
@@ -380,8 +382,8 @@ def test_prompts_longer_than_the_engine_takes_are_counted_not_sent(model_dirs, t
 
     from transformers import AutoTokenizer
 
-    from chattune.data import load_conversations
-    from chattune.deploy import check_prompts
+    from chattune.data.load import load_conversations
+    from chattune.export.deploy import check_prompts
 
     tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))
     conversations = load_conversations(str(write_data(tmp_path / "d.jsonl"))).conversations[8:12]  # 8 9 10 11

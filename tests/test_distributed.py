@@ -167,7 +167,7 @@ def test_zero3_early_stopping_saves_the_best_checkpoint(mode, model_dirs, tmp_pa
         "--output_dir", str(out), "--deepspeed", "ds_configs/zero3.json", "--use_cpu", "True", "--max_steps", "12",
         "--save_steps", "1", "--per_device_train_batch_size", "1", "--logging_steps", "1", "--report_to", "none",
         "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0", "--val_size", "0.25",
-        "--early_stopping_patience", "2", "--learning_rate", "0.3" if mode == "lora" else "0.03",
+        "--early_stopping_patience", "2", "--learning_rate", "0.3" if mode == "lora" else "0.1",
     ] + (["--use_lora", "--lora_r", str(LORA_R)] if mode == "lora" else [])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port())]

@@ -10,9 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chattune import gptq
 from chattune.errors import UserError
-from chattune.gptq import Samples, perplexity, quantized_linear_count, split_conversations
+from chattune.export import gptq
+from chattune.export.gptq import (
+    Samples,
+    perplexity,
+    quantized_linear_count,
+    split_conversations,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"  # 13 conversations
@@ -149,8 +154,8 @@ def round_to_nearest(model, bits):
 @pytest.fixture(scope="module")
 def adapter(model_dirs, tmp_path_factory):
     """A LoRA adapter trained two steps by finetune's run() on the tiny qwen2 (an adapter dir as users have it)."""
-    from chattune.args import parse_args
-    from chattune.run import run
+    from chattune.train.args import parse_args
+    from chattune.train.run import run
 
     root = tmp_path_factory.mktemp("gptq-adapter")
     run(*parse_args([
@@ -162,7 +167,7 @@ def adapter(model_dirs, tmp_path_factory):
 
 
 def test_adapter_dir_is_folded_then_quantized(model_dirs, adapter, tmp_path):
-    from chattune.merge import load_for_inference
+    from chattune.export.merge import load_for_inference
 
     out = tmp_path / "gptq-from-adapter"
     quantize(adapter, out, 8, tmp_path / "cache")
@@ -208,8 +213,8 @@ def test_qlora_on_a_gptq_base_trains_and_the_adapter_reproduces_it(model_dirs, t
     from safetensors.torch import load_file
     from transformers import GPTQConfig
 
-    from chattune.args import parse_args
-    from chattune.run import run
+    from chattune.train.args import parse_args
+    from chattune.train.run import run
 
     base = tmp_path / "gptq-int4"
     quantize(model_dirs("qwen2"), base, 4, tmp_path / "cache")
@@ -241,10 +246,10 @@ def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_
     those conversations and calibrates on the others of --data_path."""
     import shutil
 
-    from chattune.data import load_conversations
-    from chattune.prepare import prepare_dataset
-    from chattune.split import conversation_record
-    from chattune.tokenizer import prepare_tokenizer
+    from chattune.data.load import load_conversations
+    from chattune.data.prepare import prepare_dataset
+    from chattune.data.split import conversation_record
+    from chattune.data.tokenizer import prepare_tokenizer
 
     model = tmp_path / "merged"
     shutil.copytree(model_dirs("qwen2"), model)

@@ -91,7 +91,7 @@ def test_zero3_on_cuda_saves_plain_adapter(model_dirs, tmp_path, mode):
 
 
 def _packed(lengths, seed=0, vocab=5000):
-    from chattune.collate import PackingCollator
+    from chattune.train.batches import PackingCollator
 
     g = torch.Generator().manual_seed(seed)
     parts = []
@@ -103,7 +103,7 @@ def _packed(lengths, seed=0, vocab=5000):
 
 def _cuda_kwargs(parts, attn):
     """position_ids (and flash-attention's cu_seq_lens) of the packed row, on the GPU."""
-    from chattune.collate import PackingCollator
+    from chattune.train.batches import PackingCollator
 
     batch = PackingCollator(flash_kwargs=attn.startswith("flash"))(parts)
     return {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("input_ids", "labels")}
@@ -140,7 +140,7 @@ def test_cuda_packed_attention_with_qwen25_head_layouts(attn, heads, kv_heads):
     """Non-power-of-two query heads per KV head (flex repeats KV then): packed rows equal each sample alone."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from chattune.model import use_common_dtype_in_flex_attention
+    from chattune.train.architecture import use_common_dtype_in_flex_attention
 
     _attention_available(attn)
     use_common_dtype_in_flex_attention()
@@ -168,7 +168,7 @@ def test_cuda_liger_and_chunked_equal_the_models_own_loss_and_gradients(master_d
     pytest.importorskip("liger_kernel")
     import transformers as tf
 
-    from chattune.loss import LogitTransform, fused_loss_sum, trained_token_count
+    from chattune.train.loss import LogitTransform, fused_loss_sum, trained_token_count
 
     _, batch = _packed((300, 500, 200), seed=6)
     results = {}
@@ -245,8 +245,8 @@ def test_cuda_qlora_adapter_reload_reproduces_the_trained_logits(model_dirs, tmp
     script.write_text(f'''
 import json, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from chattune.args import parse_args
-from chattune.run import run
+from chattune.train.args import parse_args
+from chattune.train.run import run
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 trainer = run(*parse_args(["--model_name_or_path", {str(model_dirs("qwen2"))!r}, "--data_path", {str(DATA)!r},

@@ -21,9 +21,9 @@ from fixtures import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from chattune.args import parse_args
-from chattune.collate import pack_bins
-from chattune.run import run
+from chattune.train.args import parse_args
+from chattune.train.batches import pack_bins
+from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 8  # the global batch of the one step: every sample of the data
@@ -157,11 +157,11 @@ def test_unknown_logit_transform_is_caught_on_the_first_micro_batch(model_dirs, 
                                                                     capsys):
     """A family whose transform chattune does not know (simulated: the Gemma-2 soft-cap forgotten): an explicit
     fused loss stops with a clear error; auto falls back to the model's own logits and still trains the right loss."""
-    import chattune.train
+    import chattune.train.run
     from chattune.errors import ConfigError
-    from chattune.loss import LogitTransform
+    from chattune.train.loss import LogitTransform
 
-    monkeypatch.setattr(chattune.train, "logit_transform", lambda config: LogitTransform())
+    monkeypatch.setattr(chattune.train.run, "logit_transform", lambda config: LogitTransform())
     model_dir = model_dirs("gemma2")
     argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--data_cache_dir",
             str(tmp_path / "cache"), *SGD, "--per_device_train_batch_size", "8"]

@@ -3,10 +3,17 @@
 from dataclasses import replace
 
 import pytest
-from published_profiles import QWEN1, QWEN1_SIZES, QWEN_PROFILE, QWEN_PROFILE_GPU, memory_error, setup_of
+from published_profiles import (
+    QWEN1,
+    QWEN1_SIZES,
+    QWEN_PROFILE,
+    QWEN_PROFILE_GPU,
+    memory_error,
+    setup_of,
+)
 from transformers import Qwen2Config
 
-from chattune.memory import (
+from chattune.train.memory import (
     GB,
     LOGIT_BYTES,
     LOGIT_FRAGMENTATION,
@@ -15,7 +22,6 @@ from chattune.memory import (
     ModelShape,
     Setup,
     cheapest_fix,
-    data_plan,
     estimate,
     estimate_seconds,
     run_setup,
@@ -93,19 +99,31 @@ def test_time_within_the_stated_band_of_the_published_speed():
     assert len(single) == 66 and max(abs(e) for e in single) <= 0.40
 
 
-def test_data_plan_counts_padding_and_packing_as_training_batches_them():
-    lengths = [100, 30, 70, 10, 90, 50]
-    packed = data_plan(lengths, batch_size=2, budget=128, packing=True)
-    assert packed.tokens == packed.processed_tokens == 350 and packed.peak_micro_batch_tokens <= 128
-    assert packed.micro_batches == 3  # 100+10+..., best-fit-decreasing fills three 128-token bins
-    assert packed.sequence_tokens == pytest.approx(sum(n * n for n in lengths) / 350)
-    padded = data_plan(lengths, batch_size=2, budget=128, packing=False, seed=3)
+def test_data_summary_counts_padding_and_packing_as_training_batches_them():
+    from types import SimpleNamespace
+
     import numpy as np
 
-    order = np.random.default_rng(3).permutation(6)
-    expected = sum(2 * max(lengths[i] for i in order[k:k + 2]) for k in range(0, 6, 2))
-    assert padded.processed_tokens == expected > 350 and padded.peak_micro_batch_tokens == 200
-    assert padded.micro_batches == 3
+    from chattune.train.batches import epoch_steps
+    from chattune.train.plan import Decision, plan_batch
+
+    lengths = np.array([100, 30, 70, 10, 90, 50])
+    args = SimpleNamespace(tokens_per_step=0, per_device_train_batch_size=2, gradient_accumulation_steps=2, seed=3,
+                           data_seed=None, max_steps=0, num_train_epochs=1)
+    packed = plan_batch(args, lengths, 1, Decision("packed", ""), 128)
+    summary = packed.data_summary(lengths)
+    assert summary.tokens == summary.processed_tokens == 350 and summary.peak_micro_batch_tokens <= 128
+    assert summary.sequence_tokens == pytest.approx(sum(n * n for n in lengths) / 350)
+    padded = plan_batch(args, lengths, 1, Decision("padded", ""), 0)
+    # steps of 4 samples (2 per micro-batch x 2 accumulated), sorted by length inside the step, padded to the longest
+    expected, peak = 0, 0
+    for step in epoch_steps(lengths, padded.shape, 0):
+        ordered = sorted(lengths[step].tolist(), reverse=True)
+        widths = [2 * ordered[i] if i + 1 < len(ordered) else ordered[i] for i in range(0, len(ordered), 2)]
+        expected, peak = expected + sum(widths), max(peak, *widths)
+    summary = padded.data_summary(lengths)
+    assert summary.processed_tokens == expected > 350 and summary.peak_micro_batch_tokens == peak
+    assert summary.micro_batches == 4 and padded.steps_per_epoch == 2 and padded.samples_per_step == 4
 
 
 def test_verdicts_and_cheapest_changes(qwen7b):
@@ -164,7 +182,7 @@ def test_cli_estimate_with_data_uses_its_lengths(tmp_path):
 
 
 def _rows(cache):
-    from chattune.prepare import load_cached
+    from chattune.data.cache import load_cached
 
     [target] = [p.parent for p in cache.rglob("dataset.arrow")]
     return load_cached(target)
@@ -173,23 +191,24 @@ def _rows(cache):
 def test_the_run_plan_sizes_activations_by_the_longest_sample_of_padded_data(tmp_path):
     """The plan printed before training uses the prepared data: padded batches are as wide as their longest sample,
     so a 8192-token limit with 300-token samples is estimated at 300 tokens per row, not 8192."""
-    from types import SimpleNamespace
 
-    import datasets
-
-    from chattune.args import parse_args
-    from chattune.report import _estimates
+    from chattune.train.args import parse_args
 
     QWEN25_7B.save_pretrained(tmp_path / "m")
     _, _, training, lora = parse_args(["--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path),
                                        "--data_path", "examples/sharegpt.json", "--use_lora", "--use_cpu", "True",
                                        "--bf16", "False", "--model_max_length", "8192",
                                        "--per_device_train_batch_size", "2", "--gradient_checkpointing", "True"])
-    rows = datasets.Dataset.from_dict({"input_ids": [[1] * 300, [1] * 120, [1] * 40]})
-    data = SimpleNamespace(train=SimpleNamespace(dataset=rows))
-    gb, _ = _estimates(SimpleNamespace(mode="lora"), training, lora, 1, QWEN25_7B, False, data, packed=False,
-                       steps=1, micro_batches=None)
+    from chattune.train.architecture import ModelClass
+    from chattune.train.plan import Hardware, OutputDir, make_plan
+
+    model, data = parse_args(["--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path),
+                              "--data_path", "examples/sharegpt.json"])[:2]
     shape, setup = shape_from_config(QWEN25_7B), run_setup(training, lora, "lora", 1)
+    plan = make_plan(model, data, training, lora, ModelClass("Qwen2ForCausalLM", False, attention_backend=True),
+                     [300, 120, 40], Hardware(), OutputDir(str(tmp_path)), has_eval=False, shape=shape)
+    gb = plan.memory_gb
     assert setup.micro_batch_tokens == 16384  # the flags' worst case: 2 x 8192
-    assert gb == round(estimate(shape, replace(setup, micro_batch_tokens=600))["total"] / GB, 1)  # 2 x 300
+    peak = plan.batch.peak_micro_batch_tokens  # 300 alone, or padded beside a shorter one: 2 x 300
+    assert peak in (300, 600) and gb == round(estimate(shape, replace(setup, micro_batch_tokens=peak))["total"] / GB, 1)
     assert gb < round(estimate(shape, setup)["total"] / GB, 1)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chattune.args import parse_args
-from chattune.merge import load_adapter_model
-from chattune.run import run
+from chattune.export.merge import load_adapter_model
+from chattune.train.args import parse_args
+from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"
@@ -129,7 +129,7 @@ def test_trust_remote_code_flag_reaches_every_load(model_dirs, adapters, tmp_pat
     import chat
     import merge_lora
     import run_gptq
-    from chattune.memory import shape_from_config
+    from chattune.train.memory import shape_from_config
 
     seen = []
     for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):

@@ -4,8 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins
-from chattune.loss import fused_loss_sum
+from chattune.train.batches import (
+    PackingCollator,
+    PaddingCollator,
+    pack_bins,
+)
+from chattune.train.loss import fused_loss_sum
 
 SAMPLES = [
     {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
@@ -43,15 +47,6 @@ def test_pack_bins_best_fit_decreasing():
     assert len(bins) <= sum(lengths) / 256 * 1.05 + 1  # nearly full bins
     with pytest.raises(ValueError, match="more than the 10-token micro-batch budget"):
         pack_bins([11], 10)
-
-
-def test_packed_sampler_is_seeded_and_reshuffles_per_epoch():
-    sampler = PackedBatchSampler([1] * 40, budget=4, seed=3)
-    first = list(sampler)
-    assert list(sampler) == first and len(sampler) == 10
-    sampler.set_epoch(1)
-    second = list(sampler)
-    assert second != first and sorted(map(tuple, second)) == sorted(map(tuple, first))
 
 
 def random_samples(seed=0, lengths=(9, 14, 6)):

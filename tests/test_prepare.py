@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from chattune.data import load_conversations
-from chattune.prepare import length_histogram, prepare_dataset, trained_segments
-from chattune.tokenizer import prepare_tokenizer
+from chattune.data.load import load_conversations
+from chattune.data.prepare import prepare_dataset
+from chattune.data.report import length_histogram, trained_segments
+from chattune.data.tokenizer import prepare_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -147,7 +148,7 @@ def test_cache_is_reused_and_keyed_by_settings(model_dirs, tmp_path):
     assert again.dataset["input_ids"][:] == first.dataset["input_ids"][:]
 
 
-@pytest.mark.parametrize("module", ["template", "data", "prepare", "stream"])
+@pytest.mark.parametrize("module", ["data.template", "data.records", "data.reader", "data.encode", "data.prepare"])
 def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, monkeypatch, module):
     """Labels cached by older code are not served after the code that renders or masks them changes."""
     import importlib
@@ -160,12 +161,7 @@ def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, 
     source = importlib.import_module(f"chattune.{module}")
     changed = tmp_path / f"{module}.py"
     changed.write_text(Path(source.__file__).read_text() + "\n# a changed masking rule\n")
-    if module == "prepare":  # code_fingerprint reads its own module through __file__ of chattune.prepare
-        import chattune.prepare
-
-        monkeypatch.setattr(chattune.prepare, "__file__", str(changed))
-    else:
-        monkeypatch.setattr(source, "__file__", str(changed))
+    monkeypatch.setattr(source, "__file__", str(changed))
     after = prepare_dataset(convs, tok, **kw)
     assert not after.from_cache and after.cache_path != first.cache_path
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # temporary directories are committed or removed

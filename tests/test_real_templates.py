@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from fixtures import GLM_SPECIALS, deepseek_tokenizer, qwen_tokenizer
 
+from chattune.data.chat_templates import setup_chat_template
+from chattune.data.encode import encode_samples
+from chattune.data.template import make_renderer, render_conversation
 from chattune.errors import TemplateError
-from chattune.template import encode_samples, make_renderer, render_conversation, setup_chat_template
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 QWEN_EXTRA = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
@@ -163,13 +165,14 @@ LONG_CASES = [
 
 
 def encode_one(tok, stops, messages, tools, kwargs, max_length, bound, render_calls=None):
-    from chattune import prepare
-    from chattune.data import Conversation
+    from chattune.data import encode
+    from chattune.data.records import Conversation
+    from chattune.data.report import report_of
 
-    job = prepare._Job([Conversation(tuple(messages), "long.jsonl: record 1", "messages", tuple(tools or ()))], tok,
+    job = encode.EncodeJob([Conversation(tuple(messages), "long.jsonl: record 1", "messages", tuple(tools or ()))], tok,
                        kwargs, list(stops), max_length, bound_turns=bound)
-    encoded = prepare._encode_range((0, 1), job)
-    return prepare.kept_arrays(encoded), prepare._report(encoded, max_length, 1, [], 0)
+    encoded = encode.encode_conversations((0, 1), job)
+    return encode.kept_arrays(encoded), report_of(encoded, max_length, 1, [], 0)
 
 
 @pytest.mark.parametrize("family, messages, tools, kwargs", LONG_CASES,
@@ -207,7 +210,7 @@ def test_turns_past_the_length_limit_are_not_rendered_and_the_kept_tokens_are_th
 def test_a_ten_thousand_turn_record_renders_only_what_fits(monkeypatch):
     """The issue's 10,000-turn record took 295 s: every turn's history was rendered. Now the rendering stops at the
     first turn whose prompt fills the limit: a bounded number of renders, and the rest counted in the report."""
-    from chattune import prepare
+    from chattune.data import encode as prepare
 
     tok, _ = tokenizer("qwen2_5")
     stops = setup_chat_template(tok, "auto").stop_tokens

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import chattune.data
-from chattune.data import DataError, load_conversations
-from chattune.prepare import prepare_dataset
-from chattune.stream import prepare_files
-from chattune.tokenizer import prepare_tokenizer
+import chattune.data.reader
+from chattune.data.load import load_conversations
+from chattune.data.prepare import prepare_dataset, prepare_files
+from chattune.data.problems import DataError
+from chattune.data.tokenizer import prepare_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -43,8 +43,8 @@ def write_jsonl(path: Path, rows: list, *, compress: bool = False) -> Path:
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Chunks far smaller than the data: every record boundary case happens many times."""
-    monkeypatch.setattr(chattune.data, "CHUNK_BYTES", 700)
-    monkeypatch.setattr(chattune.data, "CHUNK_RECORDS", 3)
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_RECORDS", 3)
 
 
 def loaded(path) -> list[tuple[str, tuple]]:
@@ -61,8 +61,8 @@ def test_small_chunks_read_the_same_records(tmp_path, monkeypatch, layout):
         path.write_text(json.dumps(rows, ensure_ascii=False, indent=2 if layout == "array-pretty" else None)
                         .replace("}, {", "},\n {" if layout == "array" else "}, {"), encoding="utf-8")
     whole = loaded(path)
-    monkeypatch.setattr(chattune.data, "CHUNK_BYTES", 97)  # blocks cut inside multi-byte characters
-    monkeypatch.setattr(chattune.data, "CHUNK_RECORDS", 4)
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_BYTES", 97)  # blocks cut inside multi-byte characters
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_RECORDS", 4)
     assert loaded(path) == whole and len(whole) == 60
     # the reference: the records as json reads them whole
     assert [m for _, m in whole][7] == load_conversations(str(path)).conversations[7].messages
@@ -284,8 +284,8 @@ def test_concurrent_main_processes_prepare_once(model_dirs, tmp_path):
 
 _PEAK = """
 import json, resource, sys
-from chattune.stream import prepare_files
-from chattune.tokenizer import prepare_tokenizer
+from chattune.data.prepare import prepare_files
+from chattune.data.tokenizer import prepare_tokenizer
 tok, setup = prepare_tokenizer(sys.argv[1], "auto")
 p = prepare_files(sys.argv[2], tok, stop_tokens=setup.stop_tokens, max_length=64, cache_dir=sys.argv[3], num_proc=2)
 print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -406,8 +406,8 @@ def test_unreadable_directory_and_bad_gzip(tmp_path):
 
 
 def test_huge_message_is_cut_before_tokenizing_without_changing_the_kept_tokens(qwen, tmp_path, monkeypatch):
-    import chattune.prepare
-    import chattune.stream
+    import chattune.data.encode
+    import chattune.data.prepare
 
     tok, setup = qwen
     huge = "lorem ipsum dolor sit amet " * 30_000  # 810k characters
@@ -416,18 +416,18 @@ def test_huge_message_is_cut_before_tokenizing_without_changing_the_kept_tokens(
             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
     path = write_jsonl(tmp_path / "data.jsonl", rows)
     seen = []
-    render = chattune.prepare.render_conversation
+    render = chattune.data.encode.render_conversation
 
     def spy(render_fn, messages, *args, **kw):
         seen.append(max(len(m["content"]) for m in messages))
         return render(render_fn, messages, *args, **kw)
 
-    monkeypatch.setattr(chattune.prepare, "render_conversation", spy)
+    monkeypatch.setattr(chattune.data.encode, "render_conversation", spy)
     kw = dict(stop_tokens=setup.stop_tokens, max_length=64, num_proc=1)
     cut = prepare_files(str(path), tok, cache_dir=tmp_path / "a", **kw)
-    cap = chattune.prepare.char_cap(tok, 64)
+    cap = chattune.data.encode.char_cap(tok, 64)
     assert max(seen) <= cap < len(huge) and cut.report.capped_texts == 2
-    monkeypatch.setattr(chattune.stream, "char_cap", lambda tokenizer, n: 0)  # the reference: everything tokenized
+    monkeypatch.setattr(chattune.data.prepare, "char_cap", lambda tokenizer, n: 0)  # the reference: everything tokenized
     whole = prepare_files(str(path), tok, cache_dir=tmp_path / "b", **kw)
     assert max(seen) > len(huge) and whole.report.capped_texts == 0
     assert cut.dataset["input_ids"][:] == whole.dataset["input_ids"][:]
@@ -465,17 +465,17 @@ def test_streamed_equals_in_memory_for_every_file_kind(qwen, tmp_path, tiny_chun
 
 def test_a_one_line_array_is_streamed_not_read_whole(tmp_path, monkeypatch):
     """json.dump(list) writes one line: the array streams from its first block, holding a few blocks at a time."""
-    monkeypatch.setattr(chattune.data, "CHUNK_BYTES", 2000)
-    monkeypatch.setattr(chattune.data, "CHUNK_RECORDS", 5)
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_BYTES", 2000)
+    monkeypatch.setattr(chattune.data.reader, "CHUNK_RECORDS", 5)
     path = tmp_path / "one_line.json"
     path.write_text(json.dumps(records(1000), ensure_ascii=False), encoding="utf-8")
     assert path.stat().st_size > 100 * 2000
     held, read = [], []
-    real_read, real_drop = chattune.data._Reader.read, chattune.data._Text.drop
-    monkeypatch.setattr(chattune.data._Reader, "read", lambda self, n=-1: read.append(n) or real_read(self, n))
-    monkeypatch.setattr(chattune.data._Text, "drop", lambda self, pos: held.append(len(self.text))
+    real_read, real_drop = chattune.data.reader._Reader.read, chattune.data.reader._Text.drop
+    monkeypatch.setattr(chattune.data.reader._Reader, "read", lambda self, n=-1: read.append(n) or real_read(self, n))
+    monkeypatch.setattr(chattune.data.reader._Text, "drop", lambda self, pos: held.append(len(self.text))
                         or real_drop(self, pos))
-    chunks = chattune.data.source_chunks(str(path), "file")
+    chunks = chattune.data.reader.source_chunks(str(path), "file")
     first = next(chunks)
     assert len(first.records) == 5 and sum(read) < 5 * 2000  # the first records come before the file is read
     rest = [record for chunk in chunks for record in chunk.records]

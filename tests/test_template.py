@@ -3,19 +3,12 @@
 import pytest
 from transformers import AutoTokenizer
 
+from chattune.data.chat_templates import BUILTIN_TEMPLATES, setup_chat_template
+from chattune.data.encode import IGNORE_INDEX, text_pieces, tokenize_samples
+from chattune.data.report import trained_segments
+from chattune.data.template import RenderedSample, make_renderer, render_conversation
+from chattune.data.tokenizer import prepare_tokenizer
 from chattune.errors import TemplateError
-from chattune.prepare import trained_segments
-from chattune.template import (
-    BUILTIN_TEMPLATES,
-    IGNORE_INDEX,
-    RenderedSample,
-    make_renderer,
-    render_conversation,
-    setup_chat_template,
-    text_pieces,
-    tokenize_samples,
-)
-from chattune.tokenizer import prepare_tokenizer
 
 SYS = {"role": "system", "content": "You are terse."}
 

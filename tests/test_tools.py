@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from chattune.data import DataError, load_conversations, normalize_record
+from chattune.data.chat_templates import BUILTIN_TEMPLATES
+from chattune.data.load import load_conversations
+from chattune.data.prepare import prepare_dataset
+from chattune.data.problems import DataError
+from chattune.data.records import normalize_record
+from chattune.data.report import trained_segments
+from chattune.data.tokenizer import prepare_tokenizer
 from chattune.errors import TemplateError
-from chattune.prepare import prepare_dataset, trained_segments
-from chattune.template import BUILTIN_TEMPLATES
-from chattune.tokenizer import prepare_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "examples" / "tools.jsonl"

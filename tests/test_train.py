@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from chattune.args import parse_args
-from chattune.run import run
+from chattune.train.args import parse_args
+from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"
@@ -213,21 +213,21 @@ def test_signal_after_the_last_step_still_saves_the_result(model_dirs, tmp_path,
 
     from transformers import TrainerCallback
 
-    import chattune.train
+    import chattune.train.run
 
     class LateSignal(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # runs after PreemptionCallback's check
             if state.global_step == state.max_steps:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    build = chattune.train.build_trainer
+    build = chattune.train.run.build_trainer
 
     def with_late_signal(*args, **kwargs):
         trainer, clock, preemption = build(*args, **kwargs)
         trainer.add_callback(LateSignal())
         return trainer, clock, preemption
 
-    monkeypatch.setattr(chattune.train, "build_trainer", with_late_signal)
+    monkeypatch.setattr(chattune.train.run, "build_trainer", with_late_signal)
     before = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "late"
     train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 4, "--max_steps", 2)

@@ -9,10 +9,17 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from chattune.data import DataError, load_conversations
+from chattune.data.load import load_conversations
+from chattune.data.problems import DataError
+from chattune.data.split import (
+    carry_held_out,
+    conversation_record,
+    held_out_of,
+    parse_val_size,
+    split_data,
+)
 from chattune.errors import ConfigError
-from chattune.merge import run_info
-from chattune.split import carry_held_out, conversation_record, held_out_of, parse_val_size, split_data
+from chattune.export.merge import run_info
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -169,7 +176,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_evaluates_on_the_held_out_
 
 
 def test_loss_plot_draws_training_and_evaluation_loss(tmp_path):
-    from chattune.callbacks import plot_loss
+    from chattune.train.callbacks import plot_loss
 
     assert not plot_loss([{"learning_rate": 1e-3, "step": 1}], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
@@ -210,7 +217,7 @@ def test_with_val_size_errors_name_the_users_file_and_record(tmp_path, model_dir
 
 
 def test_resuming_with_another_held_out_split_is_refused(tmp_path, model_dirs):
-    from chattune.split import publish
+    from chattune.data.split import publish
 
     data = write_jsonl(tmp_path / "d.jsonl", 30)
     out = tmp_path / "run"

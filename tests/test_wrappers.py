@@ -91,7 +91,7 @@ def test_ds_config_parses_with_the_expected_stage_and_offload(name, stage, offlo
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    from chattune.memory import zero_setup_from_config
+    from chattune.train.memory import zero_setup_from_config
 
     path = ROOT / "ds_configs" / f"{name}.json"
     config = json.loads(path.read_text())
@@ -263,7 +263,7 @@ def test_options_environment_and_pass_through(fake_bin):
 
 
 def test_pass_through_overrides_the_defaults_in_finetune_py(fake_bin, tmp_path):
-    from chattune.args import parse_args
+    from chattune.train.args import parse_args
 
     (tmp_path / "D").write_text("[]")
     _, argv, _ = dry_run("finetune_qlora_single_gpu.sh", "-m", "M", "-d", tmp_path / "D", "-o", tmp_path / "out",

@@ -24,16 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chattune import __version__
-from chattune.data import (
-    Conversation,
-    DataError,
-    Tally,
-    expand_sources,
-    read_sources,
-    source_files,
-    sources_size,
-    validate_chunk,
-)
+from chattune.data.load import Tally, read_sources, validate_chunk
+from chattune.data.problems import DataError
+from chattune.data.records import Conversation
+from chattune.data.sources import expand_sources, source_files, sources_size
 from chattune.errors import ConfigError
 
 TRAIN_FILE, VAL_FILE, IDS_FILE, META_FILE = "train.jsonl", "val.jsonl", "val_ids.json", "split.json"
@@ -118,7 +112,8 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
     """The train / held-out files of `data_path`, made once per content, size and seed (see the module docstring).
     `main` false: the other ranks of a node find the main process's split (or its failure) without opening a data
     file."""
-    from chattune.cache import (
+    from chattune.data.cache import (
+        code_fingerprint,
         content_key,
         has_failed,
         locked,
@@ -128,7 +123,6 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
         usable_cache_dir,
         write_index,
     )
-    from chattune.prepare import code_fingerprint
 
     sources = expand_sources(data_path)
     if sources.problems:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from chattune.data.chat_templates import TemplateSetup, setup_chat_template
 from chattune.errors import ConfigError, TemplateError
-from chattune.template import TemplateSetup, setup_chat_template
 
 # Qwen(1)'s tiktoken pre-tokenizer pattern (Qwen-7B-Chat's tokenization_qwen.py).
 QWEN_TIKTOKEN_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
 )
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{i}|>" for i in range(205)))
 
@@ -44,7 +45,7 @@ def qwen_tiktoken_tokenizer(folder: str) -> Any:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from chattune.template import BUILTIN_TEMPLATES
+    from chattune.data.chat_templates import BUILTIN_TEMPLATES
 
     backend = TikTokenConverter(vocab_file=os.path.join(folder, "qwen.tiktoken"),
                                 pattern=QWEN_TIKTOKEN_PATTERN).converted()

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from chattune.data.split import carry_held_out
 from chattune.errors import ConfigError
-from chattune.split import carry_held_out
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -66,7 +66,7 @@ def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
 
 
 def load_tokenizer_for(path: str, trust_remote_code: bool = False) -> Any:
-    from chattune.tokenizer import load_tokenizer
+    from chattune.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
 

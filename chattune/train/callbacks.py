@@ -189,4 +189,3 @@ class CheckpointFilesCallback(TrainerCallback):
 
             log(f"warning: could not write the generation config and chattune.json into {folder}: "
                 f"{getattr(e, 'strerror', None) or e}; the final result will have them")
-

@@ -13,8 +13,8 @@ from typing import Literal, Optional
 
 import transformers
 
+from chattune.data.chat_templates import BUILTIN_TEMPLATES
 from chattune.errors import ConfigError
-from chattune.template import BUILTIN_TEMPLATES
 
 
 @dataclass
@@ -112,8 +112,16 @@ class TrainingArguments(transformers.TrainingArguments):
     )
     max_tokens_per_batch: int = field(
         default=0,
-        metadata={"help": "Token budget of a packed micro-batch per device (default per_device_train_batch_size x "
-                          "model_max_length, the padded worst case)."},
+        metadata={"help": "Token budget of a packed micro-batch per device (default: the planner picks the largest "
+                          "that fits the GPU, up to 16384; without a known GPU per_device_train_batch_size x "
+                          "model_max_length). It changes no number: a step holds the same samples however they are "
+                          "cut into micro-batches."},
+    )
+    tokens_per_step: int = field(
+        default=0,
+        metadata={"help": "Cut optimizer steps by tokens instead of samples: about this many tokens (all processes) per "
+                          "step, nanochat-style; samples per step then vary with their lengths. Default 0: every step "
+                          "holds per_device_train_batch_size x gradient_accumulation_steps x processes samples."},
     )
     fused_ce: Literal["auto", "liger", "chunked", "none"] = field(
         default="auto",
@@ -320,8 +328,8 @@ def split_bad_choices(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(argv: list[str] | None = None):
     """Parse the command line (optionally a JSON/YAML config file first, then flags that override it) into (model,
-    data, training, lora) arguments, then check them all (`chattune.validate`); every problem is reported at once."""
-    from chattune.validate import validate
+    data, training, lora) arguments, then check them all (`chattune.train.validate`); every problem is reported at once."""
+    from chattune.train.validate import validate
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):

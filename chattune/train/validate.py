@@ -14,8 +14,10 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
              ) -> None:
     """Raise one ConfigError listing every problem with the flags (plus `problems` found while parsing)."""
     from chattune.hub import model_source_problem
+    from chattune.train.hf import surface_problems
 
-    problems = list(problems or [])
+    problems = list(problems or []) + [f"this transformers ({_version('transformers')}) cannot run chattune: {p}"
+                                        for p in surface_problems(("transformers",))]
     source = model_source_problem(model_args.model_name_or_path, cache_dir=training_args.cache_dir)
     problems += [source] if source else []
     if training_args.estimate_memory:  # reads only the model config: data and runtime do not matter
@@ -30,6 +32,12 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     _raise(problems)
 
 
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(package)
+
+
 def _raise(problems: list[str]) -> None:
     if len(problems) == 1:
         raise ConfigError(problems[0])
@@ -40,7 +48,7 @@ def _raise(problems: list[str]) -> None:
 def _path_problems(flag: str, value: str) -> list[str]:
     """What the data reader would refuse about the paths themselves (missing, a link loop, given twice, a directory
     without data files), said now, before the model is read."""
-    from chattune.data import expand_sources
+    from chattune.data.sources import expand_sources
 
     return [f"{flag} {problem}" for problem in expand_sources(value).problems]
 
@@ -96,8 +104,8 @@ def _mode_problems(training_args: Any, lora_args: Any) -> list[str]:
 
 
 def _kernel_problems(model_args: Any, training_args: Any) -> list[str]:
-    from chattune.loss import liger_runs_here
-    from chattune.model import compute_dtype, flash_attn_problem
+    from chattune.train.architecture import compute_dtype, flash_attn_problem
+    from chattune.train.loss import liger_runs_here
 
     problems = []
     if training_args.fused_ce == "liger":
@@ -121,7 +129,7 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
     if training_args.packing == "true" and budget and budget < training_args.model_max_length:
         problems.append(f"--max_tokens_per_batch {budget} is below --model_max_length {training_args.model_max_length}:"
                         " the longest samples would fit no micro-batch")
-    from chattune.split import parse_val_size
+    from chattune.data.split import parse_val_size
 
     try:
         val_size = parse_val_size(data_args.val_size)

@@ -176,7 +176,7 @@ def _activations(shape: ModelShape, s: Setup) -> float:
 def _logits(shape: ModelShape, s: Setup) -> float:
     """bf16 logits + their fp32 copy + log-softmax kept for backward, and the gradient being formed: LOGIT_BYTES
     per vocabulary entry per token (a fused loss holds one chunk of them)."""
-    from chattune.loss import chunk_tokens
+    from chattune.train.loss import chunk_tokens
 
     tokens = s.micro_batch_tokens
     if s.fused_ce:
@@ -335,8 +335,9 @@ def estimate_seconds(shape: ModelShape, s: Setup, tokens: float, gpu: str = "H10
 
 @dataclass(frozen=True)
 class DataPlan:
-    """What the user's tokenized data means for the planner: the largest micro-batch (activations), the tokens the
-    GPUs process per epoch (padding included), and the token-weighted sample length (attention cost)."""
+    """What the user's tokenized data means for the planner, batched as training batches it (plan.Batch): the largest
+    micro-batch (activations), the tokens the GPUs process per epoch (padding included), and the token-weighted
+    sample length (attention cost)."""
     samples: int
     tokens: int  # real tokens
     processed_tokens: int  # real + padding
@@ -352,29 +353,6 @@ def token_weighted_length(lengths: Any) -> float:
 
     lengths = np.asarray(lengths, dtype=np.float64)
     return float((lengths**2).sum() / lengths.sum())
-
-
-def data_plan(lengths: Any, batch_size: int, budget: int, packing: bool, seed: int = 0) -> DataPlan:
-    """Micro-batches as training forms them: packed into `budget`-token bins (best-fit-decreasing, as
-    collate.PackedBatchSampler), or `batch_size` samples in a seeded random order, each padded to its longest."""
-    import numpy as np
-
-    from chattune.collate import pack_bins
-
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if not len(lengths):
-        return DataPlan(0, 0, 0, 0, 0, 0.0, packing)
-    square = token_weighted_length(lengths)
-    if packing:
-        bins = pack_bins(lengths.tolist(), budget)
-        peak = max(int(lengths[b].sum()) for b in bins)
-        return DataPlan(len(lengths), int(lengths.sum()), int(lengths.sum()), len(bins), peak, square, True)
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    width = [int(lengths[order[k:k + batch_size]].max()) for k in range(0, len(order), batch_size)]
-    sizes = [len(order[k:k + batch_size]) for k in range(0, len(order), batch_size)]
-    processed = sum(w * n for w, n in zip(width, sizes, strict=True))
-    return DataPlan(len(lengths), int(lengths.sum()), processed, len(width), batch_size * int(lengths.max()), square,
-                    False)
 
 
 def format_duration(seconds: float) -> str:

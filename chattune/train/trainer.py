@@ -1,4 +1,4 @@
-"""`ChatTrainer`: the stock Trainer with packed micro-batches, our own loss normalization and a token-weighted eval.
+"""`ChatTrainer`: the stock Trainer with the run's planned steps, our own loss normalization and a token-weighted eval.
 
 The loss of an optimizer step is the mean cross-entropy over the trained tokens of the whole global batch (every
 micro-batch of the accumulation window, on every rank). The trainer counts those tokens itself (`labels[..., 1:] !=
@@ -18,13 +18,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 
-from chattune import checkpoints
 from chattune.cli import log
-from chattune.collate import PackedBatchSampler, PackingCollator, PaddingCollator, pack_bins, sample_lengths
 from chattune.errors import ConfigError, UserError
-from chattune.loss import (
+from chattune.train import checkpoints
+from chattune.train.batches import (
+    Fillable,
+    PackingCollator,
+    PaddingCollator,
+    StepSampler,
+    pack_bins,
+    sample_lengths,
+)
+from chattune.train.hf import HfTrainer
+from chattune.train.loss import (
     LogitTransform,
     base_model,
     fused_loss_sum,
@@ -54,41 +61,41 @@ class SaveError(UserError):
 SAVE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-class ChatTrainer(transformers.Trainer):
-    """`transformers.Trainer` with token-budget packing, a fused (or the model's own) loss normalized by our own count
-    of the global batch's trained tokens, and an evaluation that is a token-weighted mean over the whole eval set.
+class ChatTrainer(HfTrainer):
+    """`transformers.Trainer` with the run's optimizer steps (chattune.train.batches), a fused (or the model's own) loss
+    normalized by our own count of the global batch's trained tokens, and an evaluation that is a token-weighted mean
+    over the whole eval set.
 
-    Everything else (optimizer, schedule, DeepSpeed, checkpoints, logging, callbacks) is the stock Trainer.
+    Everything else (optimizer, schedule, DeepSpeed, checkpoints, logging, callbacks) is the stock Trainer; the
+    private hooks it overrides are in chattune.train.hf.
     """
 
-    # compute_loss returns sum / (trained tokens of the global batch) * ranks: already scaled for accumulation
-    loss_is_scaled_for_ga = True
-
-    def __init__(self, *args, loss: LossSetup, packed_sampler: PackedBatchSampler | None = None,
-                 flash_kwargs: bool = False, eval_tokens_per_batch: int = 0, stop_on_save_error: bool = False,
-                 **kwargs):
+    def __init__(self, *args, loss: LossSetup, steps: StepSampler | None = None, flash_kwargs: bool = False,
+                 stop_on_save_error: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_on_save_error = stop_on_save_error
-        self._staging: str | None = None
+        self.staging_dir: str | None = None
         self.loss = loss
-        self.packed_sampler = packed_sampler
+        self.steps = steps
         self.flash_kwargs = flash_kwargs
-        self.eval_tokens_per_batch = eval_tokens_per_batch  # > 0: evaluate in packed rows of this many tokens
         self.loss_checked = loss.kind == "none"
         self._hidden: list[torch.Tensor] = []
 
     # ---- data ------------------------------------------------------------------------------------------------
 
     def get_train_dataloader(self):
-        if self.packed_sampler is None:
+        """This rank's micro-batches of the planned steps. Not handed to accelerate: the sampler already gives each
+        rank its own share of every step (accelerate would split it again); the Trainer moves batches to the device.
+        Without planned steps (a trainer built for evaluation only), the stock loader."""
+        if self.steps is None:
             return super().get_train_dataloader()
-        loader = torch.utils.data.DataLoader(
-            self.train_dataset, batch_sampler=self.packed_sampler, collate_fn=PackingCollator(self.flash_kwargs),
+        collate = PackingCollator(self.flash_kwargs) if self.steps.shape.packed else self.data_collator
+        return torch.utils.data.DataLoader(
+            Fillable(self.train_dataset), batch_sampler=self.steps, collate_fn=collate,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
         )
-        return self.accelerator.prepare(loader)
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+    def count_trained_tokens(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Trained tokens of the global batch: this accumulation window's micro-batches, summed over all ranks."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
@@ -185,7 +192,7 @@ class ChatTrainer(transformers.Trainer):
         count = torch.zeros((), dtype=torch.int64, device=device)
         with torch.no_grad():
             for batch, real in self._eval_batches(dataset):
-                batch = self._prepare_inputs(batch)
+                batch = self.prepare_inputs(batch)
                 labels = batch.pop("labels")
                 with self.compute_loss_context_manager():
                     loss_sum = self.loss_sum(model, batch, labels)
@@ -210,8 +217,8 @@ class ChatTrainer(transformers.Trainer):
         """This rank's eval batches, each with whether it counts. Every rank runs the same number of forwards (ZeRO-3
         gathers weights collectively), so short ranks repeat a batch that is not counted."""
         lengths = sample_lengths(dataset)
-        if self.eval_tokens_per_batch:
-            groups = pack_bins(lengths, max(self.eval_tokens_per_batch, max(lengths, default=1)))
+        if self.steps is not None and self.steps.shape.packed:  # packed rows of the training budget (a longer eval sample gets a row of its own)
+            groups = pack_bins(lengths, max(self.steps.shape.budget, max(lengths, default=1)))
             collate = PackingCollator(self.flash_kwargs)
         else:
             order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -228,11 +235,8 @@ class ChatTrainer(transformers.Trainer):
 
     # ---- checkpoints: staged, then committed in one rename ------------------------------------------------------
 
-    def _get_output_dir(self, trial) -> str:
-        return self._staging or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The stock checkpoint (every rank's files), written under output_dir/.chattune-staging, then committed as
+    def save_checkpoint_atomically(self, save) -> None:
+        """The stock checkpoint (`save`) (every rank's files), written under output_dir/.chattune-staging, then committed as
         checkpoint-N by one rename once every rank has finished; rotation only after that. A full disk (or a lost
         permission) removes the partial files, says so, and training goes on (the next save tries again), unless
         --stop_on_save_error."""
@@ -240,15 +244,15 @@ class ChatTrainer(transformers.Trainer):
         name = f"checkpoint-{self.state.global_step}"
         staging, final = os.path.join(output_dir, checkpoints.STAGING), os.path.join(output_dir, name)
         error: OSError | None = None
-        self._staging = staging
+        self.staging_dir = staging
         try:
-            super()._save_checkpoint(model, trial)
+            save()
         except OSError as e:
             if e.errno not in SAVE_ERRNOS:
                 raise
             error = e
         finally:
-            self._staging = None
+            self.staging_dir = None
         if not self.on_every_rank(error is None):
             self._save_failed(error, staging, name)
             return

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from chattune.merge import load_for_inference, parse_dtype, run_info
+from chattune.export.merge import load_for_inference, parse_dtype, run_info
 
 
 @dataclass

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from chattune.template import IGNORE_INDEX
+from chattune.data.encode import IGNORE_INDEX
 
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 256, 4096
-FUSED_CE_CHOICES = ("auto", "liger", "chunked", "none")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,25 +205,3 @@ def liger_runs_here() -> str | None:
     return "no CUDA GPU here (on CPU Liger runs only under TRITON_INTERPRET=1, for tests)"
 
 
-def resolve_fused_ce(requested: str, lm_head: torch.nn.Module, zero3: bool, use_cpu: bool = False) -> str:
-    """auto: Liger on CUDA for a plain output layer that ZeRO-3 does not partition, else chunked."""
-    if requested not in FUSED_CE_CHOICES:
-        raise ValueError(f"--fused_ce {requested!r}: choose one of {', '.join(FUSED_CE_CHOICES)}")
-    if requested in ("chunked", "none"):
-        return requested
-    try:
-        _plain_linear(lm_head)
-        layer_problem = "ZeRO-3 partitions the output layer" if zero3 else None
-    except TypeError as e:
-        layer_problem = str(e)
-    runtime_problem = liger_runs_here()
-    if requested == "liger":
-        problem = layer_problem or runtime_problem
-        if problem:
-            from chattune.errors import ConfigError
-
-            raise ConfigError(f"--fused_ce liger: {problem}; use --fused_ce chunked")
-        return "liger"
-    # auto: Liger only where it is fast (CUDA); the interpreter is for tests that ask for it explicitly
-    cuda = torch.cuda.is_available() and not use_cpu
-    return "liger" if cuda and not layer_problem and runtime_problem is None else "chunked"

@@ -29,48 +29,43 @@ from pathlib import Path
 from typing import Any
 
 from chattune import __version__
-from chattune.cache import (
+from chattune.data.cache import (
+    DATASET_FILE,
+    ArrowWriter,
+    _fingerprint,
+    code_fingerprint,
+    commit,
     content_key,
+    default_cache_dir,
     failure_path,
     has_failed,
+    is_ready,
+    load_cached,
     locked,
     note_failure,
     read_index,
+    read_report,
     stat_key,
     usable_cache_dir,
     write_index,
 )
-from chattune.data import (
-    MAX_SHOWN_PROBLEMS,
-    Chunk,
-    DataError,
-    Sources,
-    Tally,
-    Validated,
-    expand_sources,
-    read_sources,
-    sources_size,
-    validate_chunk,
-)
-from chattune.prepare import (
-    DATASET_FILE,
-    ArrowWriter,
-    DataReport,
-    Prepared,
-    _encode_range,
-    _Job,
-    _report,
+from chattune.data.encode import (
+    EncodeJob,
     char_cap,
-    code_fingerprint,
-    commit,
-    control_token_error,
-    is_ready,
+    encode_all,
+    encode_conversations,
     kept_arrays,
-    load_cached,
-    nothing_kept_error,
-    read_report,
 )
-from chattune.template import content_control_tokens, make_renderer, turn_structure_tokens
+from chattune.data.load import Tally, Validated, read_sources, validate_chunk
+from chattune.data.problems import MAX_SHOWN_PROBLEMS, DataError
+from chattune.data.reader import Chunk
+from chattune.data.report import DataReport, nothing_kept_error, report_of
+from chattune.data.sources import Sources, expand_sources, sources_size
+from chattune.data.template import (
+    content_control_tokens,
+    make_renderer,
+    turn_structure_tokens,
+)
 
 # Below this much input, worker processes cost more than they save.
 _PARALLEL_MIN_BYTES = 4 << 20
@@ -122,10 +117,10 @@ def _process(chunk: Chunk, encode: bool, settings: _Settings | None = None) -> _
     failed = _fails(settings, bool(validated.file_problem), validated.bad_records, result.control_total)
     if encode and not failed and conversations:
         plain = settings.control_tokens if settings.control_mode == "text" else ()
-        job = _Job(conversations, settings.tokenizer, settings.template_kwargs, settings.stop_tokens,
+        job = EncodeJob(conversations, settings.tokenizer, settings.template_kwargs, settings.stop_tokens,
                    settings.max_length, settings.train_on, plain, settings.char_cap)
-        encoded = _encode_range((0, len(conversations)), job)
-        result.report = _report(encoded, settings.max_length, len(conversations), [], 0)
+        encoded = encode_conversations((0, len(conversations)), job)
+        result.report = report_of(encoded, settings.max_length, len(conversations), [], 0)
         result.arrays = kept_arrays(encoded)
     return result
 
@@ -302,3 +297,95 @@ def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, total: int, 
     if report.kept == 0:
         raise nothing_kept_error(settings.max_length, what)
     return report
+
+
+# Below this many conversations worker processes cost more than they save.
+_PARALLEL_MIN_CONVERSATIONS = 4000
+
+
+@dataclass
+class Prepared:
+    dataset: Any  # datasets.Dataset with input_ids and labels, memory-mapped from the cache
+    report: DataReport
+    cache_path: Path
+    from_cache: bool = False
+
+
+def prepare_dataset(
+    conversations: Sequence[Any],
+    tokenizer: Any,
+    *,
+    stop_tokens: Sequence[str],
+    max_length: int,
+    template_kwargs: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    files: Sequence[str] = (),
+    skipped_records: int = 0,
+    train_on: str = "all",
+    special_tokens_in_content: str = "error",
+    what: str = "training",
+    length_flag: str = "--model_max_length",
+) -> Prepared:
+    """Tokenize `conversations` (validated `data.Conversation`s, all in memory) into a cached `datasets.Dataset` and
+    report. Training streams its files instead (`prepare_files`); this path serves calibration sets
+    and is the reference the streaming path is tested against."""
+    key = _fingerprint(conversations, tokenizer, template_kwargs, stop_tokens, max_length,
+                       [train_on, special_tokens_in_content])
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = cache / key
+    if is_ready(target):
+        report = read_report(target)
+        report.files, report.skipped_records = list(files), skipped_records
+        return Prepared(load_cached(target), report, target, from_cache=True)
+
+    # Not needed for a cached result: the key covers the data and the mode, so it passed this check when written.
+    plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
+                                                  special_tokens_in_content)
+    if num_proc is None:
+        num_proc = min(os.cpu_count() or 1, 8) if len(conversations) >= _PARALLEL_MIN_CONVERSATIONS else 1
+    job = EncodeJob(conversations, tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, plain_tokens,
+               char_cap(tokenizer, max_length))
+    encoded = encode_all(job, num_proc)
+    report = report_of(encoded, max_length, len(conversations), files, skipped_records)
+    report.content_control_tokens = affected
+    if report.kept == 0:
+        raise nothing_kept_error(max_length, what, length_flag)  # nothing cached: a longer limit re-runs clean
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
+    writer = ArrowWriter(tmp / DATASET_FILE)
+    writer.write(kept_arrays(encoded))
+    writer.close()
+    commit(tmp, target, report)
+    return Prepared(load_cached(target), report, target)
+
+
+def check_content_tokens(conversations: Sequence[Any], tokenizer: Any, template_kwargs: dict[str, Any] | None,
+                         stop_tokens: Sequence[str], mode: str) -> tuple[tuple[str, ...], int]:
+    """Turn-structure tokens written inside message text would be tokenized as real control tokens: the model learns to
+    end turns mid-answer, and user text can forge turns. `error` (default) lists the records and stops; `text` encodes
+    them as plain text. Returns (tokens to encode as plain text, conversations affected)."""
+    tokens = turn_structure_tokens(tokenizer, make_renderer(tokenizer, template_kwargs), stop_tokens)
+    found = [(c.source, i, token) for c in conversations for i, token in content_control_tokens(c.messages, tokens)]
+    if not found:
+        return (), 0
+    affected = len({source for source, _, _ in found})
+    if mode == "text":
+        return tuple(tokens), affected
+    raise control_token_error(tokens, found, len(found), affected)
+
+
+def control_token_error(tokens: Sequence[str], found: Sequence[tuple[str, int, str]], total: int, affected: int
+                        ) -> DataError:
+    """The error for turn-structure tokens in message text: the first `found` (source, message index, token) of
+    `total` occurrences in `affected` conversations."""
+    from chattune.data.problems import MAX_SHOWN_PROBLEMS
+
+    lines = [f"  {source}: messages[{i}] contains {token!r}" for source, i, token in found[:MAX_SHOWN_PROBLEMS]]
+    if total > MAX_SHOWN_PROBLEMS:
+        lines.append(f"  ... and {total - MAX_SHOWN_PROBLEMS} more")
+    return DataError("\n".join([
+        f"{affected} conversations write the chat template's turn-structure tokens ({', '.join(tokens)}) inside "
+        "their text; tokenized as control tokens they teach the model to end turns mid-answer, and let user text "
+        "forge turns:", *lines,
+        "Remove them from the data, or pass --special_tokens_in_content text to encode them as plain text."]))

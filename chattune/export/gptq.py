@@ -26,11 +26,17 @@ from typing import Any
 import torch
 
 from chattune.cli import log
+from chattune.data.encode import IGNORE_INDEX
+from chattune.data.split import carry_held_out, conversation_key, held_out_of
 from chattune.errors import ConfigError, UserError
-from chattune.loss import accepts_logits_to_keep
-from chattune.merge import DTYPES, is_adapter_dir, load_for_inference, run_info, save_model
-from chattune.split import carry_held_out, conversation_key, held_out_of
-from chattune.template import IGNORE_INDEX
+from chattune.export.merge import (
+    DTYPES,
+    is_adapter_dir,
+    load_for_inference,
+    run_info,
+    save_model,
+)
+from chattune.train.loss import accepts_logits_to_keep
 
 BITS = (4, 8)
 REPORT_FILE = "gptq_report.json"
@@ -151,7 +157,7 @@ class Samples:
     def of(cls, conversations: list, tokenizer: Any, stop_tokens: Any, max_length: int, template_kwargs: Any,
            what: str, length_flag: str, cache_dir: str | None = None, files: Any = ()) -> Samples:
         """`conversations` tokenized by the training pipeline (prepare_dataset), as lists."""
-        from chattune.prepare import prepare_dataset
+        from chattune.data.prepare import prepare_dataset
 
         if not conversations:
             return cls([], [], 0)
@@ -171,7 +177,7 @@ class Data:
 
 def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict | None) -> Data:
     """Read and validate the conversations, split them, and tokenize each side with the training code."""
-    from chattune.data import load_conversations
+    from chattune.data.load import load_conversations
 
     loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records)
     if loaded.skipped_records:
@@ -199,7 +205,7 @@ def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer:
                          template_kwargs: dict | None) -> Data:
     """The model carries its run's held-out conversations (finetune.py --val_size): perplexity is taken on them (up
     to --eval_samples, seeded), and calibration uses the other conversations of --data_path, never one of those."""
-    from chattune.data import load_conversations
+    from chattune.data.load import load_conversations
 
     every_held_out = load_conversations(held_out).conversations
     excluded = {conversation_key(c) for c in every_held_out}
@@ -443,7 +449,7 @@ class Report:
 
 def _tokenizer_and_template(args: GptqArgs) -> tuple[Any, Any, dict]:
     """The tokenizer with the chat template installed exactly as finetune.py does, and the run's template variables."""
-    from chattune.tokenizer import prepare_tokenizer
+    from chattune.data.tokenizer import prepare_tokenizer
 
     tokenizer, setup = prepare_tokenizer(args.model_name_or_path, args.template,
                                          trust_remote_code=args.trust_remote_code)

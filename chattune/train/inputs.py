@@ -1,4 +1,5 @@
-"""The training run, top to bottom: tokenizer -> data -> model -> train -> save."""
+"""What a training run reads before any weight loads: the tokenizer with its template, the data (split, prepared,
+cached), the model's class, and --estimate_memory, which needs nothing more."""
 
 from __future__ import annotations
 
@@ -8,15 +9,30 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
+import numpy as np
 
-from chattune.args import DataArguments, LoraArguments, ModelArguments, TrainingArguments
 from chattune.cli import log
+from chattune.data.chat_templates import TemplateSetup, bake_template_kwargs
+from chattune.data.prepare import Prepared, prepare_files
+from chattune.data.report import format_preview
+from chattune.data.tokenizer import prepare_tokenizer
 from chattune.errors import ConfigError, UserError
-from chattune.prepare import Prepared, format_preview
-from chattune.stream import prepare_files
-from chattune.template import TemplateSetup, bake_template_kwargs
-from chattune.tokenizer import prepare_tokenizer
+from chattune.train.architecture import ModelClass, mode_of, model_class
+from chattune.train.args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+)
+from chattune.train.batches import sample_lengths
+from chattune.train.memory import (
+    ModelShape,
+    format_estimate,
+    format_time,
+    run_setup,
+    shape_from_config,
+)
+from chattune.train.plan import Decision, plan_batch
 
 
 @dataclass
@@ -28,13 +44,13 @@ class Data:
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
                main_process_first: Any = None, main: bool = True, seed: int = 42, output_dir: str | None = None,
                first: bool = True, overwrite: bool = False) -> Data:
-    """Read, validate and tokenize the data in bounded memory (chattune.stream). In a distributed run the main process
+    """Read, validate and tokenize the data in bounded memory (chattune.data.prepare). In a distributed run the main process
     of each node prepares it first; the other ranks (`main` false) then memory-map its cache without opening the
-    data files. With --val_size the training data is split first (chattune.split) and the held-out part is the
+    data files. With --val_size the training data is split first (chattune.data.split) and the held-out part is the
     evaluation data; the process that is `first` of the job copies it into `output_dir`."""
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a JSON/JSONL/parquet file, several comma separated, or a folder)")
-    from chattune.split import parse_val_size, publish, split_data
+    from chattune.data.split import parse_val_size, publish, split_data
 
     val_size = parse_val_size(data_args.val_size)
     if val_size is not None:
@@ -103,91 +119,47 @@ def run_tokenizer(model_args: ModelArguments, data_args: DataArguments, training
     return tokenizer, setup
 
 
-def memory_estimate(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments,
-                    data_args: DataArguments | None = None) -> str:
-    """--estimate_memory: the per-GPU memory and the time, from the config alone; with --data_path from the real
-    lengths of the tokenized data too (prepared and cached as training would)."""
+def read_model(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[Any, ModelClass]:
+    """The model's config and what its class declares (no weights): problems show before any data is tokenized."""
     from transformers import AutoConfig
-
-    from chattune.collate import sample_lengths
-    from chattune.memory import data_plan, format_estimate, format_time, run_setup, shape_from_config
-    from chattune.model import mode_of
-
-    try:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
-                                            trust_remote_code=model_args.trust_remote_code)
-    except OSError as e:
-        raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
-    setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args),
-                      training_args.estimate_gpus or training_args.world_size)
-    shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
-    plan = None
-    if data_args is not None and data_args.data_path:
-        # prepared as training prepares it (baked template, --val_size split): training reuses the cache entry
-        tokenizer, template = run_tokenizer(model_args, data_args, training_args)
-        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
-                           training_args.model_max_length, seed=training_args.seed).train
-        log(train.report.format())
-        lengths = sample_lengths(train.dataset)  # collate's reader: what training packs
-        packing, budget = training_args.packing != "false", training_args.micro_batch_tokens()
-        if packing and lengths and max(lengths) > budget:
-            raise ConfigError(f"--max_tokens_per_batch {budget} is below the longest sample ({max(lengths)} tokens): "
-                              "it would fit no micro-batch; raise it to at least --model_max_length")
-        # auto packs on a CUDA run (flash-attention or flex_attention); only --packing false pads
-        plan = data_plan(lengths, training_args.per_device_train_batch_size, budget, packing=packing,
-                         seed=training_args.seed)
-        setup = replace(setup, micro_batch_tokens=plan.peak_micro_batch_tokens)
-    epochs = training_args.num_train_epochs
-    if plan is not None and training_args.max_steps > 0:
-        per_step = training_args.gradient_accumulation_steps * setup.gpus
-        epochs = training_args.max_steps * per_step / max(plan.micro_batches, 1)
-    return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path),
-                      format_time(shape, setup, plan, epochs)])
-
-
-def model_config_and_attention(model_args: ModelArguments, training_args: TrainingArguments) -> tuple[Any, Any]:
-    """The model's config (no weights) and the attention/packing decision its class allows: errors come before any
-    data is tokenized."""
-    from transformers import AutoConfig
-
-    from chattune.model import choose_attention, compute_dtype, flash_attn_problem, model_class
 
     try:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, cache_dir=training_args.cache_dir,
                                             trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read the config of {model_args.model_name_or_path!r}: {e}") from None
-    cuda = torch.cuda.is_available() and not training_args.use_cpu
-    attention = choose_attention(
-        model_args.attn_implementation, training_args.packing, model_class(config, model_args.trust_remote_code),
-        cuda=cuda, flash_problem=flash_attn_problem(compute_dtype(training_args)) if cuda else "no CUDA GPU",
-    )
-    return config, attention
+    return config, model_class(config, model_args.trust_remote_code)
 
 
-def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-        lora_args: LoraArguments) -> Any:
-    """Run the job; returns the Trainer after training (None for --dump_tokenized / --estimate_memory)."""
-    if training_args.estimate_memory:
-        print(memory_estimate(model_args, training_args, lora_args, data_args))
+def model_shape(config: Any, trust_remote_code: bool) -> ModelShape | None:
+    """Parameter counts by kind for the planner; None for an architecture that cannot be built on the meta device."""
+    try:
+        return shape_from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - no estimate for this architecture, never a failed run
         return None
-    tokenizer, setup = run_tokenizer(model_args, data_args, training_args)
-    config, attention = (None, None) if data_args.dump_tokenized else model_config_and_attention(model_args,
-                                                                                                 training_args)
-    data = build_data(tokenizer, setup, data_args, training_args.model_max_length,
-                      main_process_first=training_args.main_process_first,
-                      main=training_args.local_process_index == 0, seed=training_args.seed,
-                      output_dir=training_args.output_dir, first=training_args.process_index == 0,
-                      overwrite=training_args.overwrite_output_dir)
-    if training_args.process_index == 0:
-        log(data.train.report.format())
-        if data.eval is not None:
-            log("eval " + data.eval.report.format())
-        preview(tokenizer, data.train, data_args.preview_data)
-    if data_args.dump_tokenized:
-        if training_args.process_index == 0:
-            dump_tokenized(data.train, data_args.dump_tokenized)
-        return None
-    from chattune.train import train_and_save
 
-    return train_and_save(model_args, data_args, training_args, lora_args, tokenizer, setup, data, config, attention)
+
+def memory_estimate(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+                    lora_args: LoraArguments) -> str:
+    """--estimate_memory: the per-GPU memory and the time, from the config alone; with --data_path from the real
+    lengths of the tokenized data too (prepared and cached as training would, batched as the plan batches them:
+    packed on a CUDA run unless --packing false)."""
+    config, cls = read_model(model_args, training_args)
+    gpus = training_args.estimate_gpus or training_args.world_size
+    setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args), gpus)
+    shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
+    summary, epochs = None, training_args.num_train_epochs
+    if data_args.data_path:
+        tokenizer, template = run_tokenizer(model_args, data_args, training_args)
+        train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
+                           training_args.model_max_length, seed=training_args.seed).train
+        log(train.report.format())
+        lengths = np.asarray(sample_lengths(train.dataset), dtype=np.int64)
+        packing = training_args.packing != "false"
+        budget = training_args.micro_batch_tokens() if packing else 0
+        batch = plan_batch(training_args, lengths, gpus, Decision("packed" if packing else "padded", ""), budget)
+        summary = batch.data_summary(lengths)
+        setup = replace(setup, micro_batch_tokens=batch.peak_micro_batch_tokens)
+        epochs = batch.epochs
+    return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path),
+                      format_time(shape, setup, summary, epochs)])

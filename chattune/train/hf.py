@@ -1,0 +1,121 @@
+"""Every place chattune reaches into a library's private surface, in one module, each with why and the upstream
+line it depends on (transformers 5.23.0, liger-kernel 0.8.5).
+
+`HfTrainer` overrides the private `transformers.Trainer` hooks and hands each to a public method of ours
+(`ChatTrainer` implements them); nothing else in chattune overrides or calls a private Trainer method.
+`surface_problems()` lists what an installed version no longer provides (tests/test_hf_surface.py runs it, and
+finetune.py's flag check refuses to train on a transformers that lacks one), so an upgrade that removes a hook fails
+loudly instead of silently training with the stock behaviour.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+
+# (object path, parameters the override or call relies on, why). Parameters are checked by name, in order.
+SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("transformers.Trainer._get_num_items_in_batch", ("self", "batch_samples", "device"),
+     "the loss is normalised by our own count of the global batch's trained tokens (trainer.py L2298)"),
+    ("transformers.Trainer.loss_is_scaled_for_ga", (),
+     "compute_loss already divides by the global count; without it training_step divides by the accumulation "
+     "again (trainer.py L2103)"),
+    ("transformers.Trainer._get_output_dir", ("self", "trial"),
+     "checkpoints are written under a staging directory, then committed by one rename (trainer.py L3336)"),
+    ("transformers.Trainer._save_checkpoint", ("self", "model", "trial"),
+     "the stock checkpoint, staged and committed atomically; a full disk does not end the run (trainer.py L3355)"),
+    ("transformers.Trainer._prepare_inputs", ("self", "inputs"),
+     "our evaluation loop moves its batches to the device as training does (trainer.py L2379)"),
+    ("transformers.AttentionInterface._global_mapping", (),
+     "flex_attention is wrapped to cast query/key/value to one dtype under autocast (integrations: the registry)"),
+    ("liger_kernel.transformers._apply_liger_kernel_to_instance", ("model",),
+     "Liger's RMSNorm/SwiGLU/RoPE kernels patched into a loaded model, whatever its architecture"),
+)
+
+
+def _resolve(path: str) -> Any:
+    import importlib
+
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+def surface_problems(libraries: tuple[str, ...] = ("transformers", "liger_kernel"),
+                     optional: tuple[str, ...] = ("liger_kernel",)) -> list[str]:
+    """What the installed `libraries` no longer provide of SURFACE (a missing optional library is no problem)."""
+    problems = []
+    for path, params, why in SURFACE:
+        if path.split(".")[0] not in libraries:
+            continue
+        try:
+            obj = _resolve(path)
+        except (ImportError, AttributeError) as e:
+            if isinstance(e, ImportError) and path.split(".")[0] in optional:
+                continue
+            problems.append(f"{path} is gone ({type(e).__name__}); chattune relies on it: {why}")
+            continue
+        if params:
+            have = tuple(inspect.signature(obj).parameters)[:len(params)]
+            if have != params:
+                problems.append(f"{path} now takes {have}, chattune expects {params}: {why}")
+    if "loss_is_scaled_for_ga" not in inspect.getsource(transformers.Trainer.training_step):
+        problems.append("transformers.Trainer.training_step no longer reads loss_is_scaled_for_ga: the loss would be "
+                        "divided by the gradient accumulation twice")
+    return problems
+
+
+class HfTrainer(transformers.Trainer):
+    """The private Trainer hooks chattune overrides, each handed to a public method of the subclass."""
+
+    # compute_loss returns sum / (trained tokens of the global batch) * ranks: already scaled for accumulation
+    loss_is_scaled_for_ga = True
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        return self.count_trained_tokens(batch_samples, device)
+
+    def _get_output_dir(self, trial) -> str:
+        return self.staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.save_checkpoint_atomically(lambda: super(HfTrainer, self)._save_checkpoint(model, trial))
+
+    def prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return self._prepare_inputs(inputs)
+
+    # implemented by ChatTrainer
+    staging_dir: str | None = None
+
+    def count_trained_tokens(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def save_checkpoint_atomically(self, save: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+
+def flex_attention_function() -> tuple[Callable, Callable[[Callable], None]]:
+    """transformers' registered flex_attention function, and how to register a replacement."""
+    from transformers import AttentionInterface
+
+    def register(function: Callable) -> None:
+        AttentionInterface.register("flex_attention", function)
+
+    return AttentionInterface._global_mapping["flex_attention"], register
+
+
+def apply_liger_kernel_to_instance(model: Any) -> None:
+    """Liger's kernels (RMSNorm, SwiGLU, RoPE) patched into `model`; the loss stays ours (no fused CE here)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)

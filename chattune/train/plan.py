@@ -1,0 +1,508 @@
+"""The run's plan: every decision of a training run, made once, by one pure function, with the reason for each.
+
+`make_plan(args, model, lengths, hardware, output)` reads only its arguments: the parsed flags, what the model's
+class declares (`ModelClass`, read from the config), the prepared data's sample lengths, the machine
+(`Hardware`, pretended in tests) and what the output directory holds (`OutputDir`). The plan it returns is frozen;
+the run carries it out (`chattune.train.run`), prints it as it is (`Plan.format`) and writes it into
+run_report.json (`Plan.to_dict`). Nothing downstream changes the parsed flags: the Trainer gets its own copy of
+them, derived from the plan (`trainer_arguments`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chattune.errors import ConfigError
+from chattune.train import checkpoints
+from chattune.train.architecture import (
+    ModelClass,
+    choose_attention,
+    compute_dtype,
+    mode_of,
+)
+from chattune.train.batches import (
+    StepShape,
+    epoch_steps,
+    micro_batches_per_step,
+    natural_micro_batches,
+)
+from chattune.train.loss import LogitTransform, liger_runs_here
+from chattune.train.memory import (
+    GB,
+    GPU_KINDS,
+    DataPlan,
+    ModelShape,
+    estimate,
+    estimate_seconds,
+    format_duration,
+    run_setup,
+    token_weighted_length,
+)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+LARGEST_BUDGET = 16384  # tokens per packed micro-batch the planner picks at most
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machine and launch the run plans for: read once (`here`), pretended in tests."""
+
+    cuda: bool = False
+    gpu_name: str | None = None
+    gpu_memory_gb: float = 0.0  # of one GPU; 0 when unknown
+    flash_problem: str | None = "no CUDA GPU"  # why flash-attention cannot run, None when it can
+    liger_problem: str | None = "no CUDA GPU"  # why Liger's kernels cannot run, None when they can
+    processes: int = 1
+    rank: int = 0
+
+    @classmethod
+    def here(cls, training_args: Any) -> Hardware:
+        import torch
+
+        from chattune.train.architecture import flash_attn_problem
+
+        cuda = torch.cuda.is_available() and not training_args.use_cpu
+        props = torch.cuda.get_device_properties(0) if cuda else None
+        return cls(cuda=cuda, gpu_name=props.name if props else None,
+                   gpu_memory_gb=props.total_memory / GB if props else 0.0,
+                   flash_problem=flash_attn_problem(compute_dtype(training_args)) if cuda else "no CUDA GPU",
+                   liger_problem=liger_runs_here(), processes=training_args.world_size,
+                   rank=training_args.process_index)
+
+    @property
+    def gpu_kind(self) -> str | None:
+        """The GPU as a key of memory.GPU_KINDS, if it is one of them."""
+        import re
+
+        name = (self.gpu_name or "").upper()
+        for key, pattern in (("H100", r"\bH100\b"), ("A100", r"\bA100\b"), ("L40S", r"\bL40S\b"),
+                             ("RTX4090", r"\b4090\b"), ("RTX3090", r"\b3090\b")):
+            if re.search(pattern, name):
+                return key
+        return None
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """What --output_dir holds before the run: its checkpoints (each with what is wrong with it, or None), an
+    unfinished save, and the free space of its filesystem."""
+
+    path: str
+    checkpoints: tuple[tuple[int, str, str | None], ...] = ()
+    staging: bool = False
+    free_bytes: int = 1 << 62
+
+    @classmethod
+    def read(cls, path: str) -> OutputDir:
+        found = tuple((step, p, checkpoints.problem(p)) for step, p in checkpoints.committed(path))
+        return cls(path, found, os.path.isdir(os.path.join(path, checkpoints.STAGING)), checkpoints.free_bytes(path))
+
+
+@dataclass(frozen=True)
+class Decision:
+    choice: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Optimizer steps and micro-batches (chattune.train.batches): the step is the user's recipe."""
+
+    packing: Decision
+    shape: StepShape
+    samples_per_step: float  # global; exact, or the mean when steps are cut by tokens
+    tokens_per_step: int  # global real tokens per step, the mean
+    micro_batches_per_step: int  # per process: the Trainer's gradient accumulation
+    steps_per_epoch: int
+    steps: int
+    epochs: float
+    peak_micro_batch_tokens: int  # the largest micro-batch of the first epoch, padding included
+    processed_tokens_per_epoch: int  # what the GPUs compute per epoch, padding included
+
+    def data_summary(self, lengths: np.ndarray) -> DataPlan:
+        """The planner's view of the data as these steps batch it."""
+        return DataPlan(len(lengths), int(lengths.sum()), self.processed_tokens_per_epoch,
+                        self.steps_per_epoch * self.micro_batches_per_step * self.shape.processes,
+                        self.peak_micro_batch_tokens, token_weighted_length(lengths), self.shape.packed)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    evaluation: str  # when, in words
+    eval_strategy: str  # what the Trainer is told: no | steps | epoch
+    eval_steps: float | None
+    evaluate_after_training: bool
+    saves: str
+
+
+@dataclass(frozen=True)
+class Resume:
+    source: str | None  # the checkpoint training resumes from
+    why: str
+    set_aside: tuple[str, ...] = ()  # incomplete checkpoints, moved to broken_checkpoint-N (kept)
+    remove: tuple[str, ...] = ()  # an unfinished save; with --overwrite_output_dir the old run's checkpoints
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    mode: str  # full | lora | qlora
+    dtype: str
+    processes: int
+    deepspeed: str | None
+    attention: Decision
+    batch: Batch
+    loss: Decision  # liger | chunked | none
+    logit_transform: LogitTransform
+    gradient_checkpointing: Decision
+    schedule: Schedule
+    resume: Resume
+    stop: str
+    memory_gb: float | None
+    time: str | None
+    notes: tuple[str, ...] = ()
+    adapted: dict[str, Any] | None = None  # after the model is built: trainable parameters, modules trained in full
+
+    def with_model(self, **facts: Any) -> Plan:
+        return dataclasses.replace(self, adapted=facts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as run_report.json holds it (and as `format` prints it): every decision with its reason."""
+        b, a = self.batch, self.adapted or {}
+        return {
+            "model": self.model, "mode": self.mode, "dtype": self.dtype, "processes": self.processes,
+            "deepspeed": self.deepspeed or "-",
+            "attention": self.attention.choice, "attention_why": self.attention.why,
+            "batches": (f"packed, {b.shape.budget} tokens per micro-batch" if b.shape.packed else "padded"),
+            "batches_why": b.packing.why,
+            "global_batch_samples": round(b.samples_per_step, 1), "global_batch_tokens": b.tokens_per_step,
+            "tokens_per_step": b.shape.tokens_per_step or None, "micro_batches_per_step": b.micro_batches_per_step,
+            "samples_per_micro_batch": None if b.shape.packed else b.shape.per_device,
+            "steps": b.steps, "steps_per_epoch": b.steps_per_epoch, "epochs": b.epochs,
+            "loss": "standard" if self.loss.choice == "none" else f"fused linear+CE ({self.loss.choice})",
+            "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
+            "gradient_checkpointing": self.gradient_checkpointing.choice,
+            "gradient_checkpointing_why": self.gradient_checkpointing.why,
+            "evaluation": self.schedule.evaluation, "saves": self.schedule.saves,
+            "resume": self.resume.source, "resume_why": self.resume.why,
+            "set_aside": list(self.resume.set_aside), "removed": list(self.resume.remove), "stop": self.stop,
+            "estimated_gb_per_gpu": self.memory_gb, "estimated_time": self.time,
+            "trainable_params": a.get("trainable_params"), "total_params": a.get("total_params"),
+            "modules_to_save": a.get("modules_to_save_reason") or "-", "notes": list(self.notes),
+        }
+
+    def format(self) -> str:
+        """The plan as printed before training: the same values as `to_dict`."""
+        p = self.to_dict()
+        if p["logit_transform"] != "none":
+            p["loss"] += f", logit transform {p['logit_transform']}"
+        step = (f"{p['global_batch_samples']:g} samples" if not p["tokens_per_step"]
+                else f"~{p['global_batch_samples']:g} samples (steps of ~{p['tokens_per_step']:,} tokens)")
+        cut = (f"at most {p['samples_per_micro_batch']} samples each, padded to their longest"
+               if p["samples_per_micro_batch"] else p["batches"].split(", ", 1)[1])
+        lines = [
+            "plan:",
+            f"  model      {p['model']}",
+            f"  mode       {p['mode']} ({p['dtype']}, {p['processes']} process(es), deepspeed {p['deepspeed']})",
+        ]
+        if p["trainable_params"] is not None:
+            pct = 100 * p["trainable_params"] / max(1, p["total_params"])
+            lines.append(f"  trainable  {p['trainable_params']:,} of {p['total_params']:,} parameters ({pct:.2f}%)")
+            lines.append(f"  embeddings {p['modules_to_save']}" if p["mode"] != "full"
+                         else "  embeddings trained (full fine-tuning)")
+        lines += [
+            f"  attention  {p['attention']}: {p['attention_why']}",
+            f"  batches    {p['batches'].split(',')[0]}: {p['batches_why']}",
+            f"  batch      {step}, ~{p['global_batch_tokens']:,} tokens per optimizer step; "
+            f"{p['micro_batches_per_step']} micro-batch(es) per process and step, {cut}",
+            f"  steps      {p['steps']} ({p['steps_per_epoch']} per epoch, {p['epochs']:g} epoch(s))"
+            + (f", {p['estimated_time']}" if p["estimated_time"] else ""),
+            f"  loss       {p['loss']}: {p['loss_why']}",
+            f"  recompute  {p['gradient_checkpointing']}: {p['gradient_checkpointing_why']}",
+            f"  eval       {p['evaluation']}",
+            f"  saves      {p['saves']}",
+            f"  resume     {p['resume'] or 'no'}: {p['resume_why']}",
+            f"  stop       {p['stop']}",
+            f"  memory     ~{p['estimated_gb_per_gpu']} GB per GPU (estimate; --estimate_memory for the breakdown)"
+            if p["estimated_gb_per_gpu"] else "  memory     (no estimate for this architecture)",
+        ]
+        return "\n".join(lines + [f"  note       {note}" for note in p["notes"]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The decisions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: Any, cls: ModelClass,
+              lengths: Any, hardware: Hardware, output: OutputDir, *, has_eval: bool,
+              transform: LogitTransform = LogitTransform(), shape: ModelShape | None = None) -> Plan:
+    """Every decision of the run from its inputs alone (see the module docstring). Raises ConfigError for
+    combinations that cannot run."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    mode = _mode(model_args, training_args, lora_args, cls)
+    attention = choose_attention(model_args.attn_implementation, training_args.packing, cls, cuda=hardware.cuda,
+                                 flash_problem=hardware.flash_problem)
+    notes = list(attention.notes) + ([f"{cls.quantized} base: LoRA on its quantized linear layers"]
+                                     if cls.quantized else [])
+    packing = Decision("packed" if attention.packing else "padded", _packing_why(training_args.packing, attention))
+    setup = run_setup(training_args, lora_args, mode, hardware.processes)
+    budget = _budget(training_args, shape, setup, hardware) if attention.packing else 0
+    batch = plan_batch(training_args, lengths, hardware.processes, packing, budget)
+    setup = dataclasses.replace(setup, micro_batch_tokens=max(batch.peak_micro_batch_tokens, 1))
+    memory_gb = round(estimate(shape, setup)["total"] / GB, 1) if shape is not None else None
+    time = _time(shape, setup, batch, lengths, hardware) if shape is not None else None
+    disk = _disk_warning(training_args, lora_args, mode, shape, batch.steps, output.free_bytes) if shape else None
+    return Plan(
+        model=model_args.model_name_or_path, mode=mode, dtype=str(compute_dtype(training_args)).replace("torch.", ""),
+        processes=hardware.processes, deepspeed=training_args.deepspeed or None,
+        attention=Decision(attention.implementation or "the model's own", _attention_why(model_args, attention, cls)),
+        batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
+        gradient_checkpointing=_checkpointing(training_args), schedule=plan_schedule(training_args, has_eval),
+        resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
+        notes=tuple(notes + ([disk] if disk else [])),
+    )
+
+
+def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: ModelClass, hardware: Hardware
+                      ) -> None:
+    """The decisions that can fail on the flags and the model's class alone, taken before any data is read (so a
+    combination that cannot run is refused in seconds); make_plan takes them again, with the data."""
+    mode = _mode(model_args, training_args, lora_args, cls)
+    choose_attention(model_args.attn_implementation, training_args.packing, cls, cuda=hardware.cuda,
+                     flash_problem=hardware.flash_problem)
+    plan_loss(training_args, lora_args, cls, mode, hardware)
+
+
+STOP_CONTRACT = (f"{', '.join(STOP_SIGNALS)} or $CHATTUNE_STOP_FILE: a checkpoint at the end of the current step on "
+                 f"every rank, exit {EXIT_PREEMPTED} (the same command resumes; slurm.sbatch requeues only then); "
+                 "after the last step the result is saved, exit 0")
+
+
+def _mode(model_args: Any, training_args: Any, lora_args: Any, cls: ModelClass) -> str:
+    """full, lora or qlora; a quantized checkpoint trains LoRA on its quantized layers (GPTQ only)."""
+    name, method = model_args.model_name_or_path, cls.quantized
+    if method and not training_args.use_lora:
+        raise ConfigError(f"{name} is a {method}-quantized model: its weights cannot be fine-tuned in full. Train a "
+                          "LoRA adapter on it (--use_lora --q_lora), or fine-tune the full-precision model")
+    if method and method != "gptq":
+        raise ConfigError(f"{name} is a {method}-quantized model; chattune trains LoRA on float, NF4 (--q_lora) and "
+                          "GPTQ bases. Use the full-precision model with --q_lora")
+    return "qlora" if method else mode_of(training_args, lora_args)
+
+
+def _packing_why(requested: str, attention: Any) -> str:
+    if requested != "auto":
+        return f"--packing {requested}"
+    if attention.packing:
+        return f"{attention.implementation} skips the other samples' blocks of a packed row"
+    return next((n.removeprefix("padded batches: ") for n in attention.notes if n.startswith("padded")), "auto")
+
+
+def _attention_why(model_args: Any, attention: Any, cls: ModelClass) -> str:
+    if attention.implementation is None:
+        return f"{cls.name} runs its own (remote) code"
+    if model_args.attn_implementation != "auto":
+        return f"--attn_implementation {model_args.attn_implementation}"
+    return {"flash_attention_2": "flash-attention runs here and the model supports it",
+            "flex_attention": "packed rows on CUDA without flash-attention"}.get(
+        attention.implementation, "no CUDA attention kernel that skips masked blocks here")
+
+
+def _budget(training_args: Any, shape: ModelShape | None, setup: Any, hardware: Hardware) -> int:
+    """Tokens per packed micro-batch: --max_tokens_per_batch, else the largest power of two (up to 16,384) whose
+    estimated peak fits in 90% of this GPU, else the padded worst case (batch x max length)."""
+    given = training_args.max_tokens_per_batch
+    floor = training_args.per_device_train_batch_size * training_args.model_max_length
+    if given:
+        if given < training_args.model_max_length:
+            raise ConfigError(f"--max_tokens_per_batch {given} is below --model_max_length "
+                              f"{training_args.model_max_length}: the longest samples would fit no micro-batch")
+        return given
+    if shape is None or not hardware.gpu_memory_gb:
+        return floor
+    fits = [2**k for k in range(10, 15) if 2**k >= training_args.model_max_length and 2**k <= LARGEST_BUDGET
+            and estimate(shape, dataclasses.replace(setup, micro_batch_tokens=2**k))["total"] / GB
+            <= 0.9 * hardware.gpu_memory_gb]
+    return max(fits + [training_args.model_max_length]) if fits else max(floor, training_args.model_max_length)
+
+
+def plan_batch(training_args: Any, lengths: np.ndarray, processes: int, packing: Decision, budget: int) -> Batch:
+    """Steps of exactly the samples the user asked for (or of --tokens_per_step tokens), cut into micro-batches."""
+    per_step = 0 if training_args.tokens_per_step else (
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * processes)
+    shape = StepShape(per_step, training_args.tokens_per_step, training_args.per_device_train_batch_size, budget,
+                      processes, training_args.data_seed or training_args.seed)
+    if shape.packed and len(lengths) and int(lengths.max()) > budget:
+        raise ConfigError(f"--max_tokens_per_batch {budget} is below the longest sample ({int(lengths.max())} "
+                          "tokens): it would fit no micro-batch; raise it to at least --model_max_length")
+    steps_per_epoch = len(epoch_steps(lengths, shape, 0)) if len(lengths) else 0
+    if training_args.max_steps > 0:
+        steps, epochs = training_args.max_steps, training_args.max_steps / max(steps_per_epoch, 1)
+    else:
+        epochs = training_args.num_train_epochs
+        steps = math.ceil(steps_per_epoch * epochs)
+    k = micro_batches_per_step(lengths, shape, math.ceil(epochs)) if len(lengths) else 1
+    first = [natural_micro_batches(s, lengths, shape) for s in epoch_steps(lengths, shape, 0)] if len(lengths) else []
+    widths = [int(lengths[b].sum()) if shape.packed else int(lengths[b].max()) * len(b) for s in first for b in s]
+    real = int(lengths.sum())
+    return Batch(packing, shape, samples_per_step=len(lengths) / max(steps_per_epoch, 1) if not per_step else per_step,
+                 tokens_per_step=round(real / max(steps_per_epoch, 1)), micro_batches_per_step=k,
+                 steps_per_epoch=steps_per_epoch, steps=steps, epochs=round(epochs, 4),
+                 peak_micro_batch_tokens=max(widths, default=0),
+                 processed_tokens_per_epoch=sum(widths))
+
+
+def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, hardware: Hardware) -> Decision:
+    """The loss path: fused (Liger on CUDA, else chunked) where the model's hidden states can be taken, else the
+    model's own logits. Checked against the model's own loss on the first micro-batch when training starts."""
+    from chattune.train.memory import zero_setup_from_config
+
+    requested = training_args.fused_ce
+    zero3 = zero_setup_from_config(training_args.deepspeed)[0] == 3
+    if requested == "none":
+        return Decision("none", "--fused_ce none")
+    if not cls.logits_to_keep:
+        if requested != "auto":
+            raise ConfigError(f"--fused_ce {requested}: {cls.name}'s forward has no logits_to_keep (remote code); "
+                              "use --fused_ce none")
+        return Decision("none", f"{cls.name}'s forward has no logits_to_keep (remote code)")
+    liger_problem = hardware.liger_problem or ("ZeRO-3 partitions the output layer" if zero3 else None) or (
+        "remote code: its output layer may not be a plain linear layer" if cls.remote_code else None)
+    if requested == "liger":
+        if liger_problem:
+            raise ConfigError(f"--fused_ce liger: {liger_problem}; use --fused_ce chunked")
+        return Decision("liger", "--fused_ce liger")
+    frozen_head = mode != "full" and lora_args.lora_modules_to_save in ("auto", "none")
+    if zero3 and frozen_head:
+        # The chunked loss recomputes the output layer in backward, outside any module's backward: ZeRO-3 re-gathers
+        # a trainable output layer there but not a frozen one (deepspeed 0.19.8), and under `auto` whether the
+        # output layer is trained is known only once the weights are read.
+        if requested == "chunked":
+            raise ConfigError("--fused_ce chunked does not work with a frozen output layer under ZeRO-3 (LoRA/Q-LoRA);"
+                              " use --fused_ce auto or none, or ZeRO-2")
+        return Decision("none", "ZeRO-3 with a frozen output layer (the chunked loss cannot re-gather it)")
+    if requested == "chunked":
+        return Decision("chunked", "--fused_ce chunked")
+    if hardware.cuda and liger_problem is None:
+        return Decision("liger", "Liger's fused kernel on CUDA")
+    return Decision("chunked", f"no Liger here ({liger_problem or 'CPU'}): chunks of the output layer, recomputed")
+
+
+def _checkpointing(training_args: Any) -> Decision:
+    on = bool(training_args.gradient_checkpointing)
+    return Decision("all layers" if on else "off", "--gradient_checkpointing " + ("True" if on else "False"))
+
+
+def plan_schedule(training_args: Any, has_eval: bool) -> Schedule:
+    """Evaluation data given means evaluation happens: as --eval_strategy says, else with every checkpoint, else once
+    after training."""
+    save = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    limit = training_args.save_total_limit
+    saves = {"steps": f"every {training_args.save_steps:g} steps", "epoch": "every epoch", "best": "at a new best",
+             "no": "none"}.get(save, save) + (f", the newest {limit} kept" if limit and save != "no" else "")
+    if not has_eval:
+        return Schedule("none (no evaluation data)", "no", None, False, saves)
+    if strategy == "steps":
+        return Schedule(f"every {training_args.eval_steps:g} steps", "steps", training_args.eval_steps, False, saves)
+    if strategy == "epoch":
+        return Schedule("every epoch", "epoch", None, False, saves)
+    if save == "steps":
+        return Schedule(f"every {training_args.save_steps:g} steps (with each checkpoint)", "steps",
+                        training_args.save_steps, False, saves)
+    if save == "epoch":
+        return Schedule("every epoch (with each checkpoint)", "epoch", None, False, saves)
+    return Schedule("once, after training", "no", None, True, saves)
+
+
+def plan_resume(training_args: Any, output: OutputDir) -> Resume:
+    """--resume_from_checkpoint, or the newest complete checkpoint when the same command runs again; nothing with
+    --overwrite_output_dir, which removes the old run's checkpoints. Incomplete checkpoints newer than the one
+    resumed are set aside (renamed, never deleted); an unfinished save is removed."""
+    given = training_args.resume_from_checkpoint
+    staging = (os.path.join(output.path, checkpoints.STAGING),) if output.staging else ()
+    if given and given.lower() not in ("true", "latest", "last"):
+        if not os.path.isdir(given):
+            raise ConfigError(f"--resume_from_checkpoint {given}: no such checkpoint directory")
+        why = next((p for _, path, p in output.checkpoints if os.path.abspath(path) == os.path.abspath(given)),
+                   None) or checkpoints.problem(given)
+        if why:
+            raise ConfigError(f"--resume_from_checkpoint {given}: the checkpoint is incomplete ({why}); pass an "
+                              "earlier checkpoint, or leave the flag out to resume from the newest complete one")
+        return Resume(given, "--resume_from_checkpoint", remove=staging)
+    if training_args.overwrite_output_dir:
+        old = tuple(path for _, path, _ in output.checkpoints)
+        why = "--overwrite_output_dir" + (f": the old run's {len(old)} checkpoint(s) are removed" if old else "")
+        return Resume(None, why, remove=staging + old)
+    broken = []
+    for step, path, problem in reversed(output.checkpoints):
+        if problem is None:
+            return Resume(path, f"the newest complete checkpoint of {output.path} (the same command again)",
+                          set_aside=tuple(broken), remove=staging)
+        broken.append(path)
+    if given:
+        raise ConfigError(f"--resume_from_checkpoint {given}: no complete checkpoint-* in {output.path}")
+    return Resume(None, "no checkpoint in the output directory" + (
+        f" ({len(broken)} incomplete, set aside)" if broken else ""), set_aside=tuple(broken), remove=staging)
+
+
+def _time(shape: ModelShape, setup: Any, batch: Batch, lengths: np.ndarray, hardware: Hardware) -> str | None:
+    kind = hardware.gpu_kind
+    if kind is None or not len(lengths):
+        return None
+    micro_batches = batch.steps * batch.micro_batches_per_step
+    tokens = batch.processed_tokens_per_epoch / max(batch.steps_per_epoch, 1) / batch.shape.processes * batch.steps
+    seconds = estimate_seconds(shape, setup, tokens, kind, sequence_tokens=token_weighted_length(lengths),
+                               micro_batches=micro_batches)
+    return f"~{format_duration(seconds)} on {GPU_KINDS[kind].name} (estimate)"
+
+
+def checkpoint_bytes(mode: str, shape: ModelShape, lora_r: int, fp32: bool, deepspeed: bool) -> tuple[int, int]:
+    """Rough (result, checkpoint) sizes in bytes: the saved weights, plus Adam's two fp32 moments per trainable
+    parameter (and DeepSpeed's fp32 master copy) in a checkpoint."""
+    trainable = shape.total if mode == "full" else shape.lora_params_per_rank * lora_r
+    result = shape.total * (4 if fp32 or not deepspeed else 2) if mode == "full" else trainable * 4
+    return result, result + trainable * (12 if deepspeed else 8)
+
+
+def _disk_warning(training_args: Any, lora_args: Any, mode: str, shape: ModelShape, steps: int, free: int
+                  ) -> str | None:
+    """A warning when the output directory's filesystem cannot hold the checkpoints the run keeps and its result."""
+    strategy = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
+    every = training_args.save_steps if training_args.save_steps >= 1 else training_args.save_steps * steps
+    saves = {"steps": int(steps // max(1, every)), "epoch": math.ceil(training_args.num_train_epochs)}.get(strategy, 0)
+    kept = min(saves, training_args.save_total_limit) if training_args.save_total_limit else saves
+    fp32 = not (training_args.bf16 or training_args.fp16)
+    result, checkpoint = checkpoint_bytes(mode, shape, lora_args.lora_r, fp32, bool(training_args.deepspeed))
+    need = kept * checkpoint + result
+    if need <= free:
+        return None
+    gb = checkpoints.size_text
+    return (f"WARNING: {training_args.output_dir} has {gb(free)} free; {kept} checkpoints of ~{gb(checkpoint)} and "
+            f"the result (~{gb(result)}) need ~{gb(need)}: free space, lower --save_total_limit, or choose another "
+            "--output_dir")
+
+
+def trainer_arguments(plan: Plan, training_args: Any) -> Any:
+    """The Trainer's own copy of the flags, as the plan decided them (the parsed flags stay as the user gave them)."""
+    changes: dict[str, Any] = dict(
+        remove_unused_columns=False,  # our columns are named for the collator, not the model signature
+        label_names=["labels"],  # a PeftModel hides the signature Trainer infers label names from
+        gradient_accumulation_steps=plan.batch.micro_batches_per_step,
+        eval_strategy=plan.schedule.eval_strategy, do_eval=plan.schedule.eval_strategy != "no",
+    )
+    if plan.schedule.eval_steps is not None:
+        changes["eval_steps"] = plan.schedule.eval_steps
+    if training_args.include_num_input_tokens_seen in (False, "no"):
+        changes["include_num_input_tokens_seen"] = "all" if plan.batch.shape.packed else "non_padding"
+    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
+        changes["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    return dataclasses.replace(training_args, **changes)

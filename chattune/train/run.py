@@ -1,0 +1,231 @@
+"""A training run, top to bottom: tokenizer -> data -> plan -> model -> trainer -> train -> save -> report.
+
+`run` lists the stages; each stage is a function that takes what the earlier ones produced. Every decision is made
+once, in the plan (chattune.train.plan); the stages carry it out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+import transformers
+from transformers import EarlyStoppingCallback
+
+from chattune.cli import log
+from chattune.errors import ConfigError
+from chattune.train import checkpoints
+from chattune.train.args import (
+    DataArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainingArguments,
+)
+from chattune.train.batches import StepSampler, sample_lengths
+from chattune.train.callbacks import (
+    CheckpointFilesCallback,
+    EpochCallback,
+    LossPlotCallback,
+    PreemptionCallback,
+    ThroughputCallback,
+)
+from chattune.train.hf import apply_liger_kernel_to_instance
+from chattune.train.inputs import (
+    Data,
+    build_data,
+    dump_tokenized,
+    memory_estimate,
+    model_shape,
+    preview,
+    read_model,
+    run_tokenizer,
+)
+from chattune.train.lora import apply_lora, resolve_modules_to_save
+from chattune.train.loss import logit_transform
+from chattune.train.model import count_parameters, load_model, resize_for_new_tokens
+from chattune.train.plan import (
+    Hardware,
+    OutputDir,
+    Plan,
+    check_model_flags,
+    make_plan,
+    trainer_arguments,
+)
+from chattune.train.report import format_done, run_report
+from chattune.train.save import (
+    finish_distributed,
+    save_final,
+    set_trained_stops,
+    stop_preempted,
+    write_run_files,
+)
+from chattune.train.trainer import ChatTrainer, LossSetup, padding_collator
+
+
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+        lora_args: LoraArguments) -> Any:
+    """Run the job; returns the Trainer after training (None for --dump_tokenized / --estimate_memory)."""
+    if training_args.estimate_memory:
+        print(memory_estimate(model_args, data_args, training_args, lora_args))
+        return None
+    tokenizer, template = run_tokenizer(model_args, data_args, training_args)
+    hardware = Hardware.here(training_args)
+    if not data_args.dump_tokenized:
+        config, cls = read_model(model_args, training_args)
+        check_model_flags(model_args, training_args, lora_args, cls, hardware)
+    data = build_data(tokenizer, template, data_args, training_args.model_max_length,
+                      main_process_first=training_args.main_process_first,
+                      main=training_args.local_process_index == 0, seed=training_args.seed,
+                      output_dir=training_args.output_dir, first=training_args.process_index == 0,
+                      overwrite=training_args.overwrite_output_dir)
+    show_data(data, tokenizer, data_args.preview_data, training_args.process_index == 0)
+    if data_args.dump_tokenized:
+        if training_args.process_index == 0:
+            dump_tokenized(data.train, data_args.dump_tokenized)
+        return None
+    plan = make_plan(model_args, data_args, training_args, lora_args, cls, sample_lengths(data.train.dataset),
+                     hardware, read_output_dir(training_args), has_eval=data.eval is not None,
+                     transform=logit_transform(config), shape=model_shape(config, model_args.trust_remote_code))
+    tidy_output_dir(plan, training_args)
+    transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
+    model, adapted = build_model(model_args, training_args, lora_args, plan, tokenizer, template, data, config)
+    plan = plan.with_model(**adapted)
+    trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args)
+    if training_args.process_index == 0:
+        log(plan.format())
+    train(trainer, plan, preemption)
+    if plan.schedule.evaluate_after_training:
+        trainer.evaluate()
+    save_final(trainer, tokenizer, template, data_args, training_args, plan)
+    if trainer.is_world_process_zero():
+        write_report(trainer, clock, plan, data, training_args.output_dir)
+    finish_distributed()
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def show_data(data: Data, tokenizer: Any, samples: int, main: bool) -> None:
+    if main:
+        log(data.train.report.format())
+        if data.eval is not None:
+            log("eval " + data.eval.report.format())
+        preview(tokenizer, data.train, samples)
+
+
+def read_output_dir(training_args: TrainingArguments) -> OutputDir:
+    """What the output directory holds, read by every rank before the main process tidies it (so every rank plans
+    the same resume)."""
+    output = OutputDir.read(training_args.output_dir)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return output
+
+
+def tidy_output_dir(plan: Plan, training_args: TrainingArguments) -> None:
+    """What the plan's resume says to remove (an unfinished save; with --overwrite_output_dir the old run's
+    checkpoints) and to set aside (incomplete checkpoints, renamed): done by the main process, the others wait."""
+    with training_args.main_process_first(local=False, desc="checking checkpoints"):
+        if training_args.process_index != 0:
+            return
+        for path in plan.resume.remove:
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}" + (": an unfinished checkpoint save of an earlier run (stopped while saving)"
+                                     if path.endswith(checkpoints.STAGING) else " (--overwrite_output_dir)"))
+        for path in plan.resume.set_aside:
+            moved = checkpoints.move_aside(path)
+            log(f"WARNING: {path} is incomplete: moved to {moved}; resuming from the checkpoint before it")
+
+
+def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, template, data: Data, config: Any
+                ) -> tuple[Any, dict[str, Any]]:
+    """The model as the plan says: loaded, Liger's kernels patched in, embeddings grown for new tokens, the adapter
+    on it. Returns it with what the plan reports about it."""
+    model = load_model(model_args, training_args, lora_args, config, plan)
+    if training_args.liger_kernels != "false":
+        apply_liger_kernels(model, required=training_args.liger_kernels == "true")
+    grown = resize_for_new_tokens(model, tokenizer)
+    if grown:
+        log(f"embeddings grown by {grown} rows for the template's new tokens {', '.join(template.added_tokens)}")
+    adapted: dict[str, Any] = {}
+    if training_args.use_lora:
+        modules, why = resolve_modules_to_save(lora_args.lora_modules_to_save, model, tokenizer,
+                                               template.added_tokens, control_tokens_in_use(tokenizer, data.train))
+        adapted.update(modules_to_save=modules, modules_to_save_reason=why)
+        model = apply_lora(model, training_args, lora_args, modules)
+    adapted["trainable_params"], adapted["total_params"] = count_parameters(model)
+    return model, adapted
+
+
+def control_tokens_in_use(tokenizer: Any, prepared: Any) -> list[str]:
+    """Special tokens the rendered template actually uses (looked up in the first samples)."""
+    special, used, dataset = set(tokenizer.all_special_ids), set(), prepared.dataset
+    for row in dataset.select(range(min(8, len(dataset)))):
+        used.update(i for i in row["input_ids"] if i in special)
+    return tokenizer.convert_ids_to_tokens(sorted(used))
+
+
+def apply_liger_kernels(model: Any, required: bool) -> None:
+    """Liger's fused RMSNorm/SwiGLU/RoPE kernels, patched into the model before any adapter wraps it (CUDA only:
+    under the Triton interpreter its RMSNorm and SwiGLU kernels fail, liger-kernel 0.8.5 + triton 3.9). The patch
+    changes the model's classes process-wide."""
+    import importlib.util
+
+    if not (torch.cuda.is_available() and importlib.util.find_spec("liger_kernel")):
+        if required:
+            raise ConfigError("--liger_kernels true needs liger-kernel on a CUDA GPU (pip install liger-kernel)")
+        return
+    try:
+        apply_liger_kernel_to_instance(model)
+    except Exception as e:  # noqa: BLE001 - an architecture Liger does not know: the plain modules stay
+        if required:
+            raise ConfigError(f"--liger_kernels true: {e}") from None
+        log(f"liger kernels not applied: {e}")
+
+
+def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, template, data_args
+                  ) -> tuple[ChatTrainer, ThroughputCallback, PreemptionCallback]:
+    args = trainer_arguments(plan, training_args)
+    steps = StepSampler(sample_lengths(data.train.dataset), plan.batch.shape, plan.batch.micro_batches_per_step,
+                        rank=args.process_index)
+    preemption, clock = PreemptionCallback(), ThroughputCallback()
+    trainer = ChatTrainer(
+        model=model, args=args, train_dataset=data.train.dataset,
+        eval_dataset=data.eval.dataset if data.eval else None, data_collator=padding_collator(tokenizer),
+        processing_class=tokenizer,
+        callbacks=[preemption, clock, EpochCallback(steps), LossPlotCallback(),
+                   *([EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else [])],
+        loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform), steps=steps,
+        flash_kwargs=plan.attention.choice.startswith("flash_attention"), stop_on_save_error=args.stop_on_save_error,
+    )
+    set_trained_stops(model, tokenizer, template)
+    trainer.add_callback(CheckpointFilesCallback(
+        lambda folder: write_run_files(folder, trainer, template, data_args, plan.mode, replace_generation_config=False)))
+    return trainer, clock, preemption
+
+
+def train(trainer: ChatTrainer, plan: Plan, preemption: PreemptionCallback) -> None:
+    """Train from the plan's resume source; stopped by a signal, the checkpoint is named and the process exits 143."""
+    if plan.resume.source and trainer.is_world_process_zero():
+        log(f"resuming from {plan.resume.source}")
+    try:
+        trainer.train(resume_from_checkpoint=plan.resume.source)
+    finally:
+        preemption.restore_handlers()
+    if preemption.stopped_early:
+        stop_preempted(trainer, preemption)
+    if preemption.signal and trainer.is_world_process_zero():
+        log(f"signal {preemption.signal} received after the last step: saving the finished result")
+
+
+def write_report(trainer: ChatTrainer, clock: ThroughputCallback, plan: Plan, data: Data, output_dir: str) -> None:
+    report = run_report(trainer, clock, plan, data)
+    with open(os.path.join(output_dir, "run_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log(format_done(output_dir, report))
