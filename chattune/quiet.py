@@ -7,6 +7,7 @@ user's own data or settings. `CHATTUNE_VERBOSE=1` turns all of it off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.abc
 import importlib.machinery
 import io
@@ -86,15 +87,11 @@ class _QuietImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-_DONE = False
-
-
+@functools.cache
 def quiet_third_party() -> None:
-    """Install the filters above (once; call before the heavy imports)."""
-    global _DONE
-    if _DONE or os.environ.get("CHATTUNE_VERBOSE", "").lower() in ("1", "true", "yes"):
+    """Install the filters above (once per process: cached; call before the heavy imports)."""
+    if os.environ.get("CHATTUNE_VERBOSE", "").lower() in ("1", "true", "yes"):
         return
-    _DONE = True
     os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
     for name in LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

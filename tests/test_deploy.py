@@ -328,7 +328,7 @@ def test_vllm_engine_reads_the_loss_and_the_prompts_back_in_order(model_dirs, mo
 
     from chattune.export.deploy import Request
     from chattune.export.engines import VllmEngine
-    from chattune.export.gptq import Samples
+    from chattune.export.samples import Samples
 
     model = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))

@@ -12,12 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chattune.errors import UserError
 from chattune.export import gptq
-from chattune.export.gptq import (
-    Samples,
-    perplexity,
-    quantized_linear_count,
-    split_conversations,
-)
+from chattune.export.gptq import quantized_linear_count
+from chattune.export.samples import Samples, perplexity, split_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "sharegpt.json"  # 13 conversations

@@ -174,3 +174,39 @@ def test_unknown_logit_transform_is_caught_on_the_first_micro_batch(model_dirs, 
     assert "using the model's own logits instead (--fused_ce none)" in capsys.readouterr().err
     ref_loss, ref_grads = reference(model_dir, tokenized(model_dir, data, tmp_path))
     check_step(model_dir, out, ref_loss, ref_grads)
+
+
+def steps_of(trainer, epoch=0) -> list[list[int]]:
+    """The samples of every optimizer step as the trainer cut them (every rank's micro-batches of the step)."""
+    return [sorted(i for slots in ranks for batch in slots for i in batch)
+            for ranks in trainer.steps.step_layout(epoch)]
+
+
+def test_packed_and_padded_runs_take_the_same_steps_with_the_same_samples(model_dirs, tmp_path):
+    """The recipe is the user's: 2 samples per micro-batch x 2 accumulated = 4 per optimizer step, packed or padded,
+    whatever the token budget cuts them into. Same steps, same samples in each, the same loss and update."""
+    model_dir = model_dirs("qwen2")
+    data = ROOT / "examples" / "sharegpt.json"  # 13 conversations: steps of 4, 4, 4, 1
+    runs = {}
+    for name, extra in (("padded", ["--packing", "false"]),
+                        ("packed", ["--packing", "true", "--max_tokens_per_batch", "128"]),
+                        ("one row", ["--packing", "true", "--max_tokens_per_batch", "4096"])):
+        out = tmp_path / name.replace(" ", "_")
+        args = step_args(model_dir, data, tmp_path, out, "--per_device_train_batch_size", 2,
+                         "--gradient_accumulation_steps", 2, "--model_max_length", 128, "--fused_ce", "none", *extra)
+        args[args.index("--max_steps") + 1] = "4"
+        args[args.index("--learning_rate") + 1] = "0.05"
+        runs[name] = (run(*parse_args(args)), out)
+    layouts = {name: steps_of(trainer) for name, (trainer, _) in runs.items()}
+    assert [len(s) for s in layouts["padded"]] == [4, 4, 4, 1]
+    assert layouts["packed"] == layouts["padded"] == layouts["one row"]
+    assert runs["packed"][0].args.gradient_accumulation_steps > runs["one row"][0].args.gradient_accumulation_steps
+    logged = {name: [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                     if "loss" in h] for name, (_, out) in runs.items()}
+    assert len(logged["padded"]) == 4
+    for name in ("packed", "one row"):
+        assert logged[name] == pytest.approx(logged["padded"], rel=1e-5)
+        padded, other = load_file(str(runs["padded"][1] / "model.safetensors")), load_file(
+            str(runs[name][1] / "model.safetensors"))
+        for key, tensor in padded.items():
+            torch.testing.assert_close(other[key], tensor, rtol=1e-4, atol=1e-6, msg=key)

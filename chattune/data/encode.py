@@ -7,7 +7,6 @@ range of conversations into flat arrays, one entry per sample, which the report 
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from chattune.data.template import (
     render_conversation,
     trained_turn_indices,
 )
+from chattune.data.workers import ordered_map
 from chattune.errors import TemplateError
 
 IGNORE_INDEX = -100
@@ -182,12 +182,8 @@ def cap_messages(messages: Sequence[dict], cap: int) -> tuple[Sequence[dict], in
     return (tuple(out) if cut else messages), cut
 
 
-_FORKED_JOB: EncodeJob | None = None  # set in the parent just before forking the worker pool, read by the workers
-
-
-def encode_conversations(bounds: tuple[int, int], job: EncodeJob | None = None) -> dict[str, np.ndarray]:
+def encode_conversations(bounds: tuple[int, int], job: EncodeJob) -> dict[str, np.ndarray]:
     """Render, tokenize and truncate conversations[lo:hi]; flat arrays, one entry per sample."""
-    job = job or _FORKED_JOB
     lo, hi = bounds
     render = make_renderer(job.tokenizer, job.template_kwargs)
     limit = PromptLimit(job.tokenizer, job.max_length) if job.bound_turns else None
@@ -240,29 +236,17 @@ def encode_conversations(bounds: tuple[int, int], job: EncodeJob | None = None) 
 
 def encode_all(job: EncodeJob, num_proc: int, chunk: int = 1000) -> dict[str, np.ndarray]:
     """Encode every conversation, in `num_proc` forked workers when there are enough of them to pay off."""
-    global _FORKED_JOB
     from tqdm.auto import tqdm
 
     n = len(job.conversations)
     ranges = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
-    bar = tqdm(total=n, desc="Tokenizing conversations", unit="conv", disable=n < chunk)
     parts = []
-    if num_proc > 1 and len(ranges) > 1:
-        _FORKED_JOB = job
-        try:
-            with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-                for (lo, hi), part in zip(ranges, pool.imap(encode_conversations, ranges)):
-                    parts.append(part)
-                    bar.update(hi - lo)
-        finally:
-            _FORKED_JOB = None
-    else:
-        for lo, hi in ranges:
-            parts.append(encode_conversations((lo, hi), job))
+    with tqdm(total=n, desc="Tokenizing conversations", unit="conv", disable=n < chunk) as bar:
+        for (lo, hi), part in zip(ranges, ordered_map(encode_conversations, job, ranges,
+                                                      num_proc if len(ranges) > 1 else 1), strict=True):
+            parts.append(part)
             bar.update(hi - lo)
-    bar.close()
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else encode_conversations((0, 0), job)
-
 
 def kept_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The flat ids, labels and lengths of the samples with a trained token (the others are dropped and counted)."""

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +64,7 @@ from chattune.data.template import (
     make_renderer,
     turn_structure_tokens,
 )
+from chattune.data.workers import ordered_map
 
 # Below this much input, worker processes cost more than they save.
 _PARALLEL_MIN_BYTES = 4 << 20
@@ -73,7 +72,8 @@ _PARALLEL_MIN_BYTES = 4 << 20
 
 @dataclass
 class _Settings:
-    """What a worker needs to turn a chunk into samples; inherited by forked workers, never pickled per chunk."""
+    """What a worker needs to turn a chunk into samples: handed to the workers when they are forked, never pickled
+    per chunk."""
 
     tokenizer: Any
     template_kwargs: dict[str, Any] | None
@@ -97,13 +97,10 @@ class _ChunkResult:
     control_affected: int = 0
 
 
-_FORKED: _Settings | None = None  # set in the parent just before forking the worker pool, read by the workers
-
-
-def _process(chunk: Chunk, encode: bool, settings: _Settings | None = None) -> _ChunkResult:
+def _process(task: tuple[Chunk, bool], settings: _Settings) -> _ChunkResult:
     """Validate, render and tokenize one chunk (in a worker). With `encode` false only validate: the run already
     failed and goes on only to report every problem."""
-    settings = settings or _FORKED
+    chunk, encode = task
     validated = validate_chunk(chunk)
     conversations, validated.conversations = validated.conversations, []
     result = _ChunkResult(chunk.size, validated)
@@ -169,25 +166,11 @@ class _Run:
 
 
 def _run_chunks(run: _Run, sources: Sources, num_proc: int) -> None:
-    global _FORKED
-    chunks = read_sources(sources, run.tally)
-    if num_proc <= 1:
-        for chunk in chunks:
-            run.merge(_process(chunk, not run.failed, run.settings))
-        return
-    _FORKED = run.settings
-    try:
-        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            pending: deque = deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(_process, (chunk, not run.failed)))
-                while len(pending) >= 2 * num_proc:  # bounded: a few chunks in flight, never the dataset
-                    run.merge(pending.popleft().get())
-            while pending:
-                run.merge(pending.popleft().get())
-    finally:
-        _FORKED = None
-
+    """Every chunk through `_process`, a few in flight at a time, merged in order. Once the run has failed, the
+    chunks handed out after that are only validated (every problem is still listed)."""
+    tasks = ((chunk, not run.failed) for chunk in read_sources(sources, run.tally))
+    for result in ordered_map(_process, run.settings, tasks, num_proc):
+        run.merge(result)
 
 def _settings_text(settings: _Settings) -> str:
     tokenizer = settings.tokenizer

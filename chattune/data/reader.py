@@ -66,33 +66,28 @@ class Chunk:
     records: Records | None = None
 
 
-class _DuplicateKeys:
-    """object_pairs_hook that notes repeated keys (json keeps the last one silently): a record with one is refused,
-    because which value the writer meant is unknowable."""
+class _Decoder:
+    """json's decoder that notes repeated keys (json keeps the last one silently): a record with one is refused,
+    because which value the writer meant is unknowable. One per file or chunk being parsed (no shared state)."""
 
     def __init__(self) -> None:
         self.found: list[str] = []
+        self.json = json.JSONDecoder(object_pairs_hook=self._pairs)
 
-    def __call__(self, pairs: list[tuple[str, Any]]) -> dict:
+    def _pairs(self, pairs: list[tuple[str, Any]]) -> dict:
         record = dict(pairs)
         if len(record) != len(pairs):
             seen: set[str] = set()
             self.found += [key for key, _ in pairs if key in seen or seen.add(key)]
         return record
 
-
-_DUPLICATES = _DuplicateKeys()
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_DUPLICATES)
-
-
-def _duplicate_problem() -> str | None:
-    if not _DUPLICATES.found:
-        return None
-    keys = ", ".join(repr(k) for k in dict.fromkeys(_DUPLICATES.found))
-    _DUPLICATES.found.clear()
-    return f"an object repeats the key {keys}; JSON readers keep only one of the values: remove the duplicate"
+    def duplicate_problem(self) -> str | None:
+        """The repeated keys of what was decoded since the last call."""
+        if not self.found:
+            return None
+        keys = ", ".join(repr(k) for k in dict.fromkeys(self.found))
+        self.found.clear()
+        return f"an object repeats the key {keys}; JSON readers keep only one of the values: remove the duplicate"
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -108,10 +103,10 @@ def _surrogate(value: Any) -> str | None:
     return next((found for item in items if (found := _surrogate(item))), None)
 
 
-def _checked(value: Any, raw: str) -> Any:
+def _checked(value: Any, raw: str, decoder: _Decoder) -> Any:
     """A parsed record, or a BadLine for repeated keys or lone surrogates (looked for only when the raw text has a
     surrogate escape, so valid data pays nothing)."""
-    duplicate = _duplicate_problem()
+    duplicate = decoder.duplicate_problem()
     if duplicate:
         return BadLine(duplicate)
     if _SURROGATE_ESCAPE.search(raw):
@@ -122,24 +117,25 @@ def _checked(value: Any, raw: str) -> Any:
     return value
 
 
-def _parse_line(line: str) -> Any:
+def _parse_line(line: str, decoder: _Decoder) -> Any:
     """One JSONL line: the record, or a BadLine saying why not."""
-    _DUPLICATES.found.clear()
+    decoder.found.clear()
     try:
-        value = _DECODER.decode(line)
+        value = decoder.json.decode(line)
     except json.JSONDecodeError as e:
         return BadLine(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}; {_JSONL_RULE}")
     except RecursionError:
         return BadLine("not usable: its JSON is nested too deeply to read; a chat record needs a few levels only")
-    return _checked(value, line)
+    return _checked(value, line, decoder)
 
 
 def _parse_jsonl(text: str, first_line: int = 1) -> Records:
     records: Records = []
+    decoder = _Decoder()
     # split("\n"), not splitlines(): JSON strings may legally contain raw U+2028 and other "line breaks".
     for number, line in enumerate(text.split("\n"), start=first_line):
         if line.strip():
-            records.append((f"line {number}", _parse_line(line)))
+            records.append((f"line {number}", _parse_line(line, decoder)))
     return records
 
 
@@ -303,16 +299,16 @@ def _parse_document(raw: bytes, start: int, first_line: int) -> Records | None:
         text = raw[start:].decode("utf-8")
     except UnicodeDecodeError as e:
         raise FileProblem(_utf8_problem(raw[start:], e, start, 1)) from None
-    _DUPLICATES.found.clear()
+    decoder = _Decoder()
     try:
-        value = _DECODER.decode(text)
+        value = decoder.json.decode(text)
     except json.JSONDecodeError as e:
         if e.lineno == first_line and e.msg != "Extra data":
             return None
         raise FileProblem(f"is not valid JSON: {_json_error(e)} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise FileProblem("is not usable: its JSON is nested too deeply to read") from None
-    return [("record 0", _checked(value, text))]  # not an array: those start with "[" and are streamed
+    return [("record 0", _checked(value, text, decoder))]  # not an array: those start with "[" and are streamed
 
 
 class _Text:
@@ -373,6 +369,7 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
     del raw
     pos = text.text.index("[") + 1
     records: Records = []
+    decoder = _Decoder()
     index = 0
 
     def skip_space(at: int) -> int:
@@ -400,9 +397,9 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
                 raise fail("Expecting ',' delimiter", pos)
             pos, value_next = pos + 1, True
             continue
-        _DUPLICATES.found.clear()
+        decoder.found.clear()
         try:
-            value, end = _DECODER.raw_decode(text.text, pos)
+            value, end = decoder.json.raw_decode(text.text, pos)
             if end == len(text.text) and text.more():  # a value that may go on in the next block: parse it again
                 continue
         except json.JSONDecodeError as e:
@@ -414,7 +411,7 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
             raise fail(_json_error(e), e.pos) from None
         except RecursionError:
             raise FileProblem(f"is not usable: record {index} is nested too deeply to read") from None
-        records.append((f"record {index}", _checked(value, text.text[pos:end])))
+        records.append((f"record {index}", _checked(value, text.text[pos:end], decoder)))
         index, pos, value_next = index + 1, end, False
         if len(records) >= chunk_records:
             yield Chunk(path, size=reader.progress(), records=records)

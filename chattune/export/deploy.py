@@ -261,7 +261,7 @@ def check_quality(reference_loss: float, artifact_loss: float, tokens: int, quan
 
 def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
     from chattune.data.problems import DataError
-    from chattune.export.gptq import Samples
+    from chattune.export.samples import Samples
 
     artifact_path = args.model_path or args.run_dir
     for flag, path in (("--run_dir", args.run_dir), ("--model_path", artifact_path)):

@@ -35,7 +35,7 @@ def load_artifact(path: str, args: DeployArgs) -> tuple[Any, Any]:
 
 
 def loss_on(model: Any, samples: Any, desc: str) -> tuple[float, int]:
-    from chattune.export.gptq import perplexity
+    from chattune.export.samples import perplexity
 
     result = perplexity(model, samples, desc)
     return result.nll / max(result.tokens, 1), result.tokens

@@ -1,4 +1,5 @@
-"""Per-GPU memory estimate from the model config alone (no weights), with a verdict per card and the cheapest fix.
+"""Per-GPU memory estimate from the model config alone (no weights), with a verdict per card and the cheapest fix;
+the time estimate, and the disk the checkpoints need.
 
 The model is built on the meta device to count parameters by kind (decoder linear layers, embeddings/output layer,
 the rest), so MoE, GLM and remote-code models are counted as they are. Then, per GPU:
@@ -13,8 +14,11 @@ The estimate is a planning tool, checked against published measurements (tests/t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
+
+from chattune.train.checkpoints import size_text
 
 GB = 2**30
 CARDS = (24, 40, 80)
@@ -388,3 +392,34 @@ def format_time(shape: ModelShape, s: Setup, plan: DataPlan | None, epochs: floa
         lines.append(f"  {kind.name:<10} {format_duration(epoch):>8} per epoch, {format_duration(epoch * epochs):>8} "
                      f"for {epochs:g} epoch(s)")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Disk
+# --------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_bytes(mode: str, shape: ModelShape, lora_r: int, fp32: bool, deepspeed: bool) -> tuple[int, int]:
+    """Rough (result, checkpoint) sizes in bytes: the saved weights, plus Adam's two fp32 moments per trainable
+    parameter (and DeepSpeed's fp32 master copy) in a checkpoint."""
+    trainable = shape.total if mode == "full" else shape.lora_params_per_rank * lora_r
+    result = shape.total * (4 if fp32 or not deepspeed else 2) if mode == "full" else trainable * 4
+    return result, result + trainable * (12 if deepspeed else 8)
+
+
+def disk_warning(training_args: Any, lora_args: Any, mode: str, shape: ModelShape, steps: int, free: int
+                  ) -> str | None:
+    """A warning when the output directory's filesystem cannot hold the checkpoints the run keeps and its result."""
+    strategy = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
+    every = training_args.save_steps if training_args.save_steps >= 1 else training_args.save_steps * steps
+    saves = {"steps": int(steps // max(1, every)), "epoch": math.ceil(training_args.num_train_epochs)}.get(strategy, 0)
+    kept = min(saves, training_args.save_total_limit) if training_args.save_total_limit else saves
+    fp32 = not (training_args.bf16 or training_args.fp16)
+    result, checkpoint = checkpoint_bytes(mode, shape, lora_args.lora_r, fp32, bool(training_args.deepspeed))
+    need = kept * checkpoint + result
+    if need <= free:
+        return None
+    gb = size_text
+    return (f"WARNING: {training_args.output_dir} has {gb(free)} free; {kept} checkpoints of ~{gb(checkpoint)} and "
+            f"the result (~{gb(result)}) need ~{gb(need)}: free space, lower --save_total_limit, or choose another "
+            "--output_dir")

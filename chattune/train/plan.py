@@ -38,6 +38,7 @@ from chattune.train.memory import (
     GPU_KINDS,
     DataPlan,
     ModelShape,
+    disk_warning,
     estimate,
     estimate_seconds,
     format_duration,
@@ -259,7 +260,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
     setup = dataclasses.replace(setup, micro_batch_tokens=max(batch.peak_micro_batch_tokens, 1))
     memory_gb = round(estimate(shape, setup)["total"] / GB, 1) if shape is not None else None
     time = _time(shape, setup, batch, lengths, hardware) if shape is not None else None
-    disk = _disk_warning(training_args, lora_args, mode, shape, batch.steps, output.free_bytes) if shape else None
+    disk = disk_warning(training_args, lora_args, mode, shape, batch.steps, output.free_bytes) if shape else None
     return Plan(
         model=model_args.model_name_or_path, mode=mode, dtype=str(compute_dtype(training_args)).replace("torch.", ""),
         processes=hardware.processes, deepspeed=training_args.deepspeed or None,
@@ -463,32 +464,6 @@ def _time(shape: ModelShape, setup: Any, batch: Batch, lengths: np.ndarray, hard
     seconds = estimate_seconds(shape, setup, tokens, kind, sequence_tokens=token_weighted_length(lengths),
                                micro_batches=micro_batches)
     return f"~{format_duration(seconds)} on {GPU_KINDS[kind].name} (estimate)"
-
-
-def checkpoint_bytes(mode: str, shape: ModelShape, lora_r: int, fp32: bool, deepspeed: bool) -> tuple[int, int]:
-    """Rough (result, checkpoint) sizes in bytes: the saved weights, plus Adam's two fp32 moments per trainable
-    parameter (and DeepSpeed's fp32 master copy) in a checkpoint."""
-    trainable = shape.total if mode == "full" else shape.lora_params_per_rank * lora_r
-    result = shape.total * (4 if fp32 or not deepspeed else 2) if mode == "full" else trainable * 4
-    return result, result + trainable * (12 if deepspeed else 8)
-
-
-def _disk_warning(training_args: Any, lora_args: Any, mode: str, shape: ModelShape, steps: int, free: int
-                  ) -> str | None:
-    """A warning when the output directory's filesystem cannot hold the checkpoints the run keeps and its result."""
-    strategy = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
-    every = training_args.save_steps if training_args.save_steps >= 1 else training_args.save_steps * steps
-    saves = {"steps": int(steps // max(1, every)), "epoch": math.ceil(training_args.num_train_epochs)}.get(strategy, 0)
-    kept = min(saves, training_args.save_total_limit) if training_args.save_total_limit else saves
-    fp32 = not (training_args.bf16 or training_args.fp16)
-    result, checkpoint = checkpoint_bytes(mode, shape, lora_args.lora_r, fp32, bool(training_args.deepspeed))
-    need = kept * checkpoint + result
-    if need <= free:
-        return None
-    gb = checkpoints.size_text
-    return (f"WARNING: {training_args.output_dir} has {gb(free)} free; {kept} checkpoints of ~{gb(checkpoint)} and "
-            f"the result (~{gb(result)}) need ~{gb(need)}: free space, lower --save_total_limit, or choose another "
-            "--output_dir")
 
 
 def trainer_arguments(plan: Plan, training_args: Any) -> Any:
