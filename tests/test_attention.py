@@ -57,6 +57,7 @@ def test_explicit_packing_or_kernel_the_class_cannot_honour_is_an_error():
     assert choose_attention("auto", "false", NATIVE, cuda=True, flash_problem="x").implementation == "sdpa"
 
 
+@pytest.mark.slow
 def test_model_class_reads_declared_support_and_remote_code(model_dirs):
     config = AutoConfig.from_pretrained(model_dirs("qwen2"))
     cls = model_class(config, trust_remote_code=True)
@@ -144,6 +145,7 @@ def static_flex_compiles():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("static_flex_compiles")
 def test_flex_attention_forward_on_cpu_isolates_packed_samples(model_dirs):
     """flex_attention runs its forward on CPU: the block mask built from restarting position_ids keeps samples apart

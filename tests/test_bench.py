@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench.throughput import SidePlan, Suite, last_error_line, plan_side, table_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +27,7 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_throughput_bench_runs_each_side_in_its_own_process():
     proc = run_throughput("--steps", "3", "--warmup", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +46,7 @@ def test_throughput_bench_runs_each_side_in_its_own_process():
     assert "chattune: packed micro-batches of <= 512 tokens, " in proc.stdout
 
 
+@pytest.mark.slow
 def test_throughput_bench_reports_a_side_past_its_timeout_and_goes_on():
     proc = run_throughput("--steps", "3", "--warmup", "1", "--timeout", "1")
     assert proc.returncode == 1
@@ -70,6 +74,7 @@ def test_failed_side_row_keeps_the_table_shape():
     assert row == "| baseline | failed: ValueError: a / b | | | | | | | |"
 
 
+@pytest.mark.slow
 def test_prepare_speed_bench_runs(model_dirs):
     proc = subprocess.run([sys.executable, "bench/prepare_speed.py", "--model_name_or_path", str(model_dirs("qwen2")),
                            "--n", "300"], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -79,3 +84,10 @@ def test_prepare_speed_bench_runs(model_dirs):
     cold, cached = rows
     assert float(cold[4].replace(",", "")) > 0 and cached[4].strip() == "-"  # tokens/s only where tokenizing
     assert all(float(row[5].replace(",", "")) > 100 for row in rows)  # peak MB of the main process, measured
+
+
+def test_read_speed_bench_runs():
+    proc = subprocess.run([sys.executable, "bench/read_speed.py", "--n", "300"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"\| JSONL, chattune \(read \+ validate\) \| [\d.]+ \| [\d,]+ \|", proc.stdout), proc.stdout

@@ -102,6 +102,7 @@ def test_latest_complete_moves_broken_ones_aside_and_rotation_keeps_the_newest(t
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches, damage", [("padded", "truncate weights"), ("packed", "delete optimizer")])
 def test_broken_newest_checkpoint_resumes_from_the_previous_one(model_dirs, tmp_path, capsys, batches, damage):
     model_dir = model_dirs("qwen2")
@@ -126,6 +127,7 @@ def test_broken_newest_checkpoint_resumes_from_the_previous_one(model_dirs, tmp_
                                torch.tensor([reference[s] for s in range(1, 7)]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_explicit_resume_from_a_broken_checkpoint_says_what_is_missing(model_dirs, tmp_path):
     out = tmp_path / "run"
     train(model_dirs("qwen2"), out, "--max_steps", 2)
@@ -149,6 +151,7 @@ sys.exit(finetune.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_no_visible_checkpoint(model_dirs, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "die.py"
@@ -191,6 +194,7 @@ def disk_full_at(monkeypatch):
     return at
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_is_reported_and_training_goes_on(model_dirs, tmp_path, capsys, disk_full_at):
     """--save_total_limit 1: the save at step 4 fails; checkpoint-2, the last complete one, stays until step 6's
     checkpoint is committed."""
@@ -265,6 +269,7 @@ def test_two_rank_zero3_checkpoint_is_all_or_nothing(model_dirs, tmp_path):
     assert "resuming from" in proc.stderr and sorted(losses(out)) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_too_little_space_for_the_kept_checkpoints_is_warned_at_the_start(model_dirs, tmp_path, monkeypatch):
     from chattune.train import run as train_module
 
@@ -275,6 +280,7 @@ def test_too_little_space_for_the_kept_checkpoints_is_warned_at_the_start(model_
     assert any(n.startswith(f"WARNING: {out} has 10.0 kB free; 2 checkpoints of ~") for n in notes), notes
 
 
+@pytest.mark.slow
 def test_full_model_checkpoints_carry_the_trained_stops_and_stay_whole(model_dirs, tmp_path):
     """A base whose generation config stops elsewhere than training: every checkpoint of a full fine-tune is written
     with the trained stops and chattune.json, and still matches its manifest (a file rewritten after the commit

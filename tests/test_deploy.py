@@ -53,6 +53,7 @@ def artifacts(model_dirs, tmp_path_factory):
     return {"root": root, "run": run, "merged": merged, "gptq": gptq, "data": data}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["run", "merged", "gptq"])
 def test_the_adapter_the_merged_and_the_gptq_model_pass(artifacts, which):
     artifact = artifacts[which]
@@ -84,6 +85,7 @@ def tampered(artifacts, name: str) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_a_changed_template_fails_the_prompt_check(artifacts):
     artifact = tampered(artifacts, "template")
     template = artifact / "chat_template.jinja"
@@ -97,6 +99,7 @@ def test_a_changed_template_fails_the_prompt_check(artifacts):
     assert "PASS  quality" in proc.stdout and "FAILED (prompt)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_removed_stop_token_fails_the_stop_check(artifacts):
     artifact = tampered(artifacts, "stop")
     config = json.loads((artifact / "generation_config.json").read_text())
@@ -109,6 +112,7 @@ def test_a_removed_stop_token_fails_the_stop_check(artifacts):
     assert "FAILED (stop)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_scaled_weight_fails_the_quality_check(artifacts):
     artifact = tampered(artifacts, "weight")
     weights = load_file(str(artifact / "model.safetensors"))
@@ -123,6 +127,7 @@ def test_a_scaled_weight_fails_the_quality_check(artifacts):
     assert abs(quality["relative_change"]) > 1e-3 and not report["passed"]
 
 
+@pytest.mark.slow
 def test_bad_input_is_exit_2(artifacts, tmp_path):
     proc = check(tmp_path)
     assert proc.returncode == 2 and "no val.jsonl" in proc.stderr and "Traceback" not in proc.stderr
@@ -133,6 +138,7 @@ def test_bad_input_is_exit_2(artifacts, tmp_path):
     assert proc.returncode == 2 and "--model_path" in proc.stderr and "not a directory" in proc.stderr
 
 
+@pytest.mark.slow
 def test_template_variables_of_training_are_baked_into_the_saved_template(model_dirs, tmp_path):
     """A Qwen3 run with enable_thinking false: an engine renders the saved template without variables, and must get
     the '<think>\\n\\n</think>' prompt training used; the deploy check's prompt check confirms it."""
@@ -154,6 +160,7 @@ def test_template_variables_of_training_are_baked_into_the_saved_template(model_
     assert "PASS  prompt   4 prompts identical to training's" in proc.stdout, proc.stdout + proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_baking_changes_no_rendering_of_the_real_templates():
     """Rendering the baked template with or without the variables gives what the original gives with them."""
     from test_real_templates import CASES, tokenizer
@@ -213,6 +220,7 @@ def test_baked_defaults_are_replaced_not_stacked_and_none_is_jinja_none():
     assert Template(again).render() == "no-2"
 
 
+@pytest.mark.slow
 def test_no_turn_to_generate_is_a_failed_stop_check_not_a_pass(artifacts):
     proc = check(artifacts["run"], None, "--max_length", "4")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]

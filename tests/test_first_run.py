@@ -48,6 +48,7 @@ def test_unreachable_hub_uses_the_cached_copy(no_hub, tmp_path):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
+@pytest.mark.slow
 def test_cli_unreachable_hub_is_one_error_line(no_hub, tmp_path):
     env = dict(os.environ, CHATTUNE_CPU="1")
     out = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", "Qwen/Qwen2.5-0.5B-Instruct",
@@ -58,6 +59,7 @@ def test_cli_unreachable_hub_is_one_error_line(no_hub, tmp_path):
     assert "not a local directory, and the Hugging Face hub 127.0.0.1" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["directory", "missing-folder"])
 def test_dump_tokenized_path_checked_first(tmp_path, case, model_dirs):
     target = tmp_path if case == "directory" else tmp_path / "nope" / "tokens.jsonl"
@@ -70,6 +72,7 @@ def test_dump_tokenized_path_checked_first(tmp_path, case, model_dirs):
     assert f"--dump_tokenized {target}: {expected}" in out.stderr
 
 
+@pytest.mark.slow
 def test_eval_data_with_nothing_kept_is_an_error_before_training(tmp_path, model_dirs):
     long_prompt = {"conversations": [{"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "ok"}]}
     (tmp_path / "eval.jsonl").write_text(json.dumps(long_prompt) + "\n")
@@ -88,6 +91,7 @@ NOISE = ("GPT-QModel", "GIL is enabled", "Failed to load", "register_constant", 
          "is deprecated", "The tokenizer has new PAD/BOS/EOS tokens", "Traceback")
 
 
+@pytest.mark.slow
 def test_a_lora_run_prints_no_third_party_noise(tmp_path, model_dirs):
     def run(verbose: bool) -> str:
         env = dict(os.environ, CHATTUNE_VERBOSE="1" if verbose else "")
@@ -107,6 +111,7 @@ def test_a_lora_run_prints_no_third_party_noise(tmp_path, model_dirs):
     assert [marker for marker in NOISE if marker in verbose]
 
 
+@pytest.mark.slow
 def test_the_untruncated_length_warning_of_data_preparation_is_hidden():
     """Preparation tokenizes whole conversations before cutting them to --model_max_length (and reports the cut):
     the tokenizer's 'longer than the specified maximum sequence length' warning is about that untruncated text."""
@@ -157,6 +162,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_input_is_one_clear_error(case, tmp_path, model_dirs, capsys):
     import finetune

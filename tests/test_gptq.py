@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from chattune.errors import UserError
 from chattune.export import gptq
+from chattune.export import samples as samples_module
 from chattune.export.gptq import quantized_linear_count
 from chattune.export.samples import Samples, perplexity, split_conversations
 
@@ -85,10 +86,11 @@ def test_perplexity_is_exp_mean_cross_entropy_over_trained_tokens(model_dirs, mo
     result = perplexity(model, samples)
     assert result.tokens == 8 + 25
     assert result.value == pytest.approx(math.exp(nll / result.tokens), rel=1e-5)
-    monkeypatch.setattr(gptq, "accepts_logits_to_keep", lambda model: False)  # models without logits_to_keep
+    monkeypatch.setattr(samples_module, "accepts_logits_to_keep", lambda model: False)  # models without logits_to_keep
     assert perplexity(model, samples).value == pytest.approx(result.value, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_model_reloads_quantized_and_close_to_float(model_dirs, tmp_path, bits):
     source = model_dirs("qwen2")
@@ -162,6 +164,7 @@ def adapter(model_dirs, tmp_path_factory):
     return root / "lora"
 
 
+@pytest.mark.slow
 def test_adapter_dir_is_folded_then_quantized(model_dirs, adapter, tmp_path):
     from chattune.export.merge import load_for_inference
 
@@ -187,6 +190,7 @@ def test_adapter_dir_is_folded_then_quantized(model_dirs, adapter, tmp_path):
     assert not list(tmp_path.glob(".chattune-merged-*"))  # the folded copy made for GPTQModel is removed
 
 
+@pytest.mark.slow
 def test_user_errors_exit_with_a_message_and_no_traceback(model_dirs, tmp_path):
     proc = script("run_gptq.py", "--model_name_or_path", tmp_path / "missing", "--data_path", DATA,
                   "--out_path", tmp_path / "out", "--bits", 3, rc=2)
@@ -202,6 +206,7 @@ def test_user_errors_exit_with_a_message_and_no_traceback(model_dirs, tmp_path):
         assert not (tmp_path / "out").exists()  # nothing written before the data is known to be usable
 
 
+@pytest.mark.slow
 def test_qlora_on_a_gptq_base_trains_and_the_adapter_reproduces_it(model_dirs, tmp_path):
     """Qwen's own Q-LoRA path (Qwen-7B-Chat-Int4): LoRA on a GPTQ int4 base, here one made by run_gptq.py. The
     default all-linear targets resolve to the quantized linears, the kernel has a backward, the adapter reloads."""

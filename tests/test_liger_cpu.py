@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("liger_kernel")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_liger_loss_and_gradients_equal_the_models_own_through_the_trainer(family):
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -79,6 +79,7 @@ def check_step(model_dir, out, ref_loss, ref_grads):
         torch.testing.assert_close(update, grad, rtol=2e-3, atol=2e-6, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["chunked", "none"])
 @pytest.mark.parametrize("batches", ["padded", "packed"])
 def test_one_step_equals_reference_with_accumulation(model_dirs, data, tmp_path, batches, loss):
@@ -97,6 +98,7 @@ def test_one_step_equals_reference_with_accumulation(model_dirs, data, tmp_path,
     check_step(model_dir, out, ref_loss, ref_grads)
 
 
+@pytest.mark.slow
 def test_model_that_accepts_no_loss_kwargs_is_normalized_the_same(model_dirs, data, tmp_path, monkeypatch):
     """transformers skips `num_items_in_batch` for such classes (Gemma-3 checkpoints load as one); we count anyway."""
     import transformers
@@ -137,6 +139,7 @@ def test_two_ranks_with_accumulation_equal_reference(model_dirs, data, tmp_path,
     assert eval_loss == pytest.approx(reference(out, samples)[0], rel=1e-5)  # the trained model on all 8 samples
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
 def test_fused_loss_applies_the_family_logit_transform(model_dirs, data, tmp_path, family):
     """Soft-capping (Gemma-2), logit_scale (Cohere), logits_scaling (Granite): the default fused loss trains the
@@ -153,6 +156,7 @@ def test_fused_loss_applies_the_family_logit_transform(model_dirs, data, tmp_pat
     check_step(model_dir, out, ref_loss, ref_grads)
 
 
+@pytest.mark.slow
 def test_unknown_logit_transform_is_caught_on_the_first_micro_batch(model_dirs, data, tmp_path, monkeypatch,
                                                                     capsys):
     """A family whose transform chattune does not know (simulated: the Gemma-2 soft-cap forgotten): an explicit
@@ -182,6 +186,7 @@ def steps_of(trainer, epoch=0) -> list[list[int]]:
             for ranks in trainer.steps.step_layout(epoch)]
 
 
+@pytest.mark.slow
 def test_packed_and_padded_runs_take_the_same_steps_with_the_same_samples(model_dirs, tmp_path):
     """The recipe is the user's: 2 samples per micro-batch x 2 accumulated = 4 per optimizer step, packed or padded,
     whatever the token budget cuts them into. Same steps, same samples in each, the same loss and update."""

@@ -138,6 +138,7 @@ def test_verdicts_and_cheapest_changes(qwen7b):
         "does not fit even with Q-LoRA and small micro-batches: use more GPUs or a smaller model")
 
 
+@pytest.mark.slow
 def test_cli_estimate_memory_needs_no_weights(tmp_path):
     import subprocess
     import sys
@@ -157,6 +158,7 @@ def test_cli_estimate_memory_needs_no_weights(tmp_path):
     assert "per 1,000 micro-batches of 4096 tokens per GPU" in proc.stdout and "RTX 3090" in proc.stdout
 
 
+@pytest.mark.slow
 def test_cli_estimate_with_data_uses_its_lengths(tmp_path):
     """--estimate_memory --data_path: the activations come from the largest real micro-batch, not the flags' worst
     case, and the time is given per epoch of the data."""

@@ -54,6 +54,7 @@ def logits(model, tok):
     return model(**batch).logits.float()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,template", [("qwen2", "auto"), ("deepseek", "auto"), ("deepseek", "chatml")])
 def test_merged_logits_equal_base_plus_adapter(model_dirs, adapters, tmp_path, family, template):
     adapter = adapters(family, template)
@@ -74,6 +75,7 @@ def test_merged_logits_equal_base_plus_adapter(model_dirs, adapters, tmp_path, f
     assert gen["eos_token_id"] == json.loads((adapter / "generation_config.json").read_text())["eos_token_id"]
 
 
+@pytest.mark.slow
 def test_merge_refuses_quantized_base_and_untrained_adapter(model_dirs, adapters, tmp_path):
     adapter = adapters("qwen2")
     quantized = tmp_path / "base-4bit"
@@ -97,6 +99,7 @@ def test_merge_refuses_quantized_base_and_untrained_adapter(model_dirs, adapters
     assert "holds no adapter_config.json" in proc.stderr
 
 
+@pytest.mark.slow
 def test_chat_answers_a_batch_for_every_model_kind(model_dirs, adapters, tmp_path):
     adapter = adapters("qwen2")
     merged = tmp_path / "merged"

@@ -61,6 +61,7 @@ def reference(tok, messages):
     return ids, labels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "deepseek"])
 @pytest.mark.parametrize("example", ["sharegpt.json", "messages.jsonl", "alpaca.json"])
 def test_dump_equals_apply_chat_template_reference(model_dirs, tmp_path, family, example):
@@ -79,6 +80,7 @@ def test_dump_equals_apply_chat_template_reference(model_dirs, tmp_path, family,
         assert got["labels"] == labels
 
 
+@pytest.mark.slow
 def test_cli_malformed_file_exits_with_message_no_traceback(model_dirs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
@@ -96,6 +98,7 @@ def test_cli_malformed_file_exits_with_message_no_traceback(model_dirs, tmp_path
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_unknown_flag_and_missing_template(model_dirs, tmp_path):
     proc = run_cli("--model_name_or_path", model_dirs("qwen2"), "--data_path", EXAMPLES / "alpaca.json",
                    "--output_dir", tmp_path, "--no_such_flag", "1", check_rc=2)
@@ -148,6 +151,7 @@ def test_cache_is_reused_and_keyed_by_settings(model_dirs, tmp_path):
     assert again.dataset["input_ids"][:] == first.dataset["input_ids"][:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["data.template", "data.records", "data.reader", "data.encode", "data.prepare"])
 def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, monkeypatch, module):
     """Labels cached by older code are not served after the code that renders or masks them changes."""
@@ -167,6 +171,7 @@ def test_cache_is_keyed_on_the_rendering_and_masking_code(model_dirs, tmp_path, 
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # temporary directories are committed or removed
 
 
+@pytest.mark.slow
 def test_parallel_workers_give_identical_output(model_dirs, tmp_path):
     tok, setup = prepare_tokenizer(str(model_dirs("deepseek")), "auto")
     convs = load_conversations(str(EXAMPLES / "sharegpt.json")).conversations * 200  # 2600 conversations, 3 chunks

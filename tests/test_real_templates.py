@@ -177,6 +177,7 @@ def encode_one(tok, stops, messages, tools, kwargs, max_length, bound, render_ca
 
 @pytest.mark.parametrize("family, messages, tools, kwargs", LONG_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(LONG_CASES)])
+@pytest.mark.slow
 def test_turns_past_the_length_limit_are_not_rendered_and_the_kept_tokens_are_the_same(family, messages, tools,
                                                                                        kwargs):
     """At every limit across the conversation's length: the kept ids and labels, the token counts and the cut tokens
@@ -207,6 +208,7 @@ def test_turns_past_the_length_limit_are_not_rendered_and_the_kept_tokens_are_th
     assert skipped_somewhere  # the bound was exercised (Qwen3's turns train on their own, and are bounded too)
 
 
+@pytest.mark.slow
 def test_a_ten_thousand_turn_record_renders_only_what_fits(monkeypatch):
     """The issue's 10,000-turn record took 295 s: every turn's history was rendered. Now the rendering stops at the
     first turn whose prompt fills the limit: a bounded number of renders, and the rest counted in the report."""

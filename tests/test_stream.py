@@ -113,6 +113,7 @@ def both(path, tok, setup, tmp_path, *, skip_invalid=False, num_proc=2, **kw):
     return streamed, memory, load
 
 
+@pytest.mark.slow
 def test_streamed_equals_in_memory_over_many_chunks(qwen, tmp_path, tiny_chunks):
     tok, setup = qwen
     rows = records(120)
@@ -263,6 +264,7 @@ def _prepare_in_child(path, model_dir, cache, queue):
     queue.put(prepared.from_cache)
 
 
+@pytest.mark.slow
 def test_concurrent_main_processes_prepare_once(model_dirs, tmp_path):
     """Two nodes' main processes on one shared cache: one prepares, the other waits for its lock and loads."""
     path = write_jsonl(tmp_path / "data.jsonl", records(3000))
@@ -293,6 +295,7 @@ print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
 """
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_as_the_data_grows(model_dirs, tmp_path):
     def peak(n: int) -> dict:
         path = tmp_path / f"{n}.jsonl"
@@ -405,6 +408,7 @@ def test_unreadable_directory_and_bad_gzip(tmp_path):
         assert f"{locked}: cannot be listed: Permission denied" in error_of(locked)
 
 
+@pytest.mark.slow
 def test_huge_message_is_cut_before_tokenizing_without_changing_the_kept_tokens(qwen, tmp_path, monkeypatch):
     import chattune.data.encode
     import chattune.data.prepare

@@ -115,6 +115,7 @@ def test_deepseek_v2_moe_family(toks):
     assert trained_segments(tok, ids, labels) == [" 床前明月光。<｜end▁of▁sentence｜>"]
 
 
+@pytest.mark.slow
 def test_glm4_turns_closed_by_next_role_token_and_eos_appended(toks):
     """GLM-4 ends an answer with the next <|user|> (a generation stop token) and leaves the last one open."""
     tok, setup = toks("glm4")
@@ -174,6 +175,7 @@ def test_builtin_llama3_adds_missing_special_tokens(model_dirs):
     assert trained_segments(tok, ids, labels) == ["Hello<|eot_id|>"]  # llama3 trims content
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_every_builtin_template_renders_and_masks(model_dirs, name):
     tok = AutoTokenizer.from_pretrained(model_dirs("qwen2"))

@@ -41,6 +41,7 @@ def test_converted_tokenizer_encodes_like_tiktoken(qwen1_dir):
     assert len(SPECIAL_TOKENS) == 208 and len(tok) == 151643 + 208
 
 
+@pytest.mark.slow
 def test_qwen1_dump_trains_answer_through_im_end(qwen1_dir, tmp_path):
     """A Qwen-7B-Chat launch line without --template: ChatML, answers trained through <|im_end|>, nothing appended."""
     from chattune.data.load import load_conversations

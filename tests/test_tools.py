@@ -153,6 +153,7 @@ def reference_segments(tok, messages, tools):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["qwen", "chatml"])
 def test_tool_calls_are_trained_and_tool_results_masked(model_dirs, tmp_path, template):
     tok, setup = prepare_tokenizer(str(model_dirs("qwen2")), template)
@@ -171,6 +172,7 @@ def test_tool_calls_are_trained_and_tool_results_masked(model_dirs, tmp_path, te
     assert first[0] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
 
 
+@pytest.mark.slow
 def test_a_template_that_cannot_render_tools_is_refused_naming_the_record(model_dirs, tmp_path):
     """The fixture's Qwen2 template renders no tools: training would teach calls to functions never shown."""
     proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")),
@@ -227,6 +229,7 @@ def test_thinking_disabled_with_reasoning_data_names_the_record_and_the_cause(mo
                         max_length=512, cache_dir=tmp_path, template_kwargs={"enable_thinking": False})
 
 
+@pytest.mark.slow
 def test_builtin_chatml_renders_plain_conversations_as_before():
     """The tool support added to the built-in ChatML templates changes nothing for conversations without tools."""
     from fixtures import qwen_tokenizer

@@ -45,6 +45,7 @@ def base_state(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_full_finetune_learns_changes_all_and_reloads(model_dirs, tmp_path):
     model_dir = model_dirs("qwen2")
     out = tmp_path / "full"
@@ -67,6 +68,7 @@ def test_full_finetune_learns_changes_all_and_reloads(model_dirs, tmp_path):
     assert tok.chat_template == AutoTokenizer.from_pretrained(model_dir).chat_template
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "qlora"])
 def test_lora_and_qlora_train_only_the_adapter_and_reload(model_dirs, tmp_path, mode):
     from peft import PeftModel
@@ -105,6 +107,7 @@ def test_lora_and_qlora_train_only_the_adapter_and_reload(model_dirs, tmp_path, 
         torch.testing.assert_close(logits(reloaded, tok), logits(model, tok))
 
 
+@pytest.mark.slow
 def test_lora_on_moe_adapts_experts_too(model_dirs, tmp_path):
     from peft import PeftModel
 
@@ -124,6 +127,7 @@ def test_lora_on_moe_adapts_experts_too(model_dirs, tmp_path):
     torch.testing.assert_close(logits(reloaded, tok), logits(trainer.model, tok))
 
 
+@pytest.mark.slow
 def test_template_with_new_tokens_trains_embeddings(model_dirs, tmp_path):
     """A DeepSeek-vocabulary base trained on ChatML: <|im_start|>/<|im_end|> are new, embeddings must train."""
     out = tmp_path / "newtok"
@@ -136,6 +140,7 @@ def test_template_with_new_tokens_trains_embeddings(model_dirs, tmp_path):
     assert tok.convert_tokens_to_ids("<|im_end|>") is not None and "<|im_start|>" in tok.chat_template
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batches", ["padded", "packed"])
 def test_rerun_resumes_from_last_checkpoint(model_dirs, tmp_path, batches):
     """Stopped mid-epoch (padded: 4 steps per epoch; packed: 3 micro-batches of <= 256 tokens per epoch), the same
@@ -168,6 +173,7 @@ def test_rerun_resumes_from_last_checkpoint(model_dirs, tmp_path, batches):
     assert json.loads((ref / "run_report.json").read_text())["tokens_seen"] == report["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path):
     out = tmp_path / "preempt"
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")),
@@ -206,6 +212,7 @@ def test_packed_run_with_fused_loss_trains_and_reports(model_dirs, tmp_path):
     assert report["plan"]["steps"] == 10 and report["tokens_seen"] > 0
 
 
+@pytest.mark.slow
 def test_signal_after_the_last_step_still_saves_the_result(model_dirs, tmp_path, monkeypatch, capsys):
     """A SIGTERM that lands after the last step's preemption check stops nothing: the finished model is saved, the
     run exits normally, and no checkpoint is claimed."""
@@ -238,6 +245,7 @@ def test_signal_after_the_last_step_still_saves_the_result(model_dirs, tmp_path,
     assert signal.getsignal(signal.SIGTERM) is before  # our handler is gone again
 
 
+@pytest.mark.slow
 def test_eval_data_is_evaluated_token_weighted_independent_of_batching(model_dirs, tmp_path):
     """--eval_data_path alone means evaluation happens (here once, after training: no checkpoints). eval_loss is the
     mean over every trained token of the eval set, computed here from the saved model, for any eval batch size,
@@ -271,6 +279,7 @@ def test_eval_data_is_evaluated_token_weighted_independent_of_batching(model_dir
     assert values == pytest.approx([total / count] * 4, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_runs_with_every_checkpoint_by_default(model_dirs, tmp_path):
     out = tmp_path / "eval-steps"
     train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 4, "--eval_data_path", DATA, "--max_steps", 4,

@@ -200,6 +200,7 @@ def test_copies_of_a_held_out_conversation_are_not_trained(tmp_path):
     assert len(names) == len(train) and all(n.startswith(f"{data}: line ") for n in names)
 
 
+@pytest.mark.slow
 def test_with_val_size_errors_name_the_users_file_and_record(tmp_path, model_dirs, capsys):
     import finetune
 

@@ -338,6 +338,7 @@ LORA_R8_PARAMS = 16_384  # r=8 on q,k,v,o,gate,up,down of 2 layers (hidden 64, k
     ("finetune_ds.sh", 2, "full", "zero3.json"),
     ("finetune_lora_ds.sh", 2, "lora", "none"),  # plain DDP: the same processes without DeepSpeed
 ])
+@pytest.mark.slow
 def test_wrapper_trains_end_to_end_on_cpu(name, processes, mode, config, model_dirs, tmp_path, fake_bin):
     out = tmp_path / "out"
     extra = (["--lora_r", "8"] if mode != "full" else []) + (["--deepspeed", "none"] if config == "none" else [])
