@@ -167,8 +167,8 @@ def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePl
 def build_model(suite: Suite, plan: SidePlan, device: str, training_args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from chattune.train.architecture import use_common_dtype_in_flex_attention
     from chattune.train.args import LoraArguments
+    from chattune.train.hf import use_common_dtype_in_flex_attention
     from chattune.train.lora import apply_lora
     from chattune.train.run import apply_liger_kernels
 

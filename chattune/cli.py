@@ -13,6 +13,7 @@ from chattune.quiet import quiet_third_party
 quiet_third_party()
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 def log(message: str) -> None:
@@ -27,3 +28,6 @@ def main_guard() -> Iterator[None]:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None

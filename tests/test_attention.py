@@ -17,9 +17,9 @@ from chattune.train.architecture import (
     choose_attention,
     flash_attn_problem,
     model_class,
-    use_common_dtype_in_flex_attention,
 )
 from chattune.train.batches import PackingCollator
+from chattune.train.hf import use_common_dtype_in_flex_attention
 
 NATIVE = ModelClass("Qwen2ForCausalLM", remote_code=False, sdpa=True, flash=True, flex=True, attention_backend=True)
 REMOTE = ModelClass("QWenLMHeadModel", remote_code=True)

@@ -81,11 +81,19 @@ def test_checkpoints_without_a_manifest_are_checked_structurally(tmp_path):
 
 
 def test_latest_complete_moves_broken_ones_aside_and_rotation_keeps_the_newest(tmp_path):
+    from types import SimpleNamespace
+
+    from chattune.train.plan import OutputDir, plan_resume
+    from chattune.train.run import tidy
+
     for step in (2, 4, 6):
         checkpoints.write_manifest(str(fake_checkpoint(tmp_path / f"checkpoint-{step}")))
     (tmp_path / "checkpoint-6" / "optimizer.pt").unlink()
     warnings = []
-    assert checkpoints.latest_complete(str(tmp_path), warnings.append) == str(tmp_path / "checkpoint-4")
+    args = SimpleNamespace(resume_from_checkpoint=None, overwrite_output_dir=False)
+    resume = plan_resume(args, OutputDir.read(str(tmp_path)))
+    tidy(resume, warnings.append)
+    assert resume.source == str(tmp_path / "checkpoint-4")
     assert len(warnings) == 1 and "checkpoint-6 is incomplete (optimizer.pt is missing)" in warnings[0]
     assert (tmp_path / "broken_checkpoint-6").is_dir() and not (tmp_path / "checkpoint-6").exists()
     assert [s for s, _ in checkpoints.committed(str(tmp_path))] == [2, 4]

@@ -140,7 +140,7 @@ def test_cuda_packed_attention_with_qwen25_head_layouts(attn, heads, kv_heads):
     """Non-power-of-two query heads per KV head (flex repeats KV then): packed rows equal each sample alone."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from chattune.train.architecture import use_common_dtype_in_flex_attention
+    from chattune.train.hf import use_common_dtype_in_flex_attention
 
     _attention_available(attn)
     use_common_dtype_in_flex_attention()

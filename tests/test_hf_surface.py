@@ -69,3 +69,10 @@ def test_finetune_refuses_a_transformers_without_a_hook_we_need(monkeypatch, tmp
     with pytest.raises(ConfigError, match=r"cannot run chattune: transformers.Trainer._get_num_items_in_batch is gone"):
         parse_args(["--model_name_or_path", str(tmp_path), "--data_path", "examples/sharegpt.json", "--output_dir",
                     str(tmp_path / "out")])
+
+
+def test_the_private_names_of_the_surface_appear_only_in_hf_py():
+    names = {path.rsplit(".", 1)[1] for path, _, _ in hf.SURFACE}
+    offenders = {str(path.relative_to(ROOT)): sorted(n for n in names if n in path.read_text())
+                 for path in sorted((ROOT / "chattune").rglob("*.py")) if path.name != "hf.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -174,7 +174,10 @@ def test_rerun_resumes_from_last_checkpoint(model_dirs, tmp_path, batches):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path):
+@pytest.mark.parametrize("signals, code", [((signal.SIGTERM,), 143), ((signal.SIGINT,), 130)])
+def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path, signals, code):
+    """A real signal to a real training process: SIGTERM (preemption) and Ctrl-C save a checkpoint at the end of the
+    step and exit 143 / 130. Never a traceback."""
     out = tmp_path / "preempt"
     cmd = [sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")),
            "--data_path", str(DATA), "--output_dir", str(out), "--use_lora", "--max_steps", "100000",
@@ -188,11 +191,12 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path):
     while time.time() < deadline and not any(line.startswith("plan:") for line in lines) and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(3)  # a few training steps
-    proc.send_signal(signal.SIGTERM)
+    for sig in signals:
+        proc.send_signal(sig)
     proc.wait(timeout=120)
     reader.join(timeout=10)
     err = "".join(lines)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     checkpoints = sorted(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
@@ -287,3 +291,13 @@ def test_eval_runs_with_every_checkpoint_by_default(model_dirs, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [2, 4]
     assert json.loads((out / "run_report.json").read_text())["plan"]["evaluation"].startswith("every 2 steps")
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from chattune.train.callbacks import PreemptionCallback
+
+    callback = PreemptionCallback()
+    callback._handle(signal.SIGINT, None)  # the first one: a checkpoint at the end of the step
+    assert callback.signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # the second one: now (main_guard turns it into exit 130, no traceback)
+        callback._handle(signal.SIGINT, None)

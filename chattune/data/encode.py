@@ -138,11 +138,6 @@ def tokenize_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[
             for ids, labels in encodings]
 
 
-def truncate(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Keep the first `max_length` tokens (the beginning of the conversation and its first answers)."""
-    return input_ids[:max_length], labels[:max_length]
-
-
 @dataclass
 class EncodeJob:
     """What a tokenizer worker needs; inherited by forked workers instead of pickled for every chunk."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -13,8 +14,9 @@ from transformers import TrainerCallback
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), or when the file named by $CHATTUNE_STOP_FILE
-    appears, save a checkpoint at the end of the current step and stop. Every rank stops at the same step: the flag is
+    """On SIGTERM/SIGUSR1 (cluster preemption, SLURM's --signal), SIGINT (Ctrl-C), or when the file named by
+    $CHATTUNE_STOP_FILE appears, save a checkpoint at the end of the current step and stop (a second Ctrl-C stops at
+    once, without a checkpoint). Every rank stops at the same step: the flag is
     reduced across ranks once per step.
 
     A signal that lands after the last step's check stops nothing: `stopped_early` stays False, training has finished
@@ -31,10 +33,15 @@ class PreemptionCallback(TrainerCallback):
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.signal:  # Ctrl-C twice: now, not at the end of the step
+                raise KeyboardInterrupt
+            print("\nCtrl-C: a checkpoint is saved at the end of this step, then the run stops (Ctrl-C again to stop "
+                  "at once, without one)", file=sys.stderr, flush=True)
         self.signal = signum
 
     def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):

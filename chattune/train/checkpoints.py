@@ -18,7 +18,6 @@ import re
 import shutil
 import time
 import zipfile
-from collections.abc import Callable
 
 STAGING = ".chattune-staging"
 MANIFEST = "chattune_checkpoint.json"
@@ -123,17 +122,6 @@ def move_aside(path: str) -> str:
     except FileNotFoundError:  # another process of the run (on a shared filesystem) moved it first
         pass
     return target
-
-
-def latest_complete(output_dir: str, warn: Callable[[str], None]) -> str | None:
-    """The newest complete checkpoint; newer broken ones are moved aside, each with a warning."""
-    for _, path in reversed(committed(output_dir)):
-        why = problem(path)
-        if why is None:
-            return path
-        moved = move_aside(path)
-        warn(f"WARNING: {path} is incomplete ({why}): moved to {moved}; resuming from the checkpoint before it")
-    return None
 
 
 def commit(staging_checkpoint: str, final: str) -> None:

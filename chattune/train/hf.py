@@ -104,14 +104,25 @@ class HfTrainer(transformers.Trainer):
         raise NotImplementedError
 
 
-def flex_attention_function() -> tuple[Callable, Callable[[Callable], None]]:
-    """transformers' registered flex_attention function, and how to register a replacement."""
+def use_common_dtype_in_flex_attention() -> None:
+    """flex_attention with fp32 master weights under bf16 autocast gets fp32 query/key (RoPE multiplies them by the
+    fp32 cos/sin of the fp32 residual stream) and a bf16 value; torch before 2.10 rejects mixed dtypes, and flex is
+    not an autocast op. Cast all three to the autocast dtype (or the value's) before the kernel, as sdpa is cast.
+    Registered once, through transformers' AttentionInterface, over its own flex_attention function (read from the
+    registry's private mapping: the public interface has no getter)."""
     from transformers import AttentionInterface
 
-    def register(function: Callable) -> None:
-        AttentionInterface.register("flex_attention", function)
+    current = AttentionInterface._global_mapping["flex_attention"]
+    if getattr(current, "casts_to_common_dtype", False):
+        return
 
-    return AttentionInterface._global_mapping["flex_attention"], register
+    def flex_attention_common_dtype(module, query, key, value, *args, **kwargs):
+        device = query.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+        return current(module, query.to(dtype), key.to(dtype), value.to(dtype), *args, **kwargs)
+
+    flex_attention_common_dtype.casts_to_common_dtype = True
+    AttentionInterface.register("flex_attention", flex_attention_common_dtype)
 
 
 def apply_liger_kernel_to_instance(model: Any) -> None:

@@ -12,8 +12,8 @@ from chattune.errors import ConfigError
 from chattune.train.architecture import (
     compute_dtype,
     existing_quantization,
-    use_common_dtype_in_flex_attention,
 )
+from chattune.train.hf import use_common_dtype_in_flex_attention
 
 if TYPE_CHECKING:
     from chattune.train.args import LoraArguments, ModelArguments, TrainingArguments

@@ -47,7 +47,7 @@ from chattune.train.memory import (
 )
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+EXIT_STOPPED = 130  # 128 + SIGINT: stopped by the user (Ctrl-C), the checkpoint is on disk
 LARGEST_BUDGET = 16384  # tokens per packed micro-batch the planner picks at most
 
 
@@ -147,7 +147,7 @@ class Schedule:
 class Resume:
     source: str | None  # the checkpoint training resumes from
     why: str
-    set_aside: tuple[str, ...] = ()  # incomplete checkpoints, moved to broken_checkpoint-N (kept)
+    set_aside: tuple[tuple[str, str], ...] = ()  # (incomplete checkpoint, what is wrong): renamed broken_..., kept
     remove: tuple[str, ...] = ()  # an unfinished save; with --overwrite_output_dir the old run's checkpoints
 
 
@@ -282,9 +282,10 @@ def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: 
     plan_loss(training_args, lora_args, cls, mode, hardware)
 
 
-STOP_CONTRACT = (f"{', '.join(STOP_SIGNALS)} or $CHATTUNE_STOP_FILE: a checkpoint at the end of the current step on "
-                 f"every rank, exit {EXIT_PREEMPTED} (the same command resumes; slurm.sbatch requeues only then); "
-                 "after the last step the result is saved, exit 0")
+STOP_CONTRACT = ("SIGTERM, SIGUSR1 or $CHATTUNE_STOP_FILE: a checkpoint at the end of the current step on every rank, "
+                 f"exit {EXIT_PREEMPTED} (slurm.sbatch requeues then); Ctrl-C (SIGINT): the same, exit {EXIT_STOPPED} "
+                 "(a second Ctrl-C stops at once); the same command resumes. After the last step: the result is "
+                 "saved, exit 0")
 
 
 def _mode(model_args: Any, training_args: Any, lora_args: Any, cls: ModelClass) -> str:
@@ -394,7 +395,8 @@ def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, ha
         return Decision("chunked", "--fused_ce chunked")
     if hardware.cuda and liger_problem is None:
         return Decision("liger", "Liger's fused kernel on CUDA")
-    return Decision("chunked", f"no Liger here ({liger_problem or 'CPU'}): chunks of the output layer, recomputed")
+    why = "no CUDA GPU" if not hardware.cuda else liger_problem
+    return Decision("chunked", f"chunks of the output layer, recomputed in backward (Liger's kernel: {why})")
 
 
 def _checkpointing(training_args: Any) -> Decision:
@@ -448,7 +450,7 @@ def plan_resume(training_args: Any, output: OutputDir) -> Resume:
         if problem is None:
             return Resume(path, f"the newest complete checkpoint of {output.path} (the same command again)",
                           set_aside=tuple(broken), remove=staging)
-        broken.append(path)
+        broken.append((path, problem))
     if given:
         raise ConfigError(f"--resume_from_checkpoint {given}: no complete checkpoint-* in {output.path}")
     return Resume(None, "no checkpoint in the output directory" + (

@@ -129,18 +129,22 @@ def read_output_dir(training_args: TrainingArguments) -> OutputDir:
 
 
 def tidy_output_dir(plan: Plan, training_args: TrainingArguments) -> None:
-    """What the plan's resume says to remove (an unfinished save; with --overwrite_output_dir the old run's
-    checkpoints) and to set aside (incomplete checkpoints, renamed): done by the main process, the others wait."""
+    """What the plan's resume says to remove and to set aside: done by the main process, the others wait."""
     with training_args.main_process_first(local=False, desc="checking checkpoints"):
-        if training_args.process_index != 0:
-            return
-        for path in plan.resume.remove:
-            shutil.rmtree(path, ignore_errors=True)
-            log(f"removed {path}" + (": an unfinished checkpoint save of an earlier run (stopped while saving)"
-                                     if path.endswith(checkpoints.STAGING) else " (--overwrite_output_dir)"))
-        for path in plan.resume.set_aside:
-            moved = checkpoints.move_aside(path)
-            log(f"WARNING: {path} is incomplete: moved to {moved}; resuming from the checkpoint before it")
+        if training_args.process_index == 0:
+            tidy(plan.resume, log)
+
+
+def tidy(resume: Any, say: Any) -> None:
+    """Remove an unfinished save (with --overwrite_output_dir also the old run's checkpoints) and rename incomplete
+    checkpoints to broken_checkpoint-N (never deleted), saying what and why."""
+    for path in resume.remove:
+        shutil.rmtree(path, ignore_errors=True)
+        say(f"removed {path}" + (": an unfinished checkpoint save of an earlier run (stopped while saving)"
+                                 if path.endswith(checkpoints.STAGING) else " (--overwrite_output_dir)"))
+    for path, why in resume.set_aside:
+        moved = checkpoints.move_aside(path)
+        say(f"WARNING: {path} is incomplete ({why}): moved to {moved}; resuming from the checkpoint before it")
 
 
 def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, template, data: Data, config: Any

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from chattune import __version__
 from chattune.cli import log
 from chattune.train import checkpoints
 from chattune.train.loss import base_model
-from chattune.train.plan import EXIT_PREEMPTED, Plan
+from chattune.train.plan import EXIT_PREEMPTED, EXIT_STOPPED, Plan
 from chattune.train.trainer import SAVE_ERRNOS, ChatTrainer, SaveError
 
 
@@ -22,13 +23,13 @@ def stop_preempted(trainer: ChatTrainer, preemption: Any) -> None:
     """Training stopped early on a signal: say where the checkpoint is (only if one was written), tear down, exit."""
     if trainer.is_world_process_zero():
         if preemption.checkpoint:
-            log(f"stopped by signal {preemption.signal}: checkpoint saved in {preemption.checkpoint}; run the same "
+            log(f"stopped by signal {signal.Signals(preemption.signal).name}: checkpoint saved in {preemption.checkpoint}; run the same "
                 "command again to resume")
         else:
-            log(f"stopped by signal {preemption.signal} at step {trainer.state.global_step}: no checkpoint could be "
+            log(f"stopped by signal {signal.Signals(preemption.signal).name} at step {trainer.state.global_step}: no checkpoint could be "
                 "written; a re-run resumes from the previous checkpoint, if any")
     finish_distributed()
-    raise SystemExit(EXIT_PREEMPTED)
+    raise SystemExit(EXIT_STOPPED if preemption.signal == signal.SIGINT else EXIT_PREEMPTED)
 
 
 def finish_distributed() -> None:
