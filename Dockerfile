@@ -25,9 +25,11 @@ RUN apt-get update \
 WORKDIR /opt/chattune
 
 # torch first, from the CUDA index, so requirements.txt does not pull a different build.
-COPY requirements.txt ./
+# Then the Gated DeltaNet kernels (Qwen3.5/3.6/3.8, Qwen3-Next), built against that torch.
+COPY requirements.txt requirements-cuda.txt ./
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}" \
     && pip install -r requirements.txt \
+    && pip install --no-build-isolation -r requirements-cuda.txt \
     && if [ "${FLASH_ATTN}" = "1" ]; then pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; fi
 
 COPY --chown=chattune:chattune . .

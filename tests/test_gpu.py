@@ -105,7 +105,7 @@ def _cuda_kwargs(parts, attn):
     """position_ids (and flash-attention's cu_seq_lens) of the packed row, on the GPU."""
     from chattune.train.batches import PackingCollator
 
-    batch = PackingCollator(flash_kwargs=attn.startswith("flash"))(parts)
+    batch = PackingCollator(boundaries=attn.startswith("flash"))(parts)
     return {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("input_ids", "labels")}
 
 

@@ -28,7 +28,7 @@ def test_padding_collator_literal():
 
 def test_packing_collator_literal():
     samples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
-    batch = PackingCollator(flash_kwargs=True)(samples)
+    batch = PackingCollator(boundaries=True)(samples)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     # a sample's first token would be predicted from the previous sample's last one: never a target
@@ -130,7 +130,7 @@ def test_packed_isolation_and_equality_on_cuda(model_dirs, attn):
         batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
         return m(**batch).logits[0].float()
 
-    collate = PackingCollator(flash_kwargs=attn.startswith("flash"))
+    collate = PackingCollator(boundaries=attn.startswith("flash"))
     a, b = run(collate(samples)), run(collate(changed))
     torch.testing.assert_close(a[110:], b[110:])
     padded = m(input_ids=PaddingCollator(0)(samples)["input_ids"].cuda(),

@@ -42,15 +42,17 @@ class ModelClass:
     sdpa: bool = True
     flash: bool = False
     flex: bool = False
-    attention_backend: bool = False  # uses transformers' attention interface and mask utilities (packing-aware)
+    proven: bool = False  # packed rows keep their samples apart: shown by chattune.train.packing_proof
+    packing_why: str = ""  # the proof's finding (the measured leak, or why the class is unproven)
+    linear_attention: bool = False  # Gated DeltaNet layers: packed rows carry their sample boundaries to them
     logits_to_keep: bool = True  # its forward can skip the logits (a fused loss takes its hidden states instead)
     quantized: str | None = None  # the checkpoint's quantization method (gptq, awq, ...), None for float weights
 
     @property
     def packs(self) -> bool:
-        """Whether samples packed in one row stay apart: transformers' own mask code detects restarting position_ids;
-        remote code and classes outside the attention interface do not."""
-        return not self.remote_code and self.attention_backend
+        """Whether samples packed in one row stay apart, proven for this class (remote code never is: it builds its
+        own masks and ignores packed position_ids)."""
+        return not self.remote_code and self.proven
 
 
 def model_class(config: Any, trust_remote_code: bool) -> ModelClass:
@@ -68,10 +70,15 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
                           logits_to_keep=_remote_keeps_logits(reference, getattr(config, "_name_or_path", "")))
     cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if cls is None:
-        return ModelClass(type(config).__name__, remote_code=False, attention_backend=False)
+        return ModelClass(type(config).__name__, remote_code=False, packing_why="not a causal-LM class")
+    from chattune.train.linear_attention import GATED_DELTANET_MODULES
+    from chattune.train.packing_proof import verdict
+
+    packing = verdict(cls)
     return ModelClass(cls.__name__, remote_code=False, sdpa=bool(cls._supports_sdpa),
                       flash=bool(cls._supports_flash_attn), flex=bool(cls._supports_flex_attn),
-                      attention_backend=bool(getattr(cls, "_supports_attention_backend", False)),
+                      proven=packing.packs, packing_why=packing.why,
+                      linear_attention=getattr(cls.config_class, "model_type", "") in GATED_DELTANET_MODULES,
                       logits_to_keep=_keeps_logits(cls))
 
 
@@ -129,7 +136,7 @@ def choose_attention(requested_attn: str, requested_packing: str, cls: ModelClas
         raise ConfigError(f"--attn_implementation {requested_attn!r}: choose one of {', '.join(ATTN_CHOICES)}")
     if requested_packing == "true" and not cls.packs:
         why = ("its own (remote) code builds attention masks and ignores packed position_ids" if cls.remote_code
-               else "it does not use transformers' attention interface, which keeps packed samples apart")
+               else cls.packing_why)
         raise ConfigError(f"--packing true: {cls.name} cannot train on packed rows ({why}); samples would attend to "
                           "each other. Use --packing false (or auto).")
     if cls.remote_code:
@@ -152,14 +159,16 @@ def choose_attention(requested_attn: str, requested_packing: str, cls: ModelClas
         attn = "flex_attention"
     else:
         attn = "sdpa" if cls.sdpa else "eager"
-    skips_blocks = cuda and attn in ("flash_attention_2", "flash_attention_3", "flex_attention")
+    # Linear-attention layers cost the same per token packed or padded; packing removes their padding, whatever the
+    # full-attention layers' kernel does with the rest.
+    skips_blocks = cuda and (attn in ("flash_attention_2", "flash_attention_3", "flex_attention") or cls.linear_attention)
     if requested_packing == "auto":
         packing = skips_blocks and cls.packs
         if not packing:
             if not cuda:
                 notes.append("padded batches: packing pays only with a CUDA attention kernel (--packing true to force)")
             elif not cls.packs:
-                notes.append(f"padded batches: {cls.name} cannot keep packed samples apart")
+                notes.append(f"padded batches: {cls.name} cannot train on packed rows ({cls.packing_why})")
             else:
                 notes.append(f"padded batches: {attn} computes the masked blocks of a packed row (no gain)")
     else:

@@ -212,13 +212,14 @@ class PackingCollator:
     """Concatenates a micro-batch of samples into one row, with no padding at all.
 
     `position_ids` restart at 0 for every sample and there is no attention_mask, which is how transformers' sdpa,
-    eager and flex_attention paths detect packed rows and keep attention inside each sample. For flash-attention the
-    cumulative sequence lengths are precomputed here (`cu_seq_lens_*`), so the model does not rediscover them with a
-    device sync in every layer. The first label of every sample is -100: it would be predicted from the previous
-    sample's last token.
+    eager and flex_attention paths detect packed rows and keep attention inside each sample. With `boundaries` the
+    cumulative sequence lengths go along (`cu_seq_lens_*`, `max_length_*`): flash-attention reads them instead of
+    rediscovering them with a device sync in every layer, and linear-attention layers (Gated DeltaNet) need them to
+    restart their state and convolution at every sample. The first label of every sample is -100: it would be
+    predicted from the previous sample's last token.
     """
 
-    flash_kwargs: bool = False
+    boundaries: bool = False
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
@@ -228,7 +229,7 @@ class PackingCollator:
         starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
         labels[starts] = IGNORE_INDEX
         batch = {"input_ids": input_ids[None], "labels": labels[None], "position_ids": position_ids[None]}
-        if self.flash_kwargs:
+        if self.boundaries:
             cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
         return batch

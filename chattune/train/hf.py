@@ -34,6 +34,13 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
      "flex_attention is wrapped to cast query/key/value to one dtype under autocast (integrations: the registry)"),
     ("liger_kernel.transformers._apply_liger_kernel_to_instance", ("model",),
      "Liger's RMSNorm/SwiGLU/RoPE kernels patched into a loaded model, whatever its architecture"),
+    *((f"{module}.{function}", params,
+       "Gated DeltaNet layers call it as a module global: replaced by a version that keeps packed samples apart")
+      for module in ("transformers.models.qwen3_5.modeling_qwen3_5", "transformers.models.qwen3_5_moe."
+                     "modeling_qwen3_5_moe", "transformers.models.qwen3_next.modeling_qwen3_next")
+      for function, params in (("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),
+                               ("torch_chunk_gated_delta_rule", ("query", "key", "value", "g", "beta", "chunk_size")),
+                               ("torch_recurrent_gated_delta_rule", ("query", "key", "value", "g", "beta")))),
 )
 
 
@@ -66,6 +73,7 @@ def surface_problems(libraries: tuple[str, ...] = ("transformers", "liger_kernel
                 continue
             problems.append(f"{path} is gone ({type(e).__name__}); chattune relies on it: {why}")
             continue
+        obj = getattr(obj, "original", obj)  # ours, installed over the library's (install_packed_linear_attention)
         if params:
             have = tuple(inspect.signature(obj).parameters)[:len(params)]
             if have != params:
@@ -130,3 +138,55 @@ def apply_liger_kernel_to_instance(model: Any) -> None:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def _torch_function(function: Callable) -> Callable:
+    """The pure torch function behind transformers' kernel wrapper (`use_kernel_func_from_hub_with_fallback` wraps
+    it with functools.wraps; with the `kernels` package the module global is a `Func` module around the wrapper)."""
+    if isinstance(function, torch.nn.Module):
+        function = inspect.getclosurevars(type(function).forward).nonlocals.get("func", function)
+    return getattr(function, "__wrapped__", function)
+
+
+def install_packed_linear_attention(model_type: str) -> bool:
+    """Make the Gated DeltaNet layers of `model_type` keep the samples of a packed row apart: their modeling module's
+    `causal_conv1d_fn` and `torch_chunk_gated_delta_rule` globals (which the layer's forward looks up at call time)
+    are replaced by chattune.train.linear_attention's boundary-aware versions, and the decode-time recurrent rule
+    runs the torch path on CPU tensors (transformers picks flash-linear-attention at import even on a machine with no
+    GPU, where its kernel cannot run). Without boundaries the replacements compute what the originals do. Returns
+    whether `model_type` has such layers (packed rows must then carry their boundaries); idempotent."""
+    import importlib
+
+    from chattune.train.linear_attention import (
+        GATED_DELTANET_MODULES,
+        packed_causal_conv1d,
+        packed_chunk_gated_delta_rule,
+    )
+
+    name = GATED_DELTANET_MODULES.get(model_type)
+    if name is None:
+        return False
+    module = importlib.import_module(name)
+    if getattr(module.causal_conv1d_fn, "keeps_packed_samples_apart", False):
+        return True
+    conv, rule = _torch_function(module.causal_conv1d_fn), _torch_function(module.torch_chunk_gated_delta_rule)
+    recurrent, torch_recurrent = module.torch_recurrent_gated_delta_rule, _torch_function(
+        module.torch_recurrent_gated_delta_rule)
+
+    def causal_conv1d_fn(hidden_states, weight, bias=None, activation=None, **kwargs):
+        return packed_causal_conv1d(conv, hidden_states, weight, bias, activation, **kwargs)
+
+    def torch_chunk_gated_delta_rule(*args, **kwargs):
+        return packed_chunk_gated_delta_rule(rule, *args, **kwargs)
+
+    def torch_recurrent_gated_delta_rule(query, *args, **kwargs):
+        return (recurrent if query.is_cuda else torch_recurrent)(query, *args, **kwargs)
+
+    for function, original in ((causal_conv1d_fn, module.causal_conv1d_fn),
+                               (torch_chunk_gated_delta_rule, module.torch_chunk_gated_delta_rule),
+                               (torch_recurrent_gated_delta_rule, recurrent)):
+        function.keeps_packed_samples_apart, function.original = True, original
+    module.causal_conv1d_fn = causal_conv1d_fn
+    module.torch_chunk_gated_delta_rule = torch_chunk_gated_delta_rule
+    module.torch_recurrent_gated_delta_rule = torch_recurrent_gated_delta_rule
+    return True

@@ -13,7 +13,10 @@ from chattune.train.architecture import (
     compute_dtype,
     existing_quantization,
 )
-from chattune.train.hf import use_common_dtype_in_flex_attention
+from chattune.train.hf import (
+    install_packed_linear_attention,
+    use_common_dtype_in_flex_attention,
+)
 
 if TYPE_CHECKING:
     from chattune.train.args import LoraArguments, ModelArguments, TrainingArguments
@@ -65,6 +68,7 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
 
     quantized = existing_quantization(config)
     dtype = compute_dtype(training_args)
+    install_packed_linear_attention(getattr(config.get_text_config(), "model_type", config.model_type))
     if training_args.tf32 is None:
         enable_tf32()
     # Full fine-tuning keeps fp32 master weights (autocast does the bf16 math) unless DeepSpeed keeps them itself.

@@ -32,6 +32,7 @@ from chattune.train.batches import (
     micro_batches_per_step,
     natural_micro_batches,
 )
+from chattune.train.linear_attention import kernel_problem
 from chattune.train.loss import LogitTransform, liger_runs_here
 from chattune.train.memory import (
     GB,
@@ -60,6 +61,7 @@ class Hardware:
     gpu_memory_gb: float = 0.0  # of one GPU; 0 when unknown
     flash_problem: str | None = "no CUDA GPU"  # why flash-attention cannot run, None when it can
     liger_problem: str | None = "no CUDA GPU"  # why Liger's kernels cannot run, None when they can
+    linear_attention_problem: str | None = "no CUDA GPU"  # why Gated DeltaNet kernels cannot run, None when they can
     processes: int = 1
     rank: int = 0
 
@@ -74,7 +76,8 @@ class Hardware:
         return cls(cuda=cuda, gpu_name=props.name if props else None,
                    gpu_memory_gb=props.total_memory / GB if props else 0.0,
                    flash_problem=flash_attn_problem(compute_dtype(training_args)) if cuda else "no CUDA GPU",
-                   liger_problem=liger_runs_here(), processes=training_args.world_size,
+                   liger_problem=liger_runs_here(), linear_attention_problem=kernel_problem(cuda),
+                   processes=training_args.world_size,
                    rank=training_args.process_index)
 
     @property
@@ -159,6 +162,7 @@ class Plan:
     processes: int
     deepspeed: str | None
     attention: Decision
+    sample_boundaries: bool  # packed rows carry cu_seq_lens: flash-attention and linear-attention layers read them
     batch: Batch
     loss: Decision  # liger | chunked | none
     logit_transform: LogitTransform
@@ -253,6 +257,9 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
                                  flash_problem=hardware.flash_problem)
     notes = list(attention.notes) + ([f"{cls.quantized} base: LoRA on its quantized linear layers"]
                                      if cls.quantized else [])
+    if cls.linear_attention and hardware.linear_attention_problem:
+        notes.append("Gated DeltaNet layers run the slow torch path (exact, much slower than the CUDA kernels): "
+                     f"{hardware.linear_attention_problem}")
     packing = Decision("packed" if attention.packing else "padded", _packing_why(training_args.packing, attention))
     setup = run_setup(training_args, lora_args, mode, hardware.processes)
     budget = _budget(training_args, shape, setup, hardware) if attention.packing else 0
@@ -265,6 +272,8 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         model=model_args.model_name_or_path, mode=mode, dtype=str(compute_dtype(training_args)).replace("torch.", ""),
         processes=hardware.processes, deepspeed=training_args.deepspeed or None,
         attention=Decision(attention.implementation or "the model's own", _attention_why(model_args, attention, cls)),
+        sample_boundaries=attention.packing and (cls.linear_attention or (attention.implementation or "").startswith(
+            "flash_attention")),
         batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
         gradient_checkpointing=_checkpointing(training_args), schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,

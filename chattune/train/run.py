@@ -206,7 +206,7 @@ def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, templ
         callbacks=[preemption, clock, EpochCallback(steps), LossPlotCallback(),
                    *([EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else [])],
         loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform), steps=steps,
-        flash_kwargs=plan.attention.choice.startswith("flash_attention"), stop_on_save_error=args.stop_on_save_error,
+        boundaries=plan.sample_boundaries, stop_on_save_error=args.stop_on_save_error,
     )
     set_trained_stops(model, tokenizer, template)
     trainer.add_callback(CheckpointFilesCallback(

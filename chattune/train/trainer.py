@@ -70,14 +70,14 @@ class ChatTrainer(HfTrainer):
     private hooks it overrides are in chattune.train.hf.
     """
 
-    def __init__(self, *args, loss: LossSetup, steps: StepSampler | None = None, flash_kwargs: bool = False,
+    def __init__(self, *args, loss: LossSetup, steps: StepSampler | None = None, boundaries: bool = False,
                  stop_on_save_error: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_on_save_error = stop_on_save_error
         self.staging_dir: str | None = None
         self.loss = loss
         self.steps = steps
-        self.flash_kwargs = flash_kwargs
+        self.boundaries = boundaries
         self.loss_checked = loss.kind == "none"
         self._hidden: list[torch.Tensor] = []
 
@@ -89,7 +89,7 @@ class ChatTrainer(HfTrainer):
         Without planned steps (a trainer built for evaluation only), the stock loader."""
         if self.steps is None:
             return super().get_train_dataloader()
-        collate = PackingCollator(self.flash_kwargs) if self.steps.shape.packed else self.data_collator
+        collate = PackingCollator(self.boundaries) if self.steps.shape.packed else self.data_collator
         return torch.utils.data.DataLoader(
             Fillable(self.train_dataset), batch_sampler=self.steps, collate_fn=collate,
             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
@@ -219,7 +219,7 @@ class ChatTrainer(HfTrainer):
         lengths = sample_lengths(dataset)
         if self.steps is not None and self.steps.shape.packed:  # packed rows of the training budget (a longer eval sample gets a row of its own)
             groups = pack_bins(lengths, max(self.steps.shape.budget, max(lengths, default=1)))
-            collate = PackingCollator(self.flash_kwargs)
+            collate = PackingCollator(self.boundaries)
         else:
             order = sorted(range(len(lengths)), key=lambda i: lengths[i])
             size = self.args.per_device_eval_batch_size
