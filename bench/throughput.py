@@ -52,6 +52,15 @@ QWEN25 = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=True),
 }
+# Qwen3.5 (Gated DeltaNet hybrid): transformers' Qwen3_5TextConfig defaults (32 layers, hidden 4096, every 4th layer
+# softmax attention, ~9B parameters), and a 4-layer tiny one (3 linear + 1 full attention) for the CPU smoke run.
+QWEN35 = {
+    "9b": dict(),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
+                 linear_num_key_heads=2, linear_num_value_heads=4, vocab_size=4096,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"]),
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,14 @@ class Suite:
     max_length: int  # model_max_length: the baseline pads every sample to it
     batch_size: int  # Qwen's per_device_train_batch_size for this mode
     median_length: int = 400  # of the synthetic samples, in tokens
+    arch: str = "qwen2"  # qwen2 (QWEN25 shapes) | qwen3_5 (QWEN35 shapes: Gated DeltaNet hybrid)
+
+    @property
+    def vocab_size(self) -> int:
+        import transformers
+
+        shape = QWEN25[self.size] if self.arch == "qwen2" else QWEN35[self.size]
+        return shape.get("vocab_size") or transformers.Qwen3_5TextConfig().vocab_size
 
 
 # Qwen's wrappers: finetune_ds.sh (full) per_device_train_batch_size 1; finetune_lora_single_gpu.sh and
@@ -70,6 +87,8 @@ SUITES = {
     "full-1.5b": Suite("1.5B full", "full", "1.5b", 2048, 1),
     "lora-7b": Suite("7B LoRA r64", "lora", "7b", 512, 2),
     "qlora-7b": Suite("7B Q-LoRA NF4 r64", "qlora", "7b", 512, 2),
+    # packed against padded on today's Qwen: its linear-attention layers take the sample boundaries (gpu-marked row)
+    "lora-qwen3.5": Suite("Qwen3.5 (9B shape) LoRA r64", "lora", "9b", 2048, 2, arch="qwen3_5"),
 }
 SIDES = ("baseline", "chattune")
 QWEN_SAMPLES_PER_STEP = 16  # Qwen's wrappers on one GPU (2 x 8, 1 x 16); GLOBAL_BATCH in finetune/_common.sh
@@ -155,7 +174,8 @@ def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool) -> SidePl
         return SidePlan(side, "sdpa", "none", False, 0, accumulation, QWEN_SAMPLES_PER_STEP * mean_length)
     budget = suite.batch_size * suite.max_length
     accumulation = micro_batches_per_step(np.asarray(lengths), step_shape(suite, budget), 1)
-    return SidePlan(side, "flex_attention" if cuda else "sdpa", "auto", True, budget, accumulation,
+    attention = "flex_attention" if cuda and suite.arch == "qwen2" else "sdpa"  # no flex for Qwen3.5 in 5.23
+    return SidePlan(side, attention, "auto", suite.arch == "qwen2", budget, accumulation,
                     QWEN_SAMPLES_PER_STEP * mean_length)
 
 
@@ -175,15 +195,24 @@ def build_model(suite: Suite, plan: SidePlan, device: str, training_args):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if plan.attention == "flex_attention":
         use_common_dtype_in_flex_attention()
-    config = Qwen2Config(**QWEN25[suite.size], max_position_embeddings=32768, use_cache=False,
-                         attn_implementation=plan.attention)
+    if suite.arch == "qwen3_5":
+        from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+        from chattune.train.hf import install_packed_linear_attention
+
+        install_packed_linear_attention("qwen3_5_text")  # exact on the torch path, the CUDA kernels when installed
+        config, model_cls = Qwen3_5TextConfig(**QWEN35[suite.size], use_cache=False,
+                                              attn_implementation=plan.attention), Qwen3_5ForCausalLM
+    else:
+        config, model_cls = Qwen2Config(**QWEN25[suite.size], max_position_embeddings=32768, use_cache=False,
+                                        attn_implementation=plan.attention), Qwen2ForCausalLM
     init_dtype = torch.float32 if suite.mode == "full" else dtype  # full fine-tuning keeps fp32 master weights
     previous = torch.get_default_dtype()
     torch.set_default_dtype(init_dtype)
     torch.manual_seed(0)  # the same initial weights on both sides
     try:
         with torch.device(device):
-            model = Qwen2ForCausalLM(config)
+            model = model_cls(config)
     finally:
         torch.set_default_dtype(previous)
     if plan.liger:
@@ -288,6 +317,7 @@ def run_side(suite: Suite, plan: SidePlan, device: str, steps: int, warmup: int,
     trainer = ChatTrainer(
         model=model, args=args, train_dataset=dataset, callbacks=[timer.callback],
         loss=LossSetup(loss_kind, requested=plan.fused_ce), steps=steps,
+        boundaries=bool(plan.packed_tokens) and suite.arch == "qwen3_5",  # Gated DeltaNet needs the boundaries
         # Qwen's script pads every sample to model_max_length; packed batches do not use this collator
         data_collator=PaddingCollator(0, pad_to_multiple_of=8 if plan.packed_tokens else suite.max_length),
     )
@@ -315,7 +345,7 @@ def child_main(args: argparse.Namespace, suite: Suite) -> None:
         torch.set_num_threads(1)  # a 64-wide model gains nothing from threads; on a busy CI runner they contend (2x)
     lengths = synthetic_lengths(sample_count(args.steps), suite)
     plan = plan_side(suite, args.side, lengths, cuda=device == "cuda")
-    dataset = synthetic_dataset(lengths, QWEN25[suite.size]["vocab_size"])
+    dataset = synthetic_dataset(lengths, suite.vocab_size)
     result = run_side(suite, plan, device, args.steps, args.warmup, dataset)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
@@ -358,7 +388,15 @@ def run_child(name: str, side: str, args: argparse.Namespace) -> dict:
 
 def train_flops_per_token(suite: Suite, mean_len: float) -> float:
     """Model FLOPs per real token: 6N (full) or 4N (frozen base: no weight gradients) for the matmuls, plus causal
-    attention, forward + backward. Recomputation for gradient checkpointing is not counted (standard MFU)."""
+    attention, forward + backward. Recomputation for gradient checkpointing is not counted (standard MFU). Qwen3.5
+    from the planner's count (its linear-attention layers have no quadratic term)."""
+    if suite.arch == "qwen3_5":
+        import transformers
+
+        from chattune.train.memory import Setup, flops_per_token, shape_from_config
+
+        shape = shape_from_config(transformers.Qwen3_5TextConfig(**QWEN35[suite.size]))
+        return flops_per_token(shape, Setup(mode=suite.mode, gradient_checkpointing=False), mean_len)
     c = QWEN25[suite.size]
     d, layers, ff, v = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
     kv = d * c["num_key_value_heads"] // c["num_attention_heads"]

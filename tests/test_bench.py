@@ -91,3 +91,17 @@ def test_read_speed_bench_runs():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert re.search(r"\| JSONL, chattune \(read \+ validate\) \| [\d.]+ \| [\d,]+ \|", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
+    """The Qwen3.5 (Gated DeltaNet) row on CPU: packed against padded, the same samples per optimizer step, so the
+    same losses (the row's timing value is on a GPU)."""
+    proc = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--runs", "lora-qwen3.5", "--steps", "3",
+                           "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(proc.stdout)
+    assert rows["chattune"][1] == "sdpa" and rows["baseline"][3] == rows["chattune"][3] == "no"
+    first, last = {s: float(r[7]) for s, r in rows.items()}, {s: float(r[8]) for s, r in rows.items()}
+    assert first["baseline"] == pytest.approx(first["chattune"], rel=1e-4)
+    assert last["baseline"] == pytest.approx(last["chattune"], rel=1e-3)

@@ -207,10 +207,36 @@ def test_the_run_plan_sizes_activations_by_the_longest_sample_of_padded_data(tmp
     model, data = parse_args(["--model_name_or_path", str(tmp_path / "m"), "--output_dir", str(tmp_path),
                               "--data_path", "examples/sharegpt.json"])[:2]
     shape, setup = shape_from_config(QWEN25_7B), run_setup(training, lora, "lora", 1)
-    plan = make_plan(model, data, training, lora, ModelClass("Qwen2ForCausalLM", False, attention_backend=True),
+    plan = make_plan(model, data, training, lora, ModelClass("Qwen2ForCausalLM", False, proven=True),
                      [300, 120, 40], Hardware(), OutputDir(str(tmp_path)), has_eval=False, shape=shape)
     gb = plan.memory_gb
     assert setup.micro_batch_tokens == 16384  # the flags' worst case: 2 x 8192
     peak = plan.batch.peak_micro_batch_tokens  # 300 alone, or padded beside a shorter one: 2 x 300
     assert peak in (300, 600) and gb == round(estimate(shape, replace(setup, micro_batch_tokens=peak))["total"] / GB, 1)
     assert gb < round(estimate(shape, setup)["total"] / GB, 1)
+
+
+def test_planner_counts_linear_attention_layers_and_only_the_active_experts():
+    """Qwen3.5-35B-A3B's shape (the MoE config's defaults): the planner's FLOPs grow with the sequence only in its
+    10 softmax-attention layers (the 30 Gated DeltaNet layers cost per token), and count a token's 8 of 256 routed
+    experts, against counts written from the config's dimensions."""
+    import transformers
+
+    from chattune.train.memory import flops_per_token
+
+    config = transformers.Qwen3_5MoeTextConfig()
+    shape = shape_from_config(config)
+    d, layers = config.hidden_size, config.num_hidden_layers
+    softmax_layers = sum(kind == "full_attention" for kind in config.layer_types)
+    assert shape.attention_layers == softmax_layers == layers // 4
+    assert shape.routed_expert_params == layers * config.num_experts * 3 * d * config.moe_intermediate_size
+    assert shape.active_expert_fraction == config.num_experts_per_tok / config.num_experts
+    s = Setup(mode="full", gradient_checkpointing=False)
+    # forward + backward (2x) of QK^T and AV: 2 x layers x d per token of context, in the softmax layers only
+    assert flops_per_token(shape, s, 8192) - flops_per_token(shape, s, 0) == 3 * 2 * softmax_layers * d * 8192
+    # every routed expert active instead of 8 of 256: the difference is all the routed weights' forward and backward
+    dense = replace(shape, active_expert_fraction=1.0)
+    inactive = shape.routed_expert_params * (1 - config.num_experts_per_tok / config.num_experts)
+    assert flops_per_token(dense, s, 0) - flops_per_token(shape, s, 0) == pytest.approx(3 * 2 * inactive, rel=1e-9)
+    # memory counts every expert at its storage dtype: all 34.7B weights, not the ~3B a token uses
+    assert estimate(shape, Setup(mode="lora", micro_batch_tokens=1024))["weights"] >= shape.total * 2

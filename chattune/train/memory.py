@@ -42,10 +42,20 @@ class ModelShape:
     num_layers: int
     vocab_size: int
     lora_params_per_rank: int  # trainable LoRA parameters for r = 1 on every decoder linear layer
+    attention_layers: int | None = None  # layers with softmax attention (None: all); linear-attention ones cost
+    #                                      linear time and memory in the sequence length
+    routed_expert_params: int = 0  # MoE: the routed experts' weights (fused 3-D or per-expert layers)
+    routed_in_linear: int = 0  # the part of those counted in linear_params (experts as nn.Linear layers)
+    active_expert_fraction: float = 1.0  # experts per token / experts (top-k of E)
 
     @property
     def total(self) -> int:
         return self.linear_params + self.embedding_params + self.other_params
+
+    @property
+    def active_matmul_params(self) -> float:
+        """Decoder matmul weights one token passes through: dense layers, and only its top-k routed experts."""
+        return self.linear_params - self.routed_in_linear + self.routed_expert_params * self.active_expert_fraction
 
 
 @dataclass(frozen=True)
@@ -78,25 +88,49 @@ def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShap
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     embeddings = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     seen: set[int] = set()
-    linear = embedding = other = lora_per_rank = 0
-    for module in model.modules():
+    linear = embedding = other = lora_per_rank = routed = routed_in_linear = 0
+    for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            expert = ".experts." in f".{name}." and not type(module).__name__.startswith("Shared")
+            routed += p.numel() if expert else 0
             if id(module) in embeddings:
                 embedding += p.numel()
             elif isinstance(module, torch.nn.Linear) and p.dim() == 2:
                 linear += p.numel()
+                routed_in_linear += p.numel() if expert else 0
                 lora_per_rank += module.in_features + module.out_features
             else:
                 other += p.numel()
-    text = getattr(config, "text_config", config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelShape(
         linear_params=linear, embedding_params=embedding, other_params=other,
         hidden_size=text.hidden_size, intermediate_size=getattr(text, "intermediate_size", 4 * text.hidden_size),
         num_layers=text.num_hidden_layers, vocab_size=text.vocab_size, lora_params_per_rank=lora_per_rank,
+        attention_layers=attention_layer_count(text), routed_expert_params=routed, routed_in_linear=routed_in_linear,
+        active_expert_fraction=active_expert_fraction(text) if routed else 1.0,
     )
+
+
+def attention_layer_count(text_config: Any) -> int:
+    """Layers with softmax attention: all, unless the config's layer_types name others (linear attention, conv,
+    state-space layers)."""
+    types = getattr(text_config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or not types:
+        return text_config.num_hidden_layers
+    return sum("attention" in str(kind) and "linear" not in str(kind) for kind in types)
+
+
+def active_expert_fraction(text_config: Any) -> float:
+    """Routed experts a token uses over the routed experts there are (top-k / E), from the config."""
+    def first(*names: str) -> Any:
+        return next((v for n in names if isinstance(v := getattr(text_config, n, None), int) and v > 0), None)
+
+    k = first("num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k")
+    experts = first("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    return min(1.0, k / experts) if k and experts else 1.0
 
 
 def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
@@ -304,13 +338,15 @@ LAYER_SECONDS = 0.004
 
 
 def flops_per_token(shape: ModelShape, s: Setup, sequence_tokens: int) -> float:
-    """Training FLOPs per token: the matmuls of the decoder and output layer (2 per weight forward), attention over a
-    causal context of `sequence_tokens` (flash-attention skips the masked half), backward twice the forward for
-    what is trained and once for frozen weights (gradients of their inputs only), and a second forward with
-    gradient checkpointing."""
-    weights = shape.linear_params + shape.vocab_size * shape.hidden_size
+    """Training FLOPs per token: the matmuls of the decoder and output layer (2 per weight forward; of an MoE layer
+    only the token's top-k experts), attention over a causal context of `sequence_tokens` in the softmax-attention
+    layers (flash-attention skips the masked half; linear-attention layers cost per token), backward twice the
+    forward for what is trained and once for frozen weights (gradients of their inputs only), and a second forward
+    with gradient checkpointing."""
+    weights = shape.active_matmul_params + shape.vocab_size * shape.hidden_size
     forward = 2 * weights
-    attention = 2 * shape.num_layers * shape.hidden_size * sequence_tokens  # QK^T and AV over ~half the context
+    layers = shape.num_layers if shape.attention_layers is None else shape.attention_layers
+    attention = 2 * layers * shape.hidden_size * sequence_tokens  # QK^T and AV over ~half the context
     backward = (2 if s.mode == "full" else 1) * forward + 2 * attention
     recompute = (forward - 2 * shape.vocab_size * shape.hidden_size + attention) if s.gradient_checkpointing else 0
     return forward + attention + backward + recompute
