@@ -53,6 +53,32 @@ NEWLINE_ANSWERS = [U("code?"), A("\ndef f():\n    return 1"), U("more?"), A("\n\
 TOOL_CALLING = [U("Umbrella in Paris?"), CALL, RESULT, A("Yes, it rains."), U("Thanks"), A("You're welcome.")]
 REASONING = [U("2+2?"), A("4", reasoning_content="two plus two"), U("3+3?"),
              A("6", reasoning_content=""), U("and 4+4?"), A("\n8", reasoning_content="easy")]
+SEARCH = {"type": "function", "function": {"name": "search", "description": "Search the web", "parameters": {
+    "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"}},
+    "required": ["query"]}}}
+# Qwen3.5's XML tool calls: parallel calls, a multi-line string parameter, a non-string one, results after them
+PARALLEL = [U("Weather in Paris and Oslo, then search."), A("", reasoning_content="two cities", tool_calls=[
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]),
+    {"role": "tool", "name": "get_weather", "content": "rain"}, {"role": "tool", "name": "get_weather",
+                                                                  "content": "snow"},
+    A("", tool_calls=[{"type": "function", "function": {"name": "search", "arguments": {
+        "query": "umbrella\n  or coat?\nboth", "limit": 3}}}]),
+    {"role": "tool", "name": "search", "content": "both"}, A("Rain in Paris, snow in Oslo: take both.")]
+
+
+def agent_trajectory(queries: int, steps: int) -> list[dict]:
+    """An agent's conversation: each user query answered after `steps` tool calls, every step with reasoning."""
+    messages = []
+    for q in range(queries):
+        messages.append(U(f"Question {q}: what is the weather in city {q}?"))
+        for s in range(steps):
+            messages.append(A("", reasoning_content=f"step {s} of question {q}: I should look it up again",
+                              tool_calls=[{"type": "function", "function": {"name": "get_weather",
+                                                                            "arguments": {"city": f"City {q}-{s}"}}}]))
+            messages.append({"role": "tool", "name": "get_weather", "content": f"sunny, {20 + s} degrees"})
+        messages.append(A(f"It is sunny in city {q}.", reasoning_content=f"done with question {q}"))
+    return messages
 
 CASES = [
     ("qwen2_5", PLAIN, None, {}), ("qwen2_5", NEWLINE_ANSWERS, None, {}), ("qwen2_5", TOOL_CALLING, [WEATHER], {}),
@@ -62,6 +88,21 @@ CASES = [
     ("llama3_1", PLAIN, None, {}), ("llama3_1", TOOL_CALLING, [WEATHER], {"date_string": "25 Nov 2026"}),
     ("deepseek_llm", PLAIN, None, {}), ("deepseek_llm", NEWLINE_ANSWERS, None, {}),
     ("glm4", PLAIN, None, {}), ("glm4", NEWLINE_ANSWERS, None, {}),
+    # today's Qwen (tests/templates/SOURCES.md): XML tool calls, thinking on and off, preserved or dropped history
+    ("qwen3_5", PLAIN, None, {}), ("qwen3_5", REASONING, None, {}), ("qwen3_5", TOOL_CALLING, [WEATHER], {}),
+    ("qwen3_5", PARALLEL, [WEATHER, SEARCH], {}), ("qwen3_5", NEWLINE_ANSWERS, None, {"enable_thinking": False}),
+    ("qwen3_5", agent_trajectory(3, 2), [WEATHER], {}), ("qwen3_5", [U("2+2?"), A("4", reasoning_content="")], None,
+                                                         {}),
+    ("qwen3_5_nothink", PLAIN, None, {}), ("qwen3_5_nothink", TOOL_CALLING, [WEATHER], {}),
+    ("qwen3_5_nothink", REASONING, None, {"enable_thinking": True}),
+    ("qwen3_6", REASONING, None, {}), ("qwen3_6", REASONING, None, {"preserve_thinking": True}),
+    ("qwen3_6", PARALLEL, [WEATHER, SEARCH], {}), ("qwen3_6", agent_trajectory(2, 2), [WEATHER],
+                                                  {"preserve_thinking": True}),
+    ("qwen3_8", REASONING, None, {}), ("qwen3_8", REASONING, None, {"preserve_thinking": False}),
+    ("qwen3_8", PARALLEL, [WEATHER, SEARCH], {"reasoning_effort": "low"}),
+    ("qwen3_8", PLAIN, None, {"reasoning_effort": "medium"}), ("qwen3_8", TOOL_CALLING, [WEATHER],
+                                                               {"reasoning_effort": "xhigh"}),
+    ("qwen3_8", NEWLINE_ANSWERS, None, {"enable_thinking": False}),
 ]
 
 
@@ -254,3 +295,27 @@ def test_a_template_that_drops_old_history_is_rendered_turn_by_turn():
     assert report.beyond_limit_turns == 0 and report.trained_turns == full.trained_turns == 14
     assert {k: v.tolist() for k, v in bounded.items()} == {k: v.tolist() for k, v in every.items()}
     assert report.kept == full.kept >= 5  # the short turns long after the long answer train on their own
+
+
+def test_an_agent_trajectory_trains_one_sample_per_user_query():
+    """Qwen3.5 drops the reasoning of answers before the last user query, so every turn of an earlier query renders
+    differently in the whole conversation. Each query's tool steps and answer render prefix-stably among
+    themselves: one sample per query, not one per step. 8 queries of 3 tool steps and an answer: at most a third
+    of the tokens a sample per assistant turn processes, with exactly the same trained tokens (every turn's prompt
+    still the inference prompt: the token-exact test above runs the same template on trajectories)."""
+    tok, _ = tokenizer("qwen3_5")
+    setup = setup_chat_template(tok, "auto")
+    render = make_renderer(tok)
+    messages = agent_trajectory(8, 3)
+    samples = render_conversation(render, messages, setup.stop_tokens, tools=[WEATHER])
+    assert len(samples) == 8  # the whole conversation (its last query) and one per earlier query
+    encodings = [pair for encoded in encode_samples(tok, samples) for pair in encoded]
+    processed = sum(len(ids) for ids, _ in encodings)
+    trained = sorted(trained_runs(encodings))
+    assert trained == sorted(reference(tok, messages, [WEATHER], setup.stop_tokens, {}))
+    whole = render(messages, False, [WEATHER])
+    per_turn = len(tok(whole, add_special_tokens=False)["input_ids"]) + sum(
+        len(tok(upto, add_special_tokens=False)["input_ids"])
+        for i, m in enumerate(messages) if m["role"] == "assistant"
+        and not whole.startswith(upto := render(messages[:i + 1], False, [WEATHER])))
+    assert processed * 3 <= per_turn, (processed, per_turn)

@@ -118,8 +118,12 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
                         limit: PromptLimit | None = None) -> list[RenderedSample]:
     """Render one validated conversation into one or more samples with trained character spans.
 
-    The first sample is the whole conversation; turns the template rewrites later in the conversation come after it
-    as samples of their own (see the module docstring). Tool schemas are rendered by the template (`tools=`).
+    The first sample is the whole conversation. A turn the template renders differently once the conversation goes on
+    (Qwen3 and Qwen3.5 drop the reasoning of answers before the last user query) is trained in a sample that ends
+    where its user query's span ends: the conversation cut before the next user message, shared by every turn of
+    that span that renders in it as in its own prefix (an agent's tool steps and its answer: one sample per user
+    query, not one per step). A turn that does not gets a sample of its own. Tool schemas are rendered by the
+    template (`tools=`).
 
     With `limit`, the first trained turn whose prompt alone fills the limit ends the rendering when every prompt so
     far is a prefix of the whole conversation's text followed by the generation prompt (the template renders a
@@ -133,6 +137,7 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
     trained = trained_turn_indices(messages, masked, train_on)
     full.masked_turns = sum(m["role"] == "assistant" for m in messages) - len(trained)
     own: list[RenderedSample] = []
+    spans: dict[int, RenderedSample] = {}  # samples of the conversation cut before a user message, by that index
     fills = None
     if limit is not None and not (plain_tokens and content_control_tokens(messages, plain_tokens)):
         fills = limit.bind(full.text)  # control tokens kept as text tokenize otherwise: no bound for those records
@@ -156,8 +161,11 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         if full.text.startswith(upto):
             sample = full
         else:
-            sample = RenderedSample(upto, own_turn=True)
-            own.append(sample)
+            sample = _span_sample(render, messages, i, upto, tools, spans)
+            if sample is None:
+                sample = RenderedSample(upto, own_turn=True)
+            if all(s is not sample for s in own):  # a span's sample is shared by its turns
+                own.append(sample)
         _add_span(sample, len(prompt), end, stop_tokens)
         sample.trained_turns += 1
         reasoning = (messages[i].get("reasoning_content") or "").strip()
@@ -167,6 +175,16 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         for sample in (full, *own):
             sample.plain = _content_token_spans(sample.text, messages, plain_tokens, where)
     return [full, *own]
+
+
+def _span_sample(render: Renderer, messages: Messages, i: int, upto: str, tools: Sequence[dict],
+                 spans: dict[int, RenderedSample]) -> RenderedSample | None:
+    """The sample of turn i's user-query span (the conversation cut before the next user message), when turn i
+    renders inside it exactly as in its own prefix `upto`; None when it does not."""
+    end = next((j for j in range(i + 1, len(messages)) if messages[j]["role"] == "user"), len(messages))
+    if end not in spans:
+        spans[end] = RenderedSample(upto if end == i + 1 else render(messages[:end], False, tools), own_turn=True)
+    return spans[end] if spans[end].text.startswith(upto) else None
 
 
 def _generation_prompt(render: Renderer, history: Messages, prompt: str, tools: Sequence[dict]) -> str | None:

@@ -74,6 +74,8 @@ def surface_problems(libraries: tuple[str, ...] = ("transformers", "liger_kernel
             problems.append(f"{path} is gone ({type(e).__name__}); chattune relies on it: {why}")
             continue
         obj = getattr(obj, "original", obj)  # ours, installed over the library's (install_packed_linear_attention)
+        if isinstance(obj, torch.nn.Module) or hasattr(obj, "__wrapped__"):  # a kernel wrapper around a function
+            obj = _torch_function(obj)
         if params:
             have = tuple(inspect.signature(obj).parameters)[:len(params)]
             if have != params:

@@ -7,9 +7,10 @@ when the logits agree within `TOLERANCE`. A class whose tiny model cannot be bui
 layer its modeling code defines (a recurrent or convolutional mixer the tiny config does not reach), stays unproven
 and is padded.
 
-`python -m chattune.train.packing_proof` writes the result to packing_proof.json beside this file, for the installed
-transformers; tests/test_packing_proof.py recomputes it in CI and compares. At run time a class found in the file
-for this transformers version is decided by it; any other class is probed on the spot (a second or two).
+`python -m chattune.train.packing_proof` writes the result for the installed transformers into packing_proof.json
+beside this file (one entry per tested version); tests/test_packing_proof.py recomputes it in CI and compares. At
+run time a class found in the file for this transformers version is decided by it; any other class (or version)
+is probed on the spot (a second or two).
 """
 
 from __future__ import annotations
@@ -171,15 +172,18 @@ def classes() -> dict[str, type]:
     return out
 
 
+def shipped() -> dict[str, Any]:
+    try:
+        return json.loads(PROOF_FILE.read_text())
+    except (OSError, ValueError):
+        return {"tolerance": TOLERANCE, "proofs": {}}
+
+
 def proof_for_this_transformers() -> dict[str, Any] | None:
-    """The shipped proof, when it was made with the installed transformers."""
+    """The shipped proof made with the installed transformers, if there is one."""
     import transformers
 
-    try:
-        proof = json.loads(PROOF_FILE.read_text())
-    except (OSError, ValueError):
-        return None
-    return proof if proof.get("transformers") == transformers.__version__ else None
+    return shipped()["proofs"].get(transformers.__version__)
 
 
 def verdict(model_cls: type) -> Verdict:
@@ -195,8 +199,10 @@ def main() -> None:
     import transformers
 
     results = {name: dataclasses.asdict(prove(cls)) for name, cls in classes().items()}
-    PROOF_FILE.write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
-                                      "tolerance": TOLERANCE, "classes": results}, indent=1, sort_keys=True) + "\n")
+    proofs = shipped()
+    proofs["tolerance"] = TOLERANCE
+    proofs["proofs"][transformers.__version__] = {"torch": torch.__version__, "classes": results}
+    PROOF_FILE.write_text(json.dumps(proofs, indent=1, sort_keys=True) + "\n")
     packs = sorted(name for name, r in results.items() if r["packs"])
     print(f"{len(packs)} of {len(results)} classes keep packed samples apart; written to {PROOF_FILE}")
 
