@@ -48,3 +48,42 @@ def _own_address() -> str:
         return socket.gethostbyname(host)
     except OSError:
         return "127.0.0.1"
+
+
+def torch_extensions_root() -> str:
+    """Where torch (and so DeepSpeed) builds its just-in-time ops: $TORCH_EXTENSIONS_DIR, or its default."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+
+
+def _builders() -> set[str]:
+    """Directories some live process is working in, or names on its command line (a build runs ninja there)."""
+    found: set[str] = set()
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not pid.isdigit():
+            continue
+        try:
+            found.add(os.readlink(f"/proc/{pid}/cwd"))
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.update(part.decode(errors="replace") for part in f.read().split(b"\0") if part)
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def stale_build_locks(min_age: float = 60.0) -> list[str]:
+    """Lock files of torch's op builds (DeepSpeed's shm_comm, fused_adam, ...) that no live process holds: a build
+    killed midway (a preempted job) leaves one, and every later build of that op waits for it forever, silently.
+    A lock is stale when it is older than `min_age` seconds and no process works in, or names, its directory."""
+    import glob
+    import time
+
+    locks = [p for p in glob.glob(os.path.join(torch_extensions_root(), "*", "*", "lock")) +
+             glob.glob(os.path.join(torch_extensions_root(), "*", "lock"))
+             if time.time() - os.path.getmtime(p) > min_age]
+    if not locks:
+        return []
+    live = _builders()
+    return sorted(lock for lock in locks
+                  if not any(item.startswith(os.path.dirname(lock)) for item in live))

@@ -43,6 +43,16 @@ def model(model_dirs):
     return m
 
 
+def pytest_sessionstart(session):
+    """A DeepSpeed op build killed in an earlier run leaves a lock that would hang this run's distributed tests:
+    remove such locks first (chattune itself refuses with the fix, tests/test_launch_locks.py)."""
+    from chattune.launch import stale_build_locks
+
+    for lock in stale_build_locks():
+        os.remove(lock)
+        print(f"removed a stale op-build lock left by a killed process: {lock}")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

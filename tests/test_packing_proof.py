@@ -127,8 +127,8 @@ def test_the_cuda_kernels_keep_samples_apart_like_the_torch_reference():
         masked_causal_conv1d,
         packed_causal_conv1d,
         packed_chunk_gated_delta_rule,
-        seq_idx_of,
         segmented_chunk_rule,
+        seq_idx_of,
     )
 
     torch.manual_seed(0)

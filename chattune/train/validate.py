@@ -26,6 +26,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _data_problems(data_args)
     problems += _mode_problems(training_args, lora_args)
     problems += _kernel_problems(model_args, training_args)
+    problems += _build_lock_problems(training_args)
     problems += _batch_problems(data_args, training_args)
     if not data_args.dump_tokenized:
         problems += _output_problems(training_args.output_dir)
@@ -119,6 +120,17 @@ def _kernel_problems(model_args: Any, training_args: Any) -> list[str]:
         if why:
             problems.append(f"--attn_implementation {model_args.attn_implementation}: {why}")
     return problems
+
+
+def _build_lock_problems(training_args: Any) -> list[str]:
+    """A DeepSpeed op build killed midway leaves a lock every later build waits on forever: say so now."""
+    if not training_args.deepspeed:
+        return []
+    from chattune.launch import stale_build_locks
+
+    return [f"--deepspeed: {lock} is the lock of an op build that was killed (no process is building there); every "
+            f"DeepSpeed run would wait on it forever. Remove it (rm {lock}) and run again"
+            for lock in stale_build_locks()]
 
 
 def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
