@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     with main_guard():
         from chattune.errors import ConfigError
         from chattune.export.merge import (
+            base_of,
             is_adapter_dir,
             merge_adapter,
             parse_dtype,
@@ -39,8 +40,12 @@ def main(argv=None) -> int:
                               "finetune.py --use_lora run")
         model, tokenizer = merge_adapter(args.adapter_path, args.base_model_name_or_path, parse_dtype(args.dtype),
                                          trust_remote_code=args.trust_remote_code == "true")
-        save_model(model, tokenizer, args.output_path, source=args.adapter_path, max_shard_size=args.max_shard_size)
-        print(f"merged model saved to {args.output_path}", file=sys.stderr)
+        copied = save_model(model, tokenizer, args.output_path, source=args.adapter_path,
+                            max_shard_size=args.max_shard_size,
+                            base=base_of(args.adapter_path, args.base_model_name_or_path))
+        print(f"merged model saved to {args.output_path}" + (
+            f" (with {len(copied)} tensors of the base that transformers does not load, e.g. {copied[0]})"
+            if copied else ""), file=sys.stderr)
     return 0
 
 

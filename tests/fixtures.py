@@ -167,7 +167,23 @@ def build_model(family: str, path: Path) -> Path:
         config = tf.Glm4Config(**_small(vocab_size=151936, head_dim=16, pad_token_id=tok.pad_token_id))
         model = tf.Glm4ForCausalLM(config)
         eos = tok.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
-    elif family in LOGIT_TRANSFORM_FAMILIES:  # Qwen's vocabulary and ChatML; the family's forward and logit transform
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # a vision-language checkpoint with an MTP head, as Qwen publishes
+        template = (Path(__file__).resolve().parent / "templates" / "qwen3_5.jinja").read_text()
+        tok = qwen_tokenizer(template, extra_specials=QWEN_EXTRA)
+        text = _small(vocab_size=151936, head_dim=16, tie_word_embeddings=False, linear_key_head_dim=16,
+                      linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "full_attention"], pad_token_id=151643, eos_token_id=151645)
+        if family == "qwen3_5_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32)
+        config_cls, model_cls = (("Qwen3_5Config", "Qwen3_5ForConditionalGeneration") if family == "qwen3_5"
+                                 else ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration"))
+        config = getattr(tf, config_cls)(text_config=text, vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64), tie_word_embeddings=False)
+        model = getattr(tf, model_cls)(config)
+        _save(path, model, tok, [151645, 151643])
+        add_mtp_head(path)
+        return path  # Qwen's vocabulary and ChatML; the family's forward and logit transform
         tok = qwen_tokenizer()
         config_cls, model_cls, transform = LOGIT_TRANSFORM_FAMILIES[family]
         config = getattr(tf, config_cls)(**_small(vocab_size=151936, head_dim=16, pad_token_id=tok.pad_token_id,
@@ -177,6 +193,23 @@ def build_model(family: str, path: Path) -> Path:
     else:
         raise ValueError(family)
     return _save(path, model, tok, eos)
+
+
+QWEN_EXTRA = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+
+
+def add_mtp_head(path: Path) -> None:
+    """Write multi-token-prediction tensors (`mtp.*`, which Qwen3.5 checkpoints carry and transformers does not load)
+    into the checkpoint, as the published checkpoints hold them."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    g = torch.Generator().manual_seed(7)
+    tensors.update({"mtp.fc.weight": torch.randn(64, 128, generator=g),
+                    "mtp.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=g),
+                    "mtp.norm.weight": torch.ones(64)})
+    save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 # Families whose forward changes lm_head's output before the loss (the transform exaggerated so a loss that forgets it

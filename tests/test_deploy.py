@@ -189,6 +189,8 @@ def test_baking_changes_no_rendering_of_the_real_templates():
                 assert render(baked, messages, enable_thinking=value) == render(original, messages,
                                                                                enable_thinking=value)
         for i in range(1, len(messages) + 1):
+            if not any(m["role"] == "user" for m in messages[:i]):
+                continue  # Qwen3.5's template refuses a history with no user query (as inference would)
             want = render(original, messages[:i], **kwargs)
             assert render(baked, messages[:i], **kwargs) == want
             assert render(baked, messages[:i]) == want

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from chattune.cli import log
+from chattune.data.tokenizer import load_tokenizer
 from chattune.errors import UserError
 from chattune.export.engines import (
     ENGINES,
@@ -163,6 +164,63 @@ def check_prompts(conversations: list[Any], run_tokenizer: Any, template_kwargs:
                  {"turns": len(turns), "mismatched": mismatched, "too_long": too_long, "engine": engine.name})
 
 
+def check_layout(artifact_path: str, run_dir: str) -> Check:
+    """Check: the artifact is the whole model it came from. A merged, fully trained or quantized model has the
+    base's architecture and every base tensor (chattune.train.layout: a Qwen3.5 vision tower, its MTP head); an
+    adapter's every module matches a module of the class the base loads as (vLLM serves that class: an adapter whose
+    names match nothing is served silently as the base model)."""
+    from chattune.export.merge import base_of, is_adapter_dir, run_info
+    from chattune.train.layout import adapter_problems, layout_problems
+
+    if is_adapter_dir(artifact_path):
+        base = base_of(artifact_path, None)
+        problems, what = adapter_problems(artifact_path, base), f"every adapter module matches {base}'s class"
+    else:
+        base = run_info(run_dir).get("base_model") or ""
+        if not base or os.path.abspath(base) == os.path.abspath(artifact_path):
+            return Check("layout", True, "the artifact is the base model itself (nothing to compare)")
+        problems, what = layout_problems(artifact_path, base), f"the architecture and every tensor of {base}"
+    return Check("layout", not problems, "; ".join(problems) if problems else what, {"problems": problems})
+
+
+def check_parse(conversations: list[Any], artifact_tokenizer: Any) -> Check:
+    """Check: the tool calls and reasoning of the held-out answers, written as the artifact's template writes them,
+    are read back as the calls and reasoning the data holds (chattune.export.toolparse: the formats of vLLM's
+    qwen3_coder / hermes tool parsers and qwen3 reasoning parser)."""
+    from chattune.export.toolparse import parse_tool_calls, split_reasoning
+
+    turns = failed = 0
+    first = ""
+    for conv, i, request in _requests(conversations):
+        message = conv.messages[i]
+        reasoning = (message.get("reasoning_content") or "").strip()
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                 for c in message.get("tool_calls", [])]
+        if not calls and not reasoning:
+            continue
+        render = artifact_tokenizer.apply_chat_template
+        prompt = render(request.history, tools=request.tools or None, add_generation_prompt=True, tokenize=False)
+        upto = render([*request.history, message], tools=request.tools or None, tokenize=False)
+        answer = upto[len(prompt):] if upto.startswith(prompt) else upto
+        think, rest = split_reasoning(prompt[prompt.rfind("<think>"):] + answer if "<think>" in prompt[-20:]
+                                      else answer)
+        got = parse_tool_calls(rest, list(request.tools or []))
+        turns += 1
+        wrong = []
+        if reasoning and reasoning in answer and (think or "") != reasoning:  # reasoning the template renders
+            wrong.append(f"reasoning read back as {think!r}")
+        if got != calls:
+            wrong.append(f"tool calls read back as {got}, the data has {calls}")
+        if wrong:
+            failed += 1
+            first = first or f"; first: {conv.source}, messages[{i}]: {'; '.join(wrong)}"
+    if not turns:
+        return Check("parse", True, "no held-out answer has tool calls or reasoning (nothing to read back)")
+    detail = (f"{turns - failed} of {turns} answers with tool calls or reasoning read back as the data has them"
+              + first)
+    return Check("parse", failed == 0, detail, {"turns": turns, "failed": failed})
+
+
 def _answers(conversations: list[Any], tokenizer: Any, stops: list[str], template_kwargs: dict,
              max_length: int) -> list[Turn]:
     """Every trained turn with its answer ids, as the training pipeline tokenizes them (one sample per turn)."""
@@ -289,7 +347,8 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
         release_memory()
     engine = engine_class(artifact_path, args, max_length)
     try:
-        checks = [check_prompts(conversations, run_tokenizer, template_kwargs, engine)]
+        checks = [check_layout(artifact_path, args.run_dir),
+                  check_prompts(conversations, run_tokenizer, template_kwargs, engine)]
         turns = _answers(conversations, run_tokenizer, stop_tokens, template_kwargs, max_length)
         checks.append(check_stop(turns, engine, run_tokenizer, stop_tokens, args.stop_samples, args.stop_margin,
                                  args.seed))
@@ -299,6 +358,7 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
             artifact_loss, tokens = engine.loss(samples, "loss of the artifact")
             checks.append(check_quality(artifact_loss if reference_loss is None else reference_loss, artifact_loss,
                                         tokens, engine.quantized, args))
+        checks.append(check_parse(conversations, load_tokenizer(artifact_path)))
     finally:
         engine.close()
     return checks, _report(args, artifact_path, data_path, conversations, checks)

@@ -145,7 +145,7 @@ class VllmEngine:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
 
-        from chattune.export.merge import _base_of, is_adapter_dir
+        from chattune.export.merge import base_of, is_adapter_dir
 
         # prefix caching off: the prompt checks would fill it with prefixes of the loss samples, and prompt
         # logprobs have depended on request order with it on (vllm-project/vllm#42019)
@@ -156,7 +156,7 @@ class VllmEngine:
         model_dir = path
         if is_adapter_dir(path):
             adapter = json.loads(Path(path, "adapter_config.json").read_text())
-            model_dir = _base_of(path, None)
+            model_dir = base_of(path, None)
             # vLLM takes the base's tokenizer and generation_config unless told: give it the run's (README "Serve it")
             options.update(model=model_dir, tokenizer=path, generation_config=path, enable_lora=True, max_loras=1,
                            max_lora_rank=_vllm_lora_rank(int(adapter.get("r") or 8)))

@@ -36,7 +36,7 @@ def parse_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def _base_of(adapter_path: str, base: str | None) -> str:
+def base_of(adapter_path: str, base: str | None) -> str:
     from chattune.hub import model_source_problem
 
     if not base:
@@ -75,12 +75,11 @@ def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = 
                        device_map: Any = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Base model + adapter (unmerged), with the adapter's tokenizer (which carries the training template)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = _base_of(adapter_path, base)
+    base = base_of(adapter_path, base)
     tokenizer = load_tokenizer_for(adapter_path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 device_map=device_map)
+    model = model_loader(base, trust_remote_code).from_pretrained(base, dtype=dtype, device_map=device_map,
+                                                                  trust_remote_code=trust_remote_code)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         # the run added template tokens: the adapter carries the grown embeddings (modules_to_save)
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
@@ -90,7 +89,7 @@ def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = 
 def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto",
                   trust_remote_code: bool = False) -> tuple[Any, Any]:
     """Fold the adapter into full-precision base weights; refuses a quantized base and an adapter with no effect."""
-    base = _base_of(adapter_path, base)
+    base = base_of(adapter_path, base)
     _refuse_quantized_base(base, trust_remote_code)
     model, tokenizer = load_adapter_model(adapter_path, base, dtype, trust_remote_code=trust_remote_code)
     if not any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n):
@@ -101,8 +100,10 @@ def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto
     return merged, tokenizer
 
 
-def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size: str = "5GB") -> None:
-    """Safetensors shards + tokenizer (with chat template) + generation config and chattune.json from the run."""
+def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size: str = "5GB",
+               base: str | None = None) -> list[str]:
+    """Safetensors shards + tokenizer (with chat template) + generation config and chattune.json from the run; with
+    `base`, completed to the base checkpoint's layout (chattune.train.layout). Returns the base tensors copied."""
     from transformers import GenerationConfig
 
     os.makedirs(out, exist_ok=True)
@@ -118,6 +119,11 @@ def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size
         with open(os.path.join(out, "chattune.json"), "w") as f:
             json.dump(info, f, indent=1)
     carry_held_out(source, out)  # the run's val.jsonl goes with the model: run_gptq.py evaluates on it
+    if base is None:
+        return []
+    from chattune.train.layout import complete_from_base, skipped_on_load
+
+    return complete_from_base(out, base, carry=skipped_on_load(model))
 
 
 def load_for_inference(path: str, adapter_path: str | None = None, base: str | None = None, dtype: Any = "auto",
@@ -128,8 +134,6 @@ def load_for_inference(path: str, adapter_path: str | None = None, base: str | N
     Returns (model, tokenizer) ready for generation; with `merge`, an adapter is folded in memory (as run_gptq.py
     needs a plain model).
     """
-    from transformers import AutoModelForCausalLM
-
     if adapter_path is None and is_adapter_dir(path):
         adapter_path, base = path, base
     elif adapter_path is not None:
@@ -140,6 +144,19 @@ def load_for_inference(path: str, adapter_path: str | None = None, base: str | N
         model, tokenizer = load_adapter_model(adapter_path, base, dtype, device_map, trust_remote_code)
         return model.eval(), tokenizer
     tokenizer = load_tokenizer_for(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                 device_map=device_map)
+    model = model_loader(path, trust_remote_code).from_pretrained(path, dtype=dtype, device_map=device_map,
+                                                                  trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
+
+
+def model_loader(path: str, trust_remote_code: bool) -> Any:
+    """The auto class that loads `path` as training does: a vision-language checkpoint in its own class (so the
+    vision tower comes along and adapter names match), any other as a causal LM."""
+    from transformers import AutoConfig
+
+    from chattune.train.architecture import load_class
+    from chattune.train.hf import install_packed_linear_attention
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    install_packed_linear_attention(getattr(config.get_text_config(), "model_type", ""))  # the CPU fallback, too
+    return load_class(config)

@@ -47,6 +47,7 @@ class ModelClass:
     linear_attention: bool = False  # Gated DeltaNet layers: packed rows carry their sample boundaries to them
     logits_to_keep: bool = True  # its forward can skip the logits (a fused loss takes its hidden states instead)
     quantized: str | None = None  # the checkpoint's quantization method (gptq, awq, ...), None for float weights
+    vision_language: bool = False  # a vision-language checkpoint (Qwen3.5): its own class, the text path trained
 
     @property
     def packs(self) -> bool:
@@ -60,6 +61,30 @@ def model_class(config: Any, trust_remote_code: bool) -> ModelClass:
     return dataclasses.replace(_model_class(config, trust_remote_code), quantized=existing_quantization(config))
 
 
+def checkpoint_class(config: Any) -> type | None:
+    """The vision-language class a checkpoint names in `architectures` (Qwen3.5's Qwen3_5ForConditionalGeneration,
+    which AutoModelForCausalLM would load as its text-only class, dropping the vision tower): trained in its own class
+    so its adapter, merge and quantized model keep the checkpoint's layout. None for a text-only checkpoint."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    )
+
+    if getattr(config, "vision_config", None) is None:
+        return None
+    try:
+        cls = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return cls if cls.__name__ in (getattr(config, "architectures", None) or []) else None
+
+
+def load_class(config: Any) -> Any:
+    """The transformers auto class that loads the checkpoint as chattune trains it."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if checkpoint_class(config) is not None else AutoModelForCausalLM
+
+
 def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -68,7 +93,7 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
         reference = str(auto_map["AutoModelForCausalLM"])
         return ModelClass(reference.split(".")[-1], remote_code=True,
                           logits_to_keep=_remote_keeps_logits(reference, getattr(config, "_name_or_path", "")))
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    cls = checkpoint_class(config) or MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if cls is None:
         return ModelClass(type(config).__name__, remote_code=False, packing_why="not a causal-LM class")
     from chattune.train.linear_attention import GATED_DELTANET_MODULES
@@ -78,8 +103,8 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
     return ModelClass(cls.__name__, remote_code=False, sdpa=bool(cls._supports_sdpa),
                       flash=bool(cls._supports_flash_attn), flex=bool(cls._supports_flex_attn),
                       proven=packing.packs, packing_why=packing.why,
-                      linear_attention=getattr(cls.config_class, "model_type", "") in GATED_DELTANET_MODULES,
-                      logits_to_keep=_keeps_logits(cls))
+                      linear_attention=getattr(config.get_text_config(), "model_type", "") in GATED_DELTANET_MODULES,
+                      logits_to_keep=_keeps_logits(cls), vision_language=checkpoint_class(config) is not None)
 
 
 def _keeps_logits(cls: Any) -> bool:

@@ -105,11 +105,12 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
               "dropout; name --lora_target_modules explicitly to keep dropout and leave the experts frozen",
               file=sys.stderr)
         dropout = 0.0
+    text_only = text_path_targets(model) if all_linear else None
     config = LoraConfig(
         r=lora_args.lora_r,
         lora_alpha=lora_args.lora_alpha,
         lora_dropout=dropout,
-        target_modules="all-linear" if all_linear else targets,
+        target_modules=text_only or ("all-linear" if all_linear else targets),
         target_parameters=experts or None,
         bias=lora_args.lora_bias,
         task_type="CAUSAL_LM",
@@ -125,6 +126,22 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
         return get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise ConfigError(f"LoRA: {e} (check --lora_target_modules)") from None
+
+
+def text_path_targets(model: Any) -> str | None:
+    """For a vision-language model, every linear layer of its decoder (not the vision tower, whose linear layers peft's
+    all-linear would adapt too), as a pattern of full module names; None for a text-only model."""
+    import re
+
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if not any(".visual." in f".{name}." for name in names):
+        return None
+    output = {id(model.get_output_embeddings())}
+    decoder = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and ".visual." not in f".{name}." and id(module) not in output]
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in decoder})
+    prefixes = sorted({re.sub(r"\.layers\.\d+\..*$", "", name) for name in decoder if ".layers." in name})
+    return rf"^({'|'.join(map(re.escape, prefixes))})\.layers\.\d+\..*\.({'|'.join(leaves)})$"
 
 
 def quantized_linear_names(model: Any) -> list[str]:

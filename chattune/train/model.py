@@ -9,10 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from chattune.errors import ConfigError
-from chattune.train.architecture import (
-    compute_dtype,
-    existing_quantization,
-)
+from chattune.train.architecture import compute_dtype, existing_quantization, load_class
 from chattune.train.hf import (
     install_packed_linear_attention,
     use_common_dtype_in_flex_attention,
@@ -63,7 +60,6 @@ def enable_tf32() -> None:
 def load_model(model_args: ModelArguments, training_args: TrainingArguments, lora_args: LoraArguments,
                config: Any, plan: Any) -> Any:
     """The base model, in the plan's dtype, mode and attention implementation, before any adapter."""
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     quantized = existing_quantization(config)
@@ -92,11 +88,19 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
         with warnings.catch_warnings():
             # the GPTQ loading attributes above replace the checkpoint's on purpose (transformers warns every time)
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+            model = load_class(config).from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load the model {model_args.model_name_or_path!r}: {e}") from None
     model.config.use_cache = False  # training: a KV cache wastes memory and breaks packed-sequence detection
+    model.config.get_text_config().use_cache = False
+    for p in non_text_parameters(model):
+        p.requires_grad_(False)  # the text path is trained; the vision tower stays the base's
     return model
+
+
+def non_text_parameters(model: Any) -> list[Any]:
+    """Parameters outside the text path of a vision-language model (its vision tower): never trained."""
+    return [p for name, p in model.named_parameters() if ".visual." in f".{name}."]
 
 
 def _attach_deepspeed_comm() -> None:

@@ -14,6 +14,7 @@ import torch
 from chattune import __version__
 from chattune.cli import log
 from chattune.train import checkpoints
+from chattune.train.layout import complete_from_base, skipped_on_load
 from chattune.train.loss import base_model
 from chattune.train.plan import EXIT_PREEMPTED, EXIT_STOPPED, Plan
 from chattune.train.trainer import SAVE_ERRNOS, ChatTrainer, SaveError
@@ -93,6 +94,10 @@ def write_result(trainer, out: str, tokenizer, setup, data_args, plan: Plan) -> 
     trainer.state.save_to_json(os.path.join(out, "trainer_state.json"))
     tokenizer.save_pretrained(out)
     write_run_files(out, trainer, setup, data_args, plan.mode)
+    if plan.mode == "full":  # the whole model: in the base checkpoint's layout (chattune.train.layout)
+        model = base_model(trainer.accelerator.unwrap_model(trainer.model))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        complete_from_base(out, plan.model, carry=skipped_on_load(model), untrained=frozen)
 
 
 def set_trained_stops(model, tokenizer, setup) -> None:

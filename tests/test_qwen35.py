@@ -1,0 +1,129 @@
+"""Today's Qwen (3.5 / 3.6 / 3.8): a vision-language checkpoint with an MTP head, trained on its text path and saved
+in its own layout. Tiny random Qwen3_5ForConditionalGeneration checkpoints (dense and MoE) with a vision tower and
+`mtp.*` tensors written into the file, the published Qwen3.5 template (tests/fixtures.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from chattune.train.args import parse_args
+from chattune.train.layout import layout_problems, weight_files
+from chattune.train.run import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "examples" / "messages.jsonl"
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, file in weight_files(str(path)).items():
+        with safe_open(file, "pt") as f:
+            out[name] = f.get_tensor(name)
+    return out
+
+
+def train(model_dir: Path, out: Path, *extra) -> object:
+    return run(*parse_args(["--model_name_or_path", str(model_dir), "--data_path", str(DATA), "--output_dir",
+                            str(out), "--use_cpu", "True", "--max_steps", "2", "--learning_rate", "0.05",
+                            "--per_device_train_batch_size", "2", "--save_strategy", "no", "--report_to", "none",
+                            "--preview_data", "0", "--data_cache_dir", str(out.parent / "cache"),
+                            "--model_max_length", "512", *map(str, extra)]))
+
+
+@pytest.fixture(scope="module")
+def lora_run(model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen35") / "lora"
+    trainer = train(model_dirs("qwen3_5"), out, "--use_lora", "--lora_r", "8")
+    return model_dirs("qwen3_5"), out, trainer
+
+
+def test_the_checkpoint_class_is_trained_and_the_adapter_loads_into_it(lora_run):
+    base, out, trainer = lora_run
+    report = json.loads((out / "run_report.json").read_text())
+    assert type(trainer.model.get_base_model()).__name__ == "Qwen3_5ForConditionalGeneration"
+    saved = list(tensors(out))
+    assert saved and all(".language_model.layers." in n for n in saved if "lora_" in n)
+    assert not any("visual" in n for n in saved)  # the vision tower is not adapted
+    kinds = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in saved if "lora_A" in n}
+    assert {"in_proj_qkv", "out_proj", "q_proj", "o_proj", "down_proj"} <= kinds  # Gated DeltaNet + attention + MLP
+    assert report["plan"]["trainable_params"] > 0
+
+    from peft import PeftModel
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    reloaded = PeftModel.from_pretrained(Qwen3_5ForConditionalGeneration.from_pretrained(base, dtype=torch.float32),
+                                         out).eval()
+    loaded = {n for n, _ in reloaded.named_parameters() if "lora_" in n}
+    trained = {n for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert loaded == trained  # every LoRA module of the run matched a module of the checkpoint's class
+    ids = torch.tensor([[151644, 872, 198, 9707, 151645, 198, 151644, 77091, 198]])
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merge_keeps_the_checkpoints_layout_vision_tower_and_mtp_head(lora_run, tmp_path):
+    base, adapter, _ = lora_run
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(adapter), "--output_path",
+                           str(merged)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tensors of the base that transformers does not load, e.g. mtp." in proc.stderr
+    config, base_config = (json.loads((p / "config.json").read_text()) for p in (merged, base))
+    for key in ("architectures", "model_type"):
+        assert config[key] == base_config[key], key
+    ignore = ("dtype", "transformers_version")  # what transformers itself writes on every save
+    assert ({k: v for k, v in config["vision_config"].items() if k not in ignore}
+            == {k: v for k, v in base_config["vision_config"].items() if k not in ignore})
+    before, after = tensors(base), tensors(merged)
+    assert set(after) == set(before) and layout_problems(str(merged), str(base)) == []
+    untrained = [n for n in before if n.startswith("mtp.") or ".visual." in n]
+    assert any(n.startswith("mtp.") for n in untrained) and any(".visual." in n for n in untrained)
+    for name in untrained:  # byte for byte: same dtype, same values
+        assert after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in before if ".language_model.layers." in n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_full_fine_tuning_saves_every_base_tensor_with_the_untrained_ones_as_they_were(family, model_dirs,
+                                                                                    tmp_path):
+    base = model_dirs(family)
+    out = tmp_path / "full"
+    train(base, out)
+    before, after = tensors(base), tensors(out)
+    assert set(after) == set(before) and layout_problems(str(out), str(base)) == []
+    for name in (n for n in before if n.startswith("mtp.") or ".visual." in n):
+        assert after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]), name
+    changed = [n for n in before if ".language_model.layers." in n and not torch.equal(after[n].to(before[n].dtype),
+                                                                                     before[n])]
+    assert changed  # the text path trained
+    assert json.loads((out / "config.json").read_text())["architectures"] == [
+        "Qwen3_5ForConditionalGeneration" if family == "qwen3_5" else "Qwen3_5MoeForConditionalGeneration"]
+
+
+@pytest.mark.slow
+def test_the_deploy_check_names_what_a_merge_lost(lora_run, tmp_path):
+    from chattune.export.deploy import check_layout
+
+    base, adapter, _ = lora_run
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(adapter), "--output_path", str(merged)],
+                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    assert check_layout(str(merged), str(adapter)).passed
+    assert check_layout(str(adapter), str(adapter)).passed  # every adapter module matches the checkpoint's class
+    index = json.loads((merged / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("mtp.")}
+    (merged / "model.safetensors.index.json").write_text(json.dumps(index))  # a merge that dropped the MTP head
+    check = check_layout(str(merged), str(adapter))
+    assert not check.passed and "3 of the base's" in check.detail and "mtp." in check.detail
+    config = json.loads((merged / "config.json").read_text())
+    (merged / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3_5ForCausalLM"]}))
+    assert "architectures is ['Qwen3_5ForCausalLM']" in check_layout(str(merged), str(adapter)).detail
