@@ -183,6 +183,7 @@ def build_model(family: str, path: Path) -> Path:
         model = getattr(tf, model_cls)(config)
         _save(path, model, tok, [151645, 151643])
         add_mtp_head(path)
+        add_processor_configs(path)
         return path  # Qwen's vocabulary and ChatML; the family's forward and logit transform
         tok = qwen_tokenizer()
         config_cls, model_cls, transform = LOGIT_TRANSFORM_FAMILIES[family]
@@ -210,6 +211,19 @@ def add_mtp_head(path: Path) -> None:
                     "mtp.layers.0.mlp.up_proj.weight": torch.randn(128, 64, generator=g),
                     "mtp.norm.weight": torch.ones(64)})
     save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def add_processor_configs(path: Path) -> None:
+    """The image and video processor configs a Qwen3.5 checkpoint ships (Qwen3-VL's: 16-pixel patches merged 2x2,
+    mean/std 0.5), which a server reads to build the processor and `save_pretrained` of a model does not write."""
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+              "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor"}
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {**common, "image_processor_type": "Qwen2VLImageProcessorFast",
+         "size": {"longest_edge": 16777216, "shortest_edge": 65536}}, indent=2))
+    (path / "video_preprocessor_config.json").write_text(json.dumps(
+        {**common, "video_processor_type": "Qwen3VLVideoProcessor",
+         "size": {"longest_edge": 25165824, "shortest_edge": 4096}, "fps": 2}, indent=2))
 
 
 # Families whose forward changes lm_head's output before the loss (the transform exaggerated so a loss that forgets it

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from chattune.train.args import parse_args
-from chattune.train.layout import layout_problems, weight_files
+from chattune.train.layout import PROCESSOR_FILES, layout_problems, weight_files
 from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +89,8 @@ def test_merge_keeps_the_checkpoints_layout_vision_tower_and_mtp_head(lora_run, 
     for name in untrained:  # byte for byte: same dtype, same values
         assert after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]), name
     assert any(not torch.equal(after[n], before[n]) for n in before if ".language_model.layers." in n)
+    for name in PROCESSOR_FILES[:2]:  # what a server reads to build the image/video processor
+        assert (merged / name).read_text() == (base / name).read_text(), name
 
 
 @pytest.mark.slow
@@ -100,6 +102,7 @@ def test_full_fine_tuning_saves_every_base_tensor_with_the_untrained_ones_as_the
     train(base, out)
     before, after = tensors(base), tensors(out)
     assert set(after) == set(before) and layout_problems(str(out), str(base)) == []
+    assert all((out / name).is_file() for name in PROCESSOR_FILES[:2])
     for name in (n for n in before if n.startswith("mtp.") or ".visual." in n):
         assert after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]), name
     changed = [n for n in before if ".language_model.layers." in n and not torch.equal(after[n].to(before[n].dtype),
@@ -124,6 +127,20 @@ def test_the_deploy_check_names_what_a_merge_lost(lora_run, tmp_path):
     (merged / "model.safetensors.index.json").write_text(json.dumps(index))  # a merge that dropped the MTP head
     check = check_layout(str(merged), str(adapter))
     assert not check.passed and "3 of the base's" in check.detail and "mtp." in check.detail
+    (merged / "video_preprocessor_config.json").unlink()
+    assert "video_preprocessor_config.json of the base is missing" in check_layout(str(merged), str(adapter)).detail
     config = json.loads((merged / "config.json").read_text())
     (merged / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3_5ForCausalLM"]}))
     assert "architectures is ['Qwen3_5ForCausalLM']" in check_layout(str(merged), str(adapter)).detail
+
+
+def test_gptq_of_a_vision_language_checkpoint_says_what_it_needs_before_loading(model_dirs, tmp_path, monkeypatch):
+    """GPTQModel builds Qwen3.5's video processor, which needs a torchvision matching torch: refused up front, not
+    after the float model was loaded and evaluated."""
+    from chattune.errors import ConfigError
+    from chattune.export.gptq import check_processor_support
+
+    check_processor_support(str(model_dirs("qwen2")))  # a text-only checkpoint needs no processor
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    with pytest.raises(ConfigError, match="vision-language checkpoint.*torchvision built for your torch"):
+        check_processor_support(str(model_dirs("qwen3_5")))

@@ -29,12 +29,14 @@ from chattune.data.split import carry_held_out, conversation_key, held_out_of
 from chattune.errors import ConfigError, UserError
 from chattune.export.merge import (
     DTYPES,
+    base_of,
     is_adapter_dir,
     load_for_inference,
     run_info,
     save_model,
 )
 from chattune.export.samples import Samples, Split, perplexity, split_conversations
+from chattune.train.layout import copy_processor_files
 
 BITS = (4, 8)
 REPORT_FILE = "gptq_report.json"
@@ -214,6 +216,23 @@ def quantized_linear_count(model: Any) -> int:
     return sum(1 for m in model.modules() if hasattr(m, "qweight"))
 
 
+def check_processor_support(model_dir: str) -> None:
+    """GPTQModel loads a vision-language checkpoint (Qwen3.5's) with its processor, whose video part needs a working
+    torchvision; without one it fails after the float model is loaded and evaluated. Said up front instead."""
+    from transformers import AutoConfig
+
+    if getattr(AutoConfig.from_pretrained(model_dir), "vision_config", None) is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # ImportError, or RuntimeError when its build does not match torch's
+        raise ConfigError(
+            f"{model_dir} is a vision-language checkpoint: GPTQModel loads its image/video processor, which needs "
+            f"torchvision built for your torch {torch.__version__} ({type(e).__name__}: {str(e)[:120]}); install the "
+            "matching one (pip install torchvision --index-url https://download.pytorch.org/whl/<your CUDA, e.g. "
+            "cu128>)") from None
+
+
 def _gptq_engine() -> Any:
     workers = os.environ.get("GPTQMODEL_CPU_WORKERS")
     if workers is None and ((os.cpu_count() or 1) + 1) // 2 < _MIN_GPTQ_CPU_WORKERS:
@@ -391,6 +410,8 @@ def quantize(args: GptqArgs) -> Report:
     if data.split.shortfall:
         log(f"WARNING: {data.split.shortfall}")
     device, adapter = resolve_device(args.device), is_adapter_dir(args.model_name_or_path)
+    base = base_of(args.model_name_or_path, None) if adapter else None
+    check_processor_support(base or args.model_name_or_path)
     with timed(seconds, "load"):
         model = load_float_model(args.model_name_or_path, DTYPES[args.dtype], device, args.trust_remote_code)
         check_group_size(model, args.group_size)
@@ -404,7 +425,7 @@ def quantize(args: GptqArgs) -> Report:
         source_dir = args.model_name_or_path
         if adapter:  # GPTQModel reads a model directory: the folded model is saved next to the output for it
             with timed(seconds, "save merged"):
-                save_model(model, tokenizer, tmp, source=args.model_name_or_path)
+                save_model(model, tokenizer, tmp, source=args.model_name_or_path, base=base)
             source_dir = tmp
         weights_before = weights_bytes(source_dir)
         del model  # GPTQModel loads its own copy
@@ -414,6 +435,7 @@ def quantize(args: GptqArgs) -> Report:
             engine = run_gptq(source_dir, data.calibration, args.out_path, bits=args.bits,
                               group_size=args.group_size, device=device, dtype=dtype,
                               trust_remote_code=args.trust_remote_code)
+        copy_processor_files(args.out_path, source_dir)
     finish_output(args.out_path, tokenizer, generation_config, args.model_name_or_path, args.bits, args.group_size)
 
     with timed(seconds, "evaluate GPTQ"):

@@ -4,7 +4,9 @@ transformers loads Qwen3.5's checkpoints without their multi-token-prediction he
 decoding uses), so a model saved from memory (merged, fully fine-tuned, quantized) would silently lose it; and a
 frozen part saved from fp32 master weights (the vision tower of a full fine-tune) would no longer be the base's bytes.
 `complete_from_base` copies the base tensors the model class skips on load (its `_keys_to_ignore_on_load_unexpected`)
-that the output lacks, and puts the base's exact tensors back where the output holds untrained ones.
+that the output lacks, and puts the base's exact tensors back where the output holds untrained ones. It also copies the
+base's image/video processor configs, which `save_pretrained` of a model does not write and without which a serving
+engine (vLLM) cannot start a vision-language checkpoint, nor GPTQModel load one.
 """
 
 from __future__ import annotations
@@ -18,15 +20,22 @@ from typing import Any
 
 INDEX = "model.safetensors.index.json"
 EXTRA = "model-base-extra.safetensors"
+# What a vision-language checkpoint's processor reads besides the tokenizer files (transformers' AutoProcessor).
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+def _folder(path: str) -> Path:
+    """A model directory, or a hub id's snapshot (from the local cache)."""
+    if os.path.isdir(path):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def weight_files(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file of a model (or adapter) directory, or hub id (from the local cache)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+    folder = _folder(path)
     index = folder / INDEX
     if index.is_file():
         return {name: str(folder / file) for name, file in json.loads(index.read_text())["weight_map"].items()}
@@ -51,13 +60,26 @@ def skipped_on_load(model: Any) -> tuple[str, ...]:
     return tuple(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
 
 
+def copy_processor_files(out_dir: str, source: str) -> list[str]:
+    """The processor configs `source` (a model directory or hub id) has and `out_dir` lacks, copied over. Returns
+    their names."""
+    import shutil
+
+    copied, folder = [], _folder(source)
+    for name in PROCESSOR_FILES:
+        src, dst = folder / name, os.path.join(out_dir, name)
+        if src.is_file() and not os.path.exists(dst):
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
+
+
 def complete_from_base(out_dir: str, base: str, carry: Sequence[str] = (), untrained: set[str] = frozenset()
                        ) -> list[str]:
     """Copy the base tensors matching `carry` (what the class skips on load) that `out_dir` lacks into it (a new
-    shard, listed in the index), and put back the base's bytes of the `untrained` tensors it holds. Returns the
-    names copied."""
-    import re
-
+    shard, listed in the index), put back the base's bytes of the `untrained` tensors it holds, and copy the base's
+    processor configs. Returns the tensor names copied."""
+    copy_processor_files(out_dir, base)
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -101,6 +123,10 @@ def layout_problems(artifact: str, base: str) -> list[str]:
             problems.append(f"{key} is {getattr(ours, key, None)}, the base's is {getattr(theirs, key, None)}")
     if (getattr(theirs, "vision_config", None) is None) != (getattr(ours, "vision_config", None) is None):
         problems.append("the base's vision_config is missing")
+    lacking = [name for name in PROCESSOR_FILES
+               if (_folder(base) / name).is_file() and not os.path.isfile(os.path.join(artifact, name))]
+    if lacking:
+        problems.append(f"{', '.join(lacking)} of the base is missing (a server cannot build the image processor)")
     base_files, out_files = weight_files(base), weight_files(artifact)
     missing = sorted(n for n in base_files if n not in out_files and not _replaced(n, set(out_files)))
     if missing:
