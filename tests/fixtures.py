@@ -184,7 +184,8 @@ def build_model(family: str, path: Path) -> Path:
         _save(path, model, tok, [151645, 151643])
         add_mtp_head(path)
         add_processor_configs(path)
-        return path  # Qwen's vocabulary and ChatML; the family's forward and logit transform
+        return path
+    elif family in LOGIT_TRANSFORM_FAMILIES:  # Qwen's vocabulary and ChatML; the family's forward and logit transform
         tok = qwen_tokenizer()
         config_cls, model_cls, transform = LOGIT_TRANSFORM_FAMILIES[family]
         config = getattr(tf, config_cls)(**_small(vocab_size=151936, head_dim=16, pad_token_id=tok.pad_token_id,
