@@ -185,11 +185,19 @@ def index_path(cache: Path, stat_key: str) -> Path:
 
 def write_index(cache: Path, stat_key: str, key: str) -> None:
     path = index_path(cache, stat_key)
-    with contextlib.suppress(OSError):  # only an optimisation for the other ranks: they prepare themselves without it
+    tmp = path.with_name(f".{stat_key}.{os.getpid()}.tmp")
+    try:  # only an optimisation for the other ranks: they prepare themselves without it
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{stat_key}.{os.getpid()}.tmp")
         tmp.write_text(key)
         os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a full disk: no half-written file left in the index
+
+
+def drop_index(cache: Path, stat_key: str) -> None:
+    with contextlib.suppress(OSError):
+        index_path(cache, stat_key).unlink(missing_ok=True)
 
 
 def read_index(cache: Path, stat_key: str) -> str | None:
@@ -226,9 +234,12 @@ def failure_path(cache: Path, key: str) -> Path:
 
 
 def note_failure(cache: Path, key: str, message: str) -> None:
-    with contextlib.suppress(OSError):  # only spares the other ranks the work; they find the problem themselves
+    try:  # only spares the other ranks the work; they find the problem themselves
         failure_path(cache, key).parent.mkdir(exist_ok=True)
         failure_path(cache, key).write_text(message)
+    except OSError:
+        with contextlib.suppress(OSError):
+            failure_path(cache, key).unlink(missing_ok=True)
 
 
 def has_failed(cache: Path, key: str) -> bool:

@@ -15,6 +15,7 @@ same data again. The other ranks never open a data file: they find the entry thr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from chattune.data.cache import (
     commit,
     content_key,
     default_cache_dir,
+    drop_index,
     failure_path,
     has_failed,
     is_ready,
@@ -232,7 +234,17 @@ def prepare_files(
     if is_ready(target):
         return _load(target, sources, from_cache=True)
     try:
-        return _prepare_locked(cache, key, settings, sources, total, num_proc, what)
+        try:
+            return _prepare_locked(cache, key, settings, sources, total, num_proc, what)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            drop_index(cache, stat)
+            raise DataError(
+                f"the tokenized {what} data does not fit in its cache {cache}: {os.strerror(e.errno)} "
+                f"({shutil.disk_usage(cache).free / 1e6:.1f} MB free; it is about {total / 1e6:.1f} MB of text). "
+                "Free space there, or pass --data_cache_dir (or set $CHATTUNE_CACHE) to a disk with room; nothing "
+                "was left in the cache") from None
     except DataError as e:
         note_failure(cache, key, str(e))  # so the node's other ranks fail at once instead of each reading it all
         raise

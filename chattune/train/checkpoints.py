@@ -12,6 +12,7 @@ from the previous complete one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -24,6 +25,31 @@ MANIFEST = "chattune_checkpoint.json"
 BROKEN_PREFIX = "broken_"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = re.compile(r"^(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+# Errors of the filesystem a save can run into and training can survive; anything else is a bug and propagates.
+SAVE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer on a failed write: "[enforce fail at inline_container.cc:...] . unexpected pos 576 vs 534"
+# or "PytorchStreamWriter failed writing file ...". It carries no errno.
+_TORCH_WRITE_FAILED = ("inline_container.cc", "PytorchStreamWriter")
+
+
+def write_failure(error: BaseException, where: str) -> OSError | None:
+    """The filesystem failure behind an exception raised while saving into `where`, as an OSError, or None when it
+    is not one (a bug, which must propagate). A full disk does not always raise OSError: safetensors raises its own
+    SafetensorError ("I/O error: No space left on device (os error 28)"), tokenizers a bare Exception ("No space
+    left on device (os error 28)"), torch.save a RuntimeError without errno."""
+    if isinstance(error, OSError):
+        return error if error.errno in SAVE_ERRNOS else None
+    text = str(error)
+    found = _OS_ERROR_CODE.search(text)  # Rust's io::Error, in safetensors' and tokenizers' exceptions
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code)) if code in SAVE_ERRNOS else None
+    if isinstance(error, RuntimeError) and any(mark in text for mark in _TORCH_WRITE_FAILED):
+        code = errno.ENOSPC if free_bytes(where) < 1 << 20 else errno.EIO
+        return OSError(code, os.strerror(code))
+    return None
 
 
 def committed(output_dir: str) -> list[tuple[int, str]]:

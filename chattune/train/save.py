@@ -17,7 +17,7 @@ from chattune.train import checkpoints
 from chattune.train.layout import complete_from_base, skipped_on_load
 from chattune.train.loss import base_model
 from chattune.train.plan import EXIT_PREEMPTED, EXIT_STOPPED, Plan
-from chattune.train.trainer import SAVE_ERRNOS, ChatTrainer, SaveError
+from chattune.train.trainer import ChatTrainer, SaveError
 
 
 def stop_preempted(trainer: ChatTrainer, preemption: Any) -> None:
@@ -45,16 +45,22 @@ def finish_distributed() -> None:
 def save_final(trainer, tokenizer, setup, data_args, training_args, plan: Plan) -> None:
     """The result in output_dir; if that fails (full disk, lost permission) it is written where it fits, the user
     is told where, and the run ends with an error: trained weights are never lost to a failed write."""
+    import time
+
     out = training_args.output_dir
-    error = None
+    error, started = None, time.time()
     try:
         write_result(trainer, out, tokenizer, setup, data_args, plan)
-    except OSError as e:
-        if e.errno not in SAVE_ERRNOS:
+    except Exception as e:
+        error = checkpoints.write_failure(e, out)
+        if error is None:
             raise
-        error = e
     if trainer.on_every_rank(error is None):
         return
+    if trainer.is_world_process_zero():  # what the failed save wrote would look like a result and fail to load
+        for entry in os.scandir(out):
+            if entry.is_file() and entry.stat().st_mtime >= started - 1:
+                os.remove(entry.path)
     rescue = rescue_dir(trainer, out, result_bytes(trainer.model, plan.mode))
     write_result(trainer, rescue, tokenizer, setup, data_args, plan)
     cause = error.strerror if error is not None else "it failed on another process"

@@ -9,7 +9,6 @@ classes with `accepts_loss_kwargs = False` too.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import shutil
@@ -57,8 +56,6 @@ class SaveError(UserError):
     """A checkpoint or the result could not be written (full disk, no permission)."""
 
 
-# Errors of the filesystem a save can run into and training can survive; anything else is a bug and propagates.
-SAVE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 class ChatTrainer(HfTrainer):
@@ -247,10 +244,10 @@ class ChatTrainer(HfTrainer):
         self.staging_dir = staging
         try:
             save()
-        except OSError as e:
-            if e.errno not in SAVE_ERRNOS:
+        except Exception as e:
+            error = checkpoints.write_failure(e, staging)
+            if error is None:
                 raise
-            error = e
         finally:
             self.staging_dir = None
         if not self.on_every_rank(error is None):
