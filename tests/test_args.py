@@ -124,3 +124,59 @@ def test_output_dir_that_cannot_be_written_is_an_error_before_any_work(tmp_path,
     monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
     with pytest.raises(ConfigError, match="run: cannot be written \\(Permission denied\\); choose a directory"):
         parse_args([*base, "--output_dir", str(tmp_path / "new" / "run")])
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--learning_rate", "-1"], "--learning_rate -1: give a positive rate"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: give 1 or more"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: give 1 or more"),
+    (["--seed", "-1"], "--seed -1: give a whole number from 0 to 4294967295"),
+    (["--num_train_epochs", "0"], "--num_train_epochs 0: nothing would be trained"),
+    (["--use_lora", "--lora_alpha", "0"], "--lora_alpha 0: give a positive scale"),
+    (["--save_steps", "-5"], "--save_steps -5: give steps"),
+])
+def test_numbers_out_of_range_are_one_line_before_any_work(tmp_path, monkeypatch, flags, named):
+    """Each would otherwise be a traceback from torch, numpy or the planner, or (0 epochs) a run that saves the base
+    model as its result and exits 0."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json"), *flags])
+    assert str(e.value).startswith(named), str(e.value)
+
+
+def test_zero_epochs_is_fine_when_max_steps_gives_the_length(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    _, _, training, _ = parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json"),
+                                    "--num_train_epochs", "0", "--max_steps", "10"])
+    assert training.max_steps == 10
+
+
+def test_yaml_no_and_off_mean_the_words_for_enumerated_flags(tmp_path, monkeypatch):
+    """YAML 1.1 reads `evaluation_strategy: no` as the boolean False; the flag means the word "no"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data_path: {tmp_path / 'd.json'}\noutput_dir: o\nuse_cpu: yes\nevaluation_strategy: no\n"
+                    "save_strategy: no\npacking: off\ngradient_checkpointing: on\n")
+    _, _, training, _ = parse_args([str(path)])
+    assert str(getattr(training.eval_strategy, "value", training.eval_strategy)) == "no"
+    assert str(getattr(training.save_strategy, "value", training.save_strategy)) == "no"
+    assert training.packing == "false" and training.gradient_checkpointing is True and training.use_cpu is True
+
+
+def test_a_save_steps_ratio_is_a_share_of_the_run_in_the_plan_and_the_disk_warning(tmp_path, monkeypatch):
+    """--save_steps 0.1 of a 1,000-step run is 10 checkpoints (transformers' reading), not 10,000."""
+    from chattune.train.memory import ModelShape, disk_warning
+    from chattune.train.plan import plan_schedule
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    _, _, training, lora = parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path",
+                                       str(tmp_path / "d.json"), "--save_steps", "0.1"])
+    assert plan_schedule(training, has_eval=False).saves == "every 10% of the run"
+    shape = ModelShape(linear_params=10**6, embedding_params=10**5, other_params=10**3, hidden_size=64,
+                       intermediate_size=128, num_layers=2, vocab_size=1000, lora_params_per_rank=1000)
+    warning = disk_warning(training, lora, "full", shape, steps=1000, free=1)
+    assert warning is not None and " 10 checkpoints of" in warning, warning

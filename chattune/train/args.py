@@ -268,9 +268,14 @@ def config_file_argv(path: str) -> list[str]:
     if unknown:
         raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)} (see python finetune.py --help)")
     argv: list[str] = []
+    choices = choices_by_flag()
     for key, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool):  # YAML reads `no`, `off`, `yes`, `on` as booleans: an enumerated flag means the word
+            flag = RENAMED_FLAGS.get(f"--{key}", f"--{key}")
+            options = choices.get(flag) or _enum_values(flag)
+            value = next((word for word in (_TRUE if value else _FALSE) if word in options), value)
         if isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
@@ -278,6 +283,21 @@ def config_file_argv(path: str) -> list[str]:
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def _enum_values(flag: str) -> tuple[str, ...]:
+    """The values of a flag typed as an Enum (transformers' `eval_strategy: IntervalStrategy | str`), else ()."""
+    import dataclasses
+    import enum
+    import typing
+
+    for cls in ALL_ARGUMENTS:
+        if flag[2:] in {f.name for f in dataclasses.fields(cls)}:
+            hint = typing.get_type_hints(cls).get(flag[2:])
+            for kind in (hint, *typing.get_args(hint)):
+                if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                    return tuple(str(member.value) for member in kind)
+    return ()
 
 
 class _Parser(transformers.HfArgumentParser):

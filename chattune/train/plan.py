@@ -413,22 +413,28 @@ def _checkpointing(training_args: Any) -> Decision:
     return Decision("all layers" if on else "off", "--gradient_checkpointing " + ("True" if on else "False"))
 
 
+def _every(steps: float) -> str:
+    """--save_steps / --eval_steps in words: a number of steps, or (below 1) a share of the run, as transformers
+    reads it."""
+    return f"every {steps:g} steps" if steps >= 1 else f"every {steps:.0%} of the run"
+
+
 def plan_schedule(training_args: Any, has_eval: bool) -> Schedule:
     """Evaluation data given means evaluation happens: as --eval_strategy says, else with every checkpoint, else once
     after training."""
     save = str(getattr(training_args.save_strategy, "value", training_args.save_strategy))
     strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
     limit = training_args.save_total_limit
-    saves = {"steps": f"every {training_args.save_steps:g} steps", "epoch": "every epoch", "best": "at a new best",
+    saves = {"steps": _every(training_args.save_steps), "epoch": "every epoch", "best": "at a new best",
              "no": "none"}.get(save, save) + (f", the newest {limit} kept" if limit and save != "no" else "")
     if not has_eval:
         return Schedule("none (no evaluation data)", "no", None, False, saves)
     if strategy == "steps":
-        return Schedule(f"every {training_args.eval_steps:g} steps", "steps", training_args.eval_steps, False, saves)
+        return Schedule(_every(training_args.eval_steps), "steps", training_args.eval_steps, False, saves)
     if strategy == "epoch":
         return Schedule("every epoch", "epoch", None, False, saves)
     if save == "steps":
-        return Schedule(f"every {training_args.save_steps:g} steps (with each checkpoint)", "steps",
+        return Schedule(f"{_every(training_args.save_steps)} (with each checkpoint)", "steps",
                         training_args.save_steps, False, saves)
     if save == "epoch":
         return Schedule("every epoch (with each checkpoint)", "epoch", None, False, saves)

@@ -28,6 +28,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _kernel_problems(model_args, training_args)
     problems += _build_lock_problems(training_args)
     problems += _batch_problems(data_args, training_args)
+    problems += _number_problems(training_args, lora_args)
     if not data_args.dump_tokenized:
         problems += _output_problems(training_args.output_dir)
     _raise(problems)
@@ -168,6 +169,40 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
     if training_args.early_stopping_patience < 0:
         problems.append(f"--early_stopping_patience {training_args.early_stopping_patience}: give 0 (off) or more")
     return problems
+
+
+def _number_problems(training_args: Any, lora_args: Any) -> list[str]:
+    """Numbers out of their range, named before anything loads (torch, numpy and the trainer would raise a
+    traceback deep inside, or train nothing and save it as the result)."""
+    t = training_args
+    checks = [
+        ("--learning_rate", t.learning_rate, t.learning_rate > 0, "give a positive rate, e.g. 2e-4 (LoRA) or 1e-5"),
+        ("--per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1,
+         "give 1 or more"),
+        ("--per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1,
+         "give 1 or more"),
+        ("--gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1,
+         "give 1 or more"),
+        ("--seed", t.seed, 0 <= t.seed < 2**32, "give a whole number from 0 to 4294967295"),
+        ("--weight_decay", t.weight_decay, t.weight_decay >= 0, "give 0 (off) or more"),
+        ("--max_grad_norm", t.max_grad_norm, t.max_grad_norm is None or t.max_grad_norm >= 0,
+         "give 0 (no clipping) or more"),
+        ("--warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "give steps (>= 1) or a ratio of the run (< 1)"),
+        ("--save_steps", t.save_steps, t.save_steps > 0, "give steps (>= 1) or a ratio of the run (< 1)"),
+        ("--eval_steps", t.eval_steps, t.eval_steps is None or t.eval_steps > 0,
+         "give steps (>= 1) or a ratio of the run (< 1)"),
+        ("--logging_steps", t.logging_steps, t.logging_steps > 0, "give steps (>= 1) or a ratio of the run (< 1)"),
+        ("--save_total_limit", t.save_total_limit, t.save_total_limit is None or t.save_total_limit >= 1,
+         "give 1 or more (omit it to keep every checkpoint)"),
+    ]
+    if t.max_steps <= 0:  # the run's length is counted in epochs
+        checks.append(("--num_train_epochs", t.num_train_epochs, t.num_train_epochs > 0,
+                       "nothing would be trained and the base model saved as the result; give 1 or more (or "
+                       "--max_steps)"))
+    if training_args.use_lora:
+        checks += [("--lora_alpha", lora_args.lora_alpha, lora_args.lora_alpha > 0, "give a positive scale, e.g. 32")]
+    return [f"{flag} {value:g}: {fix}" if isinstance(value, float) else f"{flag} {value}: {fix}"
+            for flag, value, ok, fix in checks if not ok]
 
 
 def _output_problems(output_dir: str) -> list[str]:
