@@ -99,3 +99,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes(model_dirs, tmp_path, fa
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert f"resuming from {checkpoints[0]}" in again.stderr + again.stdout
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == step + 2
+
+
+@pytest.mark.parametrize("wrapper_exit, requeued, exit_code, says", [
+    (143, True, 0, "requeueing job 4242"),  # stopped for the scheduler, checkpoint committed
+    (0, False, 0, "the run finished"),  # finished before it saw the signal: done, not retrained
+    (1, False, 1, "the run failed (exit 1); not requeued"),  # crashed: it would crash again, and no checkpoint was saved
+])
+def test_only_a_run_stopped_for_the_scheduler_is_requeued(tmp_path, fake_slurm, wrapper_exit, requeued, exit_code,
+                                                          says):
+    """The signal arrives (the stop file exists) in every case; the wrapper's exit code says what the run did."""
+    root = tmp_path / "root"
+    (root / "finetune").mkdir(parents=True)
+    (root / "finetune" / "fake.sh").write_text(f'touch "$CHATTUNE_STOP_FILE"; exit {wrapper_exit}\n')
+    env = {**fake_slurm, "SLURM_NNODES": "1", "WRAPPER": "fake.sh", "CHATTUNE_ROOT": str(root)}
+    proc = subprocess.run(["bash", "finetune/slurm.sbatch", "-o", str(tmp_path / "out")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == exit_code and says in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert (tmp_path / "requeued").exists() == requeued
+    assert not list((tmp_path / "out").glob(".stop-*"))
