@@ -29,20 +29,24 @@ def main(argv=None) -> int:
         from chattune.errors import ConfigError
         from chattune.export.merge import (
             base_of,
+            check_output_path,
             is_adapter_dir,
             merge_adapter,
             parse_dtype,
             save_model,
         )
+        from chattune.staged import staged_dir
 
         if not is_adapter_dir(args.adapter_path):
             raise ConfigError(f"{args.adapter_path} holds no adapter_config.json: pass the output_dir of a "
                               "finetune.py --use_lora run")
+        check_output_path(args.output_path, args.adapter_path)
         model, tokenizer = merge_adapter(args.adapter_path, args.base_model_name_or_path, parse_dtype(args.dtype),
                                          trust_remote_code=args.trust_remote_code == "true")
-        copied = save_model(model, tokenizer, args.output_path, source=args.adapter_path,
-                            max_shard_size=args.max_shard_size,
-                            base=base_of(args.adapter_path, args.base_model_name_or_path))
+        with staged_dir(args.output_path) as staging:  # a kill leaves no folder that looks like a model
+            copied = save_model(model, tokenizer, staging, source=args.adapter_path,
+                                max_shard_size=args.max_shard_size,
+                                base=base_of(args.adapter_path, args.base_model_name_or_path))
         print(f"merged model saved to {args.output_path}" + (
             f" (with {len(copied)} tensors of the base that transformers does not load, e.g. {copied[0]})"
             if copied else ""), file=sys.stderr)

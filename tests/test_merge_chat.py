@@ -158,3 +158,48 @@ def test_trust_remote_code_flag_reaches_every_load(model_dirs, adapters, tmp_pat
                                     or transformers.Qwen2ForCausalLM(c)))
     shape_from_config(config, trust_remote_code=flag == "true")
     assert seen[-1] == ("from_config", flag == "true")
+
+
+_STALL_IN_SAVE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import chattune.export.merge as merge
+def stalled(model, tokenizer, out, **kw):  # the weights written, then stuck as a long write would be
+    model.save_pretrained(out)
+    print("WROTE", flush=True)
+    time.sleep(600)
+merge.save_model = stalled
+import merge_lora
+sys.exit(merge_lora.main(sys.argv[2:]))
+"""
+
+
+def test_a_merge_killed_mid_write_leaves_no_model_and_the_next_one_cleans_up(adapters, tmp_path):
+    """A real kill -9 of merge_lora.py after config.json and the weights are written: --output_path does not exist
+    (nothing that looks like a model), and the next merge into it succeeds and removes the dead one's staging."""
+    import os
+    import signal
+
+    adapter, out = adapters("qwen2"), tmp_path / "merged"
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_IN_SAVE, str(ROOT), "--adapter_path", str(adapter),
+                             "--output_path", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert "WROTE\n" in iter(proc.stdout.readline, "")  # DeepSpeed may log a line first
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".merged.partial-")]
+        assert len(partial) == 1 and (partial[0] / "config.json").is_file()  # killed mid-write, for real
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    script("merge_lora.py", "--adapter_path", adapter, "--output_path", out)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")], list(tmp_path.iterdir())
+    AutoModelForCausalLM.from_pretrained(out)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    proc = script("merge_lora.py", "--adapter_path", adapter, "--output_path", tmp_path / "notes", rc=2)
+    assert "holds something other than a model" in proc.stderr and (tmp_path / "notes" / "todo.txt").exists()
+    script("merge_lora.py", "--adapter_path", adapter, "--output_path", out)  # a merge run again replaces its model
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]

@@ -36,6 +36,7 @@ from chattune.export.merge import (
     save_model,
 )
 from chattune.export.samples import Samples, Split, perplexity, split_conversations
+from chattune.staged import staged_dir
 from chattune.train.layout import copy_processor_files
 
 BITS = (4, 8)
@@ -419,41 +420,39 @@ def quantize(args: GptqArgs) -> Report:
     with timed(seconds, "evaluate float"):
         before = perplexity(model, data.eval, "perplexity before") if data.eval.input_ids else None
 
-    os.makedirs(args.out_path, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".chattune-merged-", dir=os.path.dirname(os.path.abspath(args.out_path))
-                                     ) as tmp:
-        source_dir = args.model_name_or_path
-        if adapter:  # GPTQModel reads a model directory: the folded model is saved next to the output for it
-            with timed(seconds, "save merged"):
-                save_model(model, tokenizer, tmp, source=args.model_name_or_path, base=base)
-            source_dir = tmp
-        weights_before = weights_bytes(source_dir)
-        del model  # GPTQModel loads its own copy
-        _release_memory()
-        log(f"quantizing to {args.bits} bits on {device} with {len(data.calibration.input_ids)} calibration samples")
-        with timed(seconds, "quantize"):
-            engine = run_gptq(source_dir, data.calibration, args.out_path, bits=args.bits,
-                              group_size=args.group_size, device=device, dtype=dtype,
-                              trust_remote_code=args.trust_remote_code)
-        copy_processor_files(args.out_path, source_dir)
-    finish_output(args.out_path, tokenizer, generation_config, args.model_name_or_path, args.bits, args.group_size)
-
-    with timed(seconds, "evaluate GPTQ"):
-        quantized = load_quantized(args.out_path, dtype, device, args.trust_remote_code)
-        after = perplexity(quantized, data.eval, "perplexity after") if data.eval.input_ids else None
-    seconds["total"] = round(time.perf_counter() - started, 2)
-    report = Report(
-        model=os.path.abspath(args.model_name_or_path), source="adapter" if adapter else "model",
-        out_path=os.path.abspath(args.out_path), engine=engine, bits=args.bits, group_size=args.group_size,
-        dtype=str(dtype).removeprefix("torch."), device=device, conversations=data.conversations,
-        eval_conversations=data.eval.conversations, calibration_conversations=data.calibration.conversations,
-        eval_samples=len(data.eval.input_ids), calibration_samples=len(data.calibration.input_ids),
-        calibration_tokens=data.calibration.tokens, eval_trained_tokens=before.tokens if before else 0,
-        shortfall=data.split.shortfall,
-        perplexity_before=before.value if before else None, perplexity_after=after.value if after else None,
-        relative_change=(after.value - before.value) / before.value if before and after else None,
-        weights_bytes_before=weights_before, weights_bytes_after=weights_bytes(args.out_path), seconds=seconds,
-    )
-    with open(os.path.join(args.out_path, REPORT_FILE), "w") as f:
-        json.dump(report.to_dict(), f, indent=1)
+    with staged_dir(args.out_path) as out:  # a kill leaves no folder that looks like a model
+        with tempfile.TemporaryDirectory(prefix=".chattune-merged-", dir=os.path.dirname(out)) as tmp:
+            source_dir = args.model_name_or_path
+            if adapter:  # GPTQModel reads a model directory: the folded model is saved next to the output for it
+                with timed(seconds, "save merged"):
+                    save_model(model, tokenizer, tmp, source=args.model_name_or_path, base=base)
+                source_dir = tmp
+            weights_before = weights_bytes(source_dir)
+            del model  # GPTQModel loads its own copy
+            _release_memory()
+            log(f"quantizing to {args.bits} bits on {device} with {len(data.calibration.input_ids)} calibration "
+                "samples")
+            with timed(seconds, "quantize"):
+                engine = run_gptq(source_dir, data.calibration, out, bits=args.bits, group_size=args.group_size,
+                                  device=device, dtype=dtype, trust_remote_code=args.trust_remote_code)
+            copy_processor_files(out, source_dir)
+        finish_output(out, tokenizer, generation_config, args.model_name_or_path, args.bits, args.group_size)
+        with timed(seconds, "evaluate GPTQ"):
+            quantized = load_quantized(out, dtype, device, args.trust_remote_code)
+            after = perplexity(quantized, data.eval, "perplexity after") if data.eval.input_ids else None
+        seconds["total"] = round(time.perf_counter() - started, 2)
+        report = Report(
+            model=os.path.abspath(args.model_name_or_path), source="adapter" if adapter else "model",
+            out_path=os.path.abspath(args.out_path), engine=engine, bits=args.bits, group_size=args.group_size,
+            dtype=str(dtype).removeprefix("torch."), device=device, conversations=data.conversations,
+            eval_conversations=data.eval.conversations, calibration_conversations=data.calibration.conversations,
+            eval_samples=len(data.eval.input_ids), calibration_samples=len(data.calibration.input_ids),
+            calibration_tokens=data.calibration.tokens, eval_trained_tokens=before.tokens if before else 0,
+            shortfall=data.split.shortfall,
+            perplexity_before=before.value if before else None, perplexity_after=after.value if after else None,
+            relative_change=(after.value - before.value) / before.value if before and after else None,
+            weights_bytes_before=weights_before, weights_bytes_after=weights_bytes(out), seconds=seconds,
+        )
+        with open(os.path.join(out, REPORT_FILE), "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
     return report

@@ -100,6 +100,17 @@ def merge_adapter(adapter_path: str, base: str | None = None, dtype: Any = "auto
     return merged, tokenizer
 
 
+def check_output_path(out: str, source: str) -> None:
+    """The merged model replaces `out` when that is a model (a merge run again); anything else there is refused."""
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise ConfigError(f"--output_path {out} is the adapter's own directory: choose a new one")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise ConfigError(f"--output_path {out} exists and holds something other than a model, which the merged model "
+                          "would replace: choose a new directory or remove it")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--output_path {out} is a file: choose a directory")
+
+
 def save_model(model: Any, tokenizer: Any, out: str, source: str, max_shard_size: str = "5GB",
                base: str | None = None) -> list[str]:
     """Safetensors shards + tokenizer (with chat template) + generation config and chattune.json from the run; with
