@@ -258,6 +258,58 @@ def test_other_ranks_never_open_the_data_files_when_the_cache_exists(qwen, tmp_p
     assert not changed.from_cache and changed.report.conversations == 26 and files <= set(opened)
 
 
+def _batch_boundary(arrow: Path, batches: int) -> int:
+    """The byte length of the schema and the first `batches` record batches of an Arrow stream file: a cut there
+    leaves a stream pyarrow reads without complaint (fewer rows)."""
+    import pyarrow as pa
+
+    with pa.ipc.open_stream(pa.memory_map(str(arrow))) as reader:
+        sink = pa.BufferOutputStream()
+        writer = pa.ipc.new_stream(sink, reader.schema)
+        for _ in range(batches):
+            writer.write_batch(reader.read_next_batch())
+        return sink.tell()
+
+
+@pytest.mark.parametrize("damage", ["cut at a batch boundary", "cut mid-batch", "a changed byte"])
+def test_a_damaged_cache_entry_is_prepared_again_with_a_note(qwen, tmp_path, tiny_chunks, capsys, damage):
+    """A cache entry cut short where pyarrow still reads it (150 samples becoming 100, with the report saying 150),
+    cut where it cannot (a traceback on every run, the entry staying "ready"), or changed in place: each is found on
+    load (rows, bytes, checksum), noted, removed and prepared again."""
+    from chattune.data.cache import DATASET_FILE, load_cached
+
+    tok, setup = qwen
+    path = write_jsonl(tmp_path / "a.jsonl", records(150))
+
+    def prepare():
+        return prepare_files(str(path), tok, stop_tokens=setup.stop_tokens, max_length=256,
+                             cache_dir=tmp_path / "c", num_proc=1)
+
+    first = prepare()
+    assert first.report.kept == 150 and len(first.dataset) == 150
+    arrow, entry, ids = first.cache_path / DATASET_FILE, first.cache_path, first.dataset["input_ids"][:]
+    whole = arrow.read_bytes()
+    if damage == "cut at a batch boundary":
+        damaged = whole[:_batch_boundary(arrow, 20)]
+    elif damage == "cut mid-batch":
+        damaged = whole[: len(whole) // 2]
+    else:
+        middle = len(whole) // 2
+        damaged = whole[:middle] + bytes([whole[middle] ^ 1]) + whole[middle + 1:]
+    del first  # its memory map would fault on a file cut in place; the damaged file is a new one
+    (entry / "new").write_bytes(damaged)
+    os.replace(entry / "new", arrow)
+    if damage == "cut at a batch boundary":
+        assert 0 < len(load_cached(entry)) < 150  # the cut file loads without a word: what is caught
+    capsys.readouterr()
+    again = prepare()
+    assert f"note: the cached tokenized data at {entry} is damaged" in capsys.readouterr().err
+    assert not again.from_cache and len(again.dataset) == 150 and again.report.kept == 150
+    assert again.dataset["input_ids"][:] == ids
+    assert prepare().from_cache  # whole again: used as it is
+    assert not [p for p in (tmp_path / "c").iterdir() if "damaged" in p.name]
+
+
 def _prepare_in_child(path, model_dir, cache, queue):
     tok, setup = prepare_tokenizer(model_dir, "auto")
     prepared = prepare_files(path, tok, stop_tokens=setup.stop_tokens, max_length=128, cache_dir=cache, num_proc=1)

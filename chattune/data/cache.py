@@ -30,6 +30,7 @@ DATASET_FILE = "dataset.arrow"  # one Arrow stream of (input_ids, labels), memor
 
 
 REPORT_FILE = "report.json"
+INTEGRITY_FILE = "integrity.json"  # rows, bytes and sha256 of DATASET_FILE, checked on load
 
 
 def default_cache_dir() -> Path:
@@ -105,13 +106,60 @@ def load_cached(target: Path):
 
 
 def is_ready(target: Path) -> bool:
-    return (target / REPORT_FILE).exists() and (target / DATASET_FILE).exists()
+    return all((target / name).exists() for name in (REPORT_FILE, DATASET_FILE, INTEGRITY_FILE))
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _integrity(folder: Path, report: DataReport) -> dict[str, Any]:
+    """What the entry holds, recorded at commit: its rows (checked against the report), bytes and checksum."""
+    rows = len(load_cached(folder))
+    if rows != report.kept:
+        raise RuntimeError(f"the prepared data holds {rows} samples where {report.kept} were kept (a bug)")
+    path = folder / DATASET_FILE
+    return {"rows": rows, "bytes": path.stat().st_size, "sha256": _digest(path)}
+
+
+def entry_problem(target: Path, checksum: bool) -> str | None:
+    """What is wrong with a committed entry (a file cut short or changed after it was written), or None. The row
+    count and size are always compared; the checksum (a read of the whole file) where `checksum` (once per node)."""
+    try:
+        want = json.loads((target / INTEGRITY_FILE).read_text())
+        size = (target / DATASET_FILE).stat().st_size
+    except (OSError, ValueError) as e:
+        return f"its files cannot be read ({e})"
+    if size != want["bytes"]:
+        return f"{DATASET_FILE} is {size:,} bytes where {want['bytes']:,} were written"
+    try:
+        rows = len(load_cached(target))
+    except Exception as e:  # pyarrow's ArrowInvalid on a stream cut mid-batch
+        return f"{DATASET_FILE} cannot be read ({type(e).__name__}: {str(e)[:100]})"
+    if rows != want["rows"]:
+        return f"{DATASET_FILE} holds {rows:,} samples where {want['rows']:,} were written"
+    if checksum and _digest(target / DATASET_FILE) != want["sha256"]:
+        return f"{DATASET_FILE} does not match the checksum recorded when it was written"
+    return None
+
+
+def discard(target: Path) -> None:
+    """Remove a damaged entry: renamed aside first (one step), so no process loads it while it is deleted."""
+    aside = target.with_name(f".{target.name}.damaged-{os.getpid()}")
+    with contextlib.suppress(OSError):
+        os.replace(target, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def commit(tmp: Path, target: Path, report: DataReport) -> None:
     """Move a finished cache entry into place atomically: a crash mid-write never leaves a half cache behind."""
     try:
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=1))
+        (tmp / INTEGRITY_FILE).write_text(json.dumps(_integrity(tmp, report)))
         os.replace(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,9 @@ from chattune.data.cache import (
     commit,
     content_key,
     default_cache_dir,
+    discard,
     drop_index,
+    entry_problem,
     failure_path,
     has_failed,
     is_ready,
@@ -191,6 +193,21 @@ def _load(target: Path, sources: Sources, from_cache: bool) -> Prepared:
     return Prepared(load_cached(target), report, target, from_cache=from_cache)
 
 
+def _cached(target: Path, sources: Sources, checksum: bool) -> Prepared | None:
+    """The committed entry at `target` if it is whole; a damaged one (cut short, changed) is removed with a note and
+    None returned, so it is prepared again instead of training on part of the data or failing on every run."""
+    if not is_ready(target):
+        return None
+    problem = entry_problem(target, checksum)
+    if problem is None:
+        return _load(target, sources, from_cache=True)
+    from chattune.cli import log
+
+    log(f"note: the cached tokenized data at {target} is damaged ({problem}); preparing it again")
+    discard(target)
+    return None
+
+
 def prepare_files(
     data_path: str | Sequence[str],
     tokenizer: Any,
@@ -222,8 +239,9 @@ def prepare_files(
     stat = stat_key(text, sources)
     if not main:
         key = read_index(cache, stat)
-        if key and is_ready(cache / key):
-            return _load(cache / key, sources, from_cache=True)
+        found = _cached(cache / key, sources, checksum=False) if key else None
+        if found:
+            return found
         if key and has_failed(cache, key):  # the same data, settings and code fail the same way: not read again
             raise DataError(f"the {what} data could not be prepared: the main process stopped on it (its message "
                             "above lists the problems)")
@@ -231,8 +249,9 @@ def prepare_files(
     key = content_key(text, sources, total)
     write_index(cache, stat, key)
     target = cache / key
-    if is_ready(target):
-        return _load(target, sources, from_cache=True)
+    found = _cached(target, sources, checksum=True)
+    if found:
+        return found
     try:
         try:
             return _prepare_locked(cache, key, settings, sources, total, num_proc, what)
@@ -254,8 +273,9 @@ def _prepare_locked(cache: Path, key: str, settings: _Settings, sources: Sources
                     what: str) -> Prepared:
     target = cache / key
     with locked(cache, key):
-        if is_ready(target):  # prepared by another node's main process while this one waited
-            return _load(target, sources, from_cache=True)
+        found = _cached(target, sources, checksum=False)  # prepared by another node's main process meanwhile
+        if found:
+            return found
         if num_proc is None:
             num_proc = min(os.cpu_count() or 1, 8) if total >= _PARALLEL_MIN_BYTES else 1
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
@@ -330,9 +350,11 @@ def prepare_dataset(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     target = cache / key
     if is_ready(target):
-        report = read_report(target)
-        report.files, report.skipped_records = list(files), skipped_records
-        return Prepared(load_cached(target), report, target, from_cache=True)
+        if entry_problem(target, checksum=True) is None:
+            report = read_report(target)
+            report.files, report.skipped_records = list(files), skipped_records
+            return Prepared(load_cached(target), report, target, from_cache=True)
+        discard(target)  # damaged: made again
 
     # Not needed for a cached result: the key covers the data and the mode, so it passed this check when written.
     plain_tokens, affected = check_content_tokens(conversations, tokenizer, template_kwargs, stop_tokens,
