@@ -309,3 +309,33 @@ def test_full_model_checkpoints_carry_the_trained_stops_and_stay_whole(model_dir
         assert checkpoints.problem(str(folder)) is None, folder
         assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == result
         assert json.loads((folder / "chattune.json").read_text())["stop_tokens"]
+
+
+_HOLD_OUTPUT_DIR = """
+import sys, time
+from chattune.train import checkpoints
+with checkpoints.owned(sys.argv[1]):
+    print("HELD", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_into_an_owned_output_dir_is_refused_until_the_first_ends(model_dirs, tmp_path):
+    """Two runs into one directory would mix their checkpoints (and each resume the other's): the second is refused
+    with who holds it. The lock is the kernel's: a kill -9 of the holder frees the directory."""
+    import signal
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_OUTPUT_DIR, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert "HELD\n" in iter(holder.stdout.readline, "")
+        with pytest.raises(ConfigError, match=f"--output_dir {out}: another run is writing there \\(pid {holder.pid} "):
+            train(model_dirs("qwen2"), out, "--max_steps", 1)
+        assert not list(out.glob("checkpoint-*")) and not (out / "adapter_model.safetensors").exists()
+        os.kill(holder.pid, signal.SIGKILL)
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    train(model_dirs("qwen2"), out, "--max_steps", 2)  # free again
+    assert (out / "adapter_model.safetensors").exists()

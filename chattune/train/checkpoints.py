@@ -12,6 +12,7 @@ from the previous complete one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ import re
 import shutil
 import time
 import zipfile
+from collections.abc import Iterator
 
 STAGING = ".chattune-staging"
 MANIFEST = "chattune_checkpoint.json"
@@ -183,3 +185,36 @@ def free_bytes(path: str) -> int:
 
 def size_text(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+OWNER_LOCK = ".chattune.lock"
+
+
+@contextlib.contextmanager
+def owned(output_dir: str) -> Iterator[None]:
+    """The output directory held by this run alone, for its whole life: a second run into it (whose checkpoints would
+    mix with this one's) is refused with who holds it. A POSIX record lock, released by the kernel when the process
+    ends however it ends; where the filesystem has no locks, the run goes on without."""
+    import fcntl
+    import socket
+
+    from chattune.errors import ConfigError
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, OWNER_LOCK)
+    with open(path, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP: no locking here
+                yield
+                return
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"--output_dir {output_dir}: another run is writing there ({holder}); wait for it to "
+                              "end, or choose another --output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield

@@ -71,6 +71,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     if training_args.estimate_memory:
         print(memory_estimate(model_args, data_args, training_args, lora_args))
         return None
+    if data_args.dump_tokenized or training_args.process_index != 0:
+        return _run(model_args, data_args, training_args, lora_args)
+    with checkpoints.owned(training_args.output_dir):  # one run at a time writes its checkpoints there
+        return _run(model_args, data_args, training_args, lora_args)
+
+
+def _run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+         lora_args: LoraArguments) -> Any:
     tokenizer, template = run_tokenizer(model_args, data_args, training_args)
     hardware = Hardware.here(training_args)
     if not data_args.dump_tokenized:
