@@ -6,7 +6,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
-from chattune.errors import UserError
+from chattune.errors import Stopped, UserError
 from chattune.quiet import quiet_third_party
 
 # Every script imports this module first, before the heavy libraries: their known noise is filtered from the start.
@@ -14,6 +14,7 @@ quiet_third_party()
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def log(message: str) -> None:
@@ -31,3 +32,9 @@ def main_guard() -> Iterator[None]:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except Stopped as e:
+        import signal
+
+        print(f"stopped by {signal.Signals(e.signum).name} before training started: nothing was trained, temporary "
+              "files were removed; run the same command again to start", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_TERMINATED) from None

@@ -11,3 +11,13 @@ class ConfigError(UserError):
 
 class TemplateError(UserError):
     """A chat template that cannot be used to render or mask a conversation."""
+
+
+class Stopped(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) before training started: unwinds like Ctrl-C's KeyboardInterrupt, so
+    temporary files are removed on the way out, and the CLI exits 143 without a traceback. A BaseException, so no
+    `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

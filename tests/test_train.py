@@ -203,6 +203,87 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(model_dirs, tmp_path, signal
     assert "run the same command again to resume" in err
 
 
+def _start(cmd, env=None):
+    """A process whose stderr lines are collected as they come."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def _wait_for(proc, lines, text, seconds=180):
+    deadline = time.time() + seconds
+    while time.time() < deadline and not any(text in line for line in lines) and proc.poll() is None:
+        time.sleep(0.05)
+    assert any(text in line for line in lines), "".join(lines)[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, says", [(signal.SIGTERM, 143, "stopped by SIGTERM before training started"),
+                                             (signal.SIGINT, 130, "interrupted (Ctrl-C)")])
+def test_a_signal_during_data_preparation_ends_cleanly_and_leaves_no_temporary_files(model_dirs, tmp_path, sig, code,
+                                                                                     says):
+    """A real signal while 20,000 conversations are being tokenized: the exit code of the signal, one line, no
+    traceback, and no half-written cache entry or temporary folder left (SIGTERM's default action left both)."""
+    data = tmp_path / "big.jsonl"
+    with open(data, "w") as f:
+        for i in range(20_000):
+            f.write(json.dumps({"conversations": [{"from": "human", "value": f"q{i} " + "why " * 10},
+                                                  {"from": "gpt", "value": f"a{i} " + "so " * 30}]}) + "\n")
+    cache = tmp_path / "cache"
+    proc, lines, reader = _start([
+        sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")), "--data_path",
+        str(data), "--output_dir", str(tmp_path / "out"), "--use_lora", "--max_steps", "1", "--use_cpu", "True",
+        "--report_to", "none", "--data_cache_dir", str(cache), "--preview_data", "0",
+        "--preprocessing_num_workers", "2"])
+    _wait_for(proc, lines, "Preparing training data")
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == code and says in err and "Traceback" not in err, err[-3000:]
+    left = [p.name for p in cache.rglob("*") if p.name.endswith(".tmp") or p.name == "dataset.arrow"]
+    assert not left, left
+
+
+_STALL_BEFORE_THE_FINAL_SAVE = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import chattune.train.save as save
+original = save.write_result
+def slow(*args, **kwargs):
+    print("SAVING", file=sys.stderr, flush=True)
+    time.sleep(3)
+    return original(*args, **kwargs)
+save.write_result = slow
+sys.argv = ["finetune.py", *sys.argv[2:]]
+import finetune
+sys.exit(finetune.main())
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_save_saves_the_result_and_exits_0(model_dirs, tmp_path):
+    """SIGTERM after the last step, while the result is being written (the write held for 3 s so the signal lands
+    there): the finished result is saved whole and the run ends as finished (exit 0), which slurm.sbatch does not
+    requeue. The default action killed the process mid-save with 143."""
+    out = tmp_path / "out"
+    proc, lines, reader = _start([
+        sys.executable, "-c", _STALL_BEFORE_THE_FINAL_SAVE, str(ROOT), "--model_name_or_path",
+        str(model_dirs("qwen2")), "--data_path", str(DATA), "--output_dir", str(out), "--use_lora", "--max_steps",
+        "2", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--preview_data", "0",
+        "--data_cache_dir", str(tmp_path / "cache")])
+    _wait_for(proc, lines, "SAVING")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "SIGTERM arrived after the last step: the finished result is saved" in err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "run_report.json").is_file()
+
+
 def test_packed_run_with_fused_loss_trains_and_reports(model_dirs, tmp_path):
     out = tmp_path / "packed"
     train(model_dirs("qwen2"), out, "--use_lora", "--lora_r", 8, "--learning_rate", 3e-2, "--max_steps", 10,

@@ -39,7 +39,7 @@ def ordered_map(function: Callable[[Any, Any], Any], shared: Any, items: Iterabl
                for _ in range(processes)]
     for worker in workers:
         worker.start()
-    limit, sent, done, waiting = in_flight or 2 * processes, 0, 0, {}
+    limit, sent, done, waiting, finished = in_flight or 2 * processes, 0, 0, {}, False
     try:
         for item in items:
             tasks.put((sent, item))
@@ -50,13 +50,27 @@ def ordered_map(function: Callable[[Any, Any], Any], shared: Any, items: Iterabl
         while done < sent:
             yield _next(results, waiting, done, workers)
             done += 1
+        finished = True
     finally:
+        _stop(workers, tasks, results, finished)
+
+
+def _stop(workers: list, tasks: Any, results: Any, finished: bool) -> None:
+    """Every item done: the workers are told to end. Anything else (an error, Ctrl-C, SIGTERM): they are killed, and
+    nothing waits on the queues. The signal may have struck inside `tasks.put` with the queue's lock held, where a
+    further put would wait forever; and queue feeder threads with unread items block the interpreter's exit."""
+    if finished:
         for _ in workers:
             tasks.put(_DONE)
         for worker in workers:
             worker.join(timeout=5)
-            if worker.is_alive():
-                worker.kill()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+        worker.join(timeout=5)
+    if not finished:
+        tasks.cancel_join_thread()
+        results.cancel_join_thread()
 
 
 def _next(results: Any, waiting: dict[int, tuple[bool, Any]], index: int, workers: list) -> Any:

@@ -66,11 +66,9 @@ class PreemptionCallback(TrainerCallback):
             path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             self.checkpoint = path if os.path.isdir(path) else None
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.restore_handlers()
-
     def restore_handlers(self) -> None:
-        """The signal handlers from before training (also when training raised: on_train_end never runs then)."""
+        """The signal handlers from before training, put back by the caller once `train()` has returned or raised (not
+        at on_train_end: a signal between that and the return would meet the pre-training handler)."""
         while self._previous:
             sig, handler = self._previous.popitem()
             signal.signal(sig, handler)

@@ -6,9 +6,11 @@ once, in the plan (chattune.train.plan); the stages carry it out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 from typing import Any
 
 import torch
@@ -62,6 +64,7 @@ from chattune.train.save import (
     stop_preempted,
     write_run_files,
 )
+from chattune.train.signals import RunSignals
 from chattune.train.trainer import ChatTrainer, LossSetup, padding_collator
 
 
@@ -71,14 +74,15 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Tra
     if training_args.estimate_memory:
         print(memory_estimate(model_args, data_args, training_args, lora_args))
         return None
-    if data_args.dump_tokenized or training_args.process_index != 0:
-        return _run(model_args, data_args, training_args, lora_args)
-    with checkpoints.owned(training_args.output_dir):  # one run at a time writes its checkpoints there
-        return _run(model_args, data_args, training_args, lora_args)
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(RunSignals())
+        if not data_args.dump_tokenized and training_args.process_index == 0:
+            stack.enter_context(checkpoints.owned(training_args.output_dir))  # one run at a time writes there
+        return _run(model_args, data_args, training_args, lora_args, signals)
 
 
 def _run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-         lora_args: LoraArguments) -> Any:
+         lora_args: LoraArguments, signals: RunSignals) -> Any:
     tokenizer, template = run_tokenizer(model_args, data_args, training_args)
     hardware = Hardware.here(training_args)
     if not data_args.dump_tokenized:
@@ -104,12 +108,14 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args)
     if training_args.process_index == 0:
         log(plan.format())
-    train(trainer, plan, preemption)
+    train(trainer, plan, preemption, signals)
     if plan.schedule.evaluate_after_training:
         trainer.evaluate()
     save_final(trainer, tokenizer, template, data_args, training_args, plan)
     if trainer.is_world_process_zero():
         write_report(trainer, clock, plan, data, training_args.output_dir)
+        if signals.received:
+            log(f"{signal.Signals(signals.received).name} arrived after the last step: the finished result is saved")
     finish_distributed()
     return trainer
 
@@ -222,12 +228,13 @@ def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, templ
     return trainer, clock, preemption
 
 
-def train(trainer: ChatTrainer, plan: Plan, preemption: PreemptionCallback) -> None:
+def train(trainer: ChatTrainer, plan: Plan, preemption: PreemptionCallback, signals: RunSignals) -> None:
     """Train from the plan's resume source; stopped by a signal, the checkpoint is named and the process exits 143."""
     if plan.resume.source and trainer.is_world_process_zero():
         log(f"resuming from {plan.resume.source}")
     try:
         trainer.train(resume_from_checkpoint=plan.resume.source)
+        signals.finished_training = True  # before the run's own handlers are back: no gap without one
     finally:
         preemption.restore_handlers()
     if preemption.stopped_early:
