@@ -339,3 +339,35 @@ def test_a_second_run_into_an_owned_output_dir_is_refused_until_the_first_ends(m
         holder.wait(timeout=60)
     train(model_dirs("qwen2"), out, "--max_steps", 2)  # free again
     assert (out / "adapter_model.safetensors").exists()
+
+
+def other_weights(model_dir: Path, where: Path) -> Path:
+    """A copy of `model_dir` with the same config and shapes and other weights (what a base and its instruct
+    variant look like to a loader)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, where)
+    tensors = load_file(str(where / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + 0.01 * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in tensors.items()},
+              str(where / "model.safetensors"), metadata={"format": "pt"})
+    return where
+
+
+@pytest.mark.slow
+def test_resuming_a_checkpoint_of_another_mode_or_base_is_one_clear_error(model_dirs, tmp_path):
+    """The same command again resumes; another mode (full on a LoRA checkpoint) or another base of the same shapes
+    would end in a traceback or silently train on top of the wrong weights: each is named before the model loads."""
+    out = tmp_path / "run"
+    train(model_dirs("qwen2"), out, "--max_steps", 2)
+    checkpoint = out / "checkpoint-2"
+    assert json.loads((checkpoint / "chattune.json").read_text())["base_fingerprint"]
+    with pytest.raises(ConfigError, match=f"{checkpoint} was written by a LoRA run and this run is full fine-tuning"):
+        run(*parse_args([*argv(model_dirs("qwen2"), out, "--max_steps", 4), "--use_lora", "False"]))
+    other = other_weights(model_dirs("qwen2"), tmp_path / "other-base")
+    with pytest.raises(ConfigError, match=f"{checkpoint} was trained from .*, whose weights differ from {other}'s"):
+        train(other, out, "--max_steps", 4)
+    train(model_dirs("qwen2"), out, "--max_steps", 4)  # the same base and mode: resumed
+    assert sorted(losses(out)) == [1, 2, 3, 4]

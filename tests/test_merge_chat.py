@@ -203,3 +203,16 @@ def test_a_merge_killed_mid_write_leaves_no_model_and_the_next_one_cleans_up(ada
     assert "holds something other than a model" in proc.stderr and (tmp_path / "notes" / "todo.txt").exists()
     script("merge_lora.py", "--adapter_path", adapter, "--output_path", out)  # a merge run again replaces its model
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
+
+
+@pytest.mark.slow
+def test_merge_refuses_a_base_of_the_same_shapes_with_other_weights(model_dirs, adapters, tmp_path):
+    """Such an adapter loads into it without a word and serves nonsense; the run recorded its base's fingerprint."""
+    from test_checkpoints import other_weights
+
+    adapter = adapters("qwen2")
+    other = other_weights(model_dirs("qwen2"), tmp_path / "other-base")
+    proc = script("merge_lora.py", "--adapter_path", adapter, "--output_path", tmp_path / "m",
+                  "--base_model_name_or_path", other, rc=2)
+    assert f"whose weights differ from {other}'s" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()

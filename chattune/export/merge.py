@@ -50,6 +50,20 @@ def base_of(adapter_path: str, base: str | None) -> str:
     return base
 
 
+def check_same_base(adapter_path: str, base: str) -> None:
+    """An adapter on a base of the same shapes but other weights loads without a word and serves nonsense: refused
+    when the run recorded its base's weight fingerprint (chattune.json) and `base` has another."""
+    from chattune.train.layout import base_fingerprint
+
+    recorded = run_info(adapter_path).get("base_fingerprint")
+    found = base_fingerprint(base) if recorded else None
+    if recorded and found and found != recorded:
+        raise ConfigError(
+            f"{adapter_path} was trained on {run_info(adapter_path).get('base_model') or 'another base'}, whose "
+            f"weights differ from {base}'s (weight fingerprint {recorded} vs {found}): pass "
+            "--base_model_name_or_path with the model it was trained from")
+
+
 def _refuse_quantized_base(base: str, trust_remote_code: bool) -> None:
     """Merging into 4-bit (or GPTQ) weights would round the adapter away or fail: merge into full precision."""
     from transformers import AutoConfig
@@ -77,6 +91,7 @@ def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = 
     from peft import PeftModel
 
     base = base_of(adapter_path, base)
+    check_same_base(adapter_path, base)
     tokenizer = load_tokenizer_for(adapter_path, trust_remote_code)
     model = model_loader(base, trust_remote_code).from_pretrained(base, dtype=dtype, device_map=device_map,
                                                                   trust_remote_code=trust_remote_code)

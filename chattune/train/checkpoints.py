@@ -218,3 +218,27 @@ def owned(output_dir: str) -> Iterator[None]:
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         yield
+
+
+MODE_NAMES = {"lora": "LoRA", "qlora": "Q-LoRA", "full": "full fine-tuning"}
+
+
+def resume_problem(checkpoint: str, mode: str, base: str, fingerprint: str | None) -> str | None:
+    """Why `checkpoint` cannot be resumed by this run (another mode, another base), or None. Read from the
+    chattune.json every checkpoint carries; a checkpoint without one (written by another tool) is not judged."""
+    try:
+        with open(os.path.join(checkpoint, "chattune.json")) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    theirs = info.get("mode")
+    fresh = "start fresh with --overwrite_output_dir (or use another --output_dir)"
+    if theirs and theirs != mode:
+        return (f"{checkpoint} was written by a {MODE_NAMES.get(theirs, theirs)} run and this run is "
+                f"{MODE_NAMES.get(mode, mode)}: run with the same mode to resume it, or {fresh}")
+    recorded = info.get("base_fingerprint")
+    if recorded and fingerprint and recorded != fingerprint:
+        return (f"{checkpoint} was trained from {info.get('base_model') or 'another base'}, whose weights differ from "
+                f"{base}'s (weight fingerprint {recorded} vs {fingerprint}): pass the base it was trained from, or "
+                f"{fresh}")
+    return None

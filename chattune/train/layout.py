@@ -49,6 +49,35 @@ def weight_files(path: str) -> dict[str, str]:
         return dict.fromkeys(f.keys(), str(single))
 
 
+_FINGERPRINT_SAMPLES, _FINGERPRINT_BYTES = 16, 16 << 10
+
+
+def base_fingerprint(path: str) -> str | None:
+    """An identity of a model's weights, cheap for any size: the sizes of its weight files and 16 spread samples of
+    16 kB from each. Two checkpoints of the same architecture (a base and its instruct variant) share every shape
+    and config field, not these bytes. None when the weights cannot be found (remote code with .bin files in a
+    repository not cached)."""
+    import hashlib
+
+    try:
+        folder = _folder(path)
+        files = sorted(set(weight_files(path).values())) or sorted(
+            str(p) for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    except Exception:  # an id that is not in the cache, a folder without weights: nothing to compare
+        return None
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            for i in range(_FINGERPRINT_SAMPLES):
+                f.seek(max(0, (size - _FINGERPRINT_BYTES) * i // max(1, _FINGERPRINT_SAMPLES - 1)))
+                digest.update(f.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:32]
+
+
 def _replaced(name: str, output: set[str]) -> bool:
     """Whether the output holds the base tensor `name` in another form (a quantized layer's qweight, scales, ...)."""
     module = name.rsplit(".", 1)[0] + "."

@@ -45,6 +45,7 @@ from chattune.train.inputs import (
     read_model,
     run_tokenizer,
 )
+from chattune.train.layout import base_fingerprint
 from chattune.train.lora import apply_lora, resolve_modules_to_save
 from chattune.train.loss import logit_transform
 from chattune.train.model import count_parameters, load_model, resize_for_new_tokens
@@ -102,10 +103,16 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
                      hardware, read_output_dir(training_args), has_eval=data.eval is not None,
                      transform=logit_transform(config), shape=model_shape(config, model_args.trust_remote_code))
     tidy_output_dir(plan, training_args)
+    fingerprint = base_fingerprint(plan.model)
+    if plan.resume.source:
+        problem = checkpoints.resume_problem(plan.resume.source, plan.mode, plan.model, fingerprint)
+        if problem:
+            raise ConfigError(problem)
     transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
     model, adapted = build_model(model_args, training_args, lora_args, plan, tokenizer, template, data, config)
     plan = plan.with_model(**adapted)
     trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args)
+    trainer.base_fingerprint = fingerprint
     if training_args.process_index == 0:
         log(plan.format())
     train(trainer, plan, preemption, signals)

@@ -129,4 +129,5 @@ def write_run_files(out: str, trainer, setup, data_args, mode: str,
         json.dump({"template": setup.name, "template_kwargs": data_args.parsed_template_kwargs(),
                    "stop_tokens": list(setup.stop_tokens), "mode": mode,
                    "model_max_length": trainer.args.model_max_length,
-                   "base_model": trainer.model.config._name_or_path, "version": __version__}, f, indent=1)
+                   "base_model": trainer.model.config._name_or_path,
+                   "base_fingerprint": getattr(trainer, "base_fingerprint", None), "version": __version__}, f, indent=1)

@@ -71,6 +71,7 @@ class ChatTrainer(HfTrainer):
                  stop_on_save_error: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.stop_on_save_error = stop_on_save_error
+        self.base_fingerprint: str | None = None  # the base's weight identity, recorded in chattune.json
         self.staging_dir: str | None = None
         self.loss = loss
         self.steps = steps
