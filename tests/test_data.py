@@ -11,7 +11,7 @@ from chattune.data.problems import DataError, Problem
 from chattune.data.records import Conversation, normalize_record
 
 SHAREGPT_ROLES = "expected one of user, human, assistant, gpt, system, function_call, observation"
-MESSAGES_ROLES = "expected one of system, user, assistant, tool"
+MESSAGES_ROLES = "expected one of system, user, assistant, tool, function"
 ALTERNATION = "after the optional system turn, turns must alternate user, assistant, starting with user"
 KNOWN = "expected `conversations` (ShareGPT), `messages` (OpenAI) or `instruction`/`output` (Alpaca)"
 SKIP_HINT = "Fix the records above, or pass --skip_invalid_records to drop them (the count is reported)."

@@ -131,11 +131,77 @@ def test_per_message_train_flags_and_record_level_system():
     ({"messages": [{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "A cat"}],
       "images": ["cat.png"]}, "a multimodal record (`images`)"),
     ({"conversations": [{"from": "human", "value": "<video>Describe"}, {"from": "gpt", "value": "x"}]},
-     "a multimodal record (image/video tags in the text)"),
+     "a multimodal record (a user turn that starts with an image/video placeholder)"),
+    ({"conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "x"}],
+      "image": "coco/1.jpg"}, "a multimodal record (`image`)"),  # LLaVA's own format
 ])
 def test_data_that_is_not_supervised_chat_is_refused_with_what_it_is(record, what):
     [problem] = problems_of(record)
     assert problem.startswith(what) and "this tool trains" in problem
+
+
+def test_text_about_html_media_tags_is_text():
+    conv = normalized({"conversations": [{"from": "human", "value": "What does the <video> tag do in HTML?"},
+                                         {"from": "gpt", "value": "<video> embeds a video; <audio> a sound."}]})
+    assert "<video> embeds" in conv.messages[1]["content"]
+
+
+TOOLS_DECLARED = [{"type": "function", "function": {"name": "get", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string"}}}}}]
+
+
+def call(call_id, args="{}"):
+    return {"id": call_id, "type": "function", "function": {"name": "get", "arguments": args}}
+
+
+@pytest.mark.parametrize("messages, problem", [
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1")]},
+      {"role": "tool", "tool_call_id": "c9", "content": "r"}, {"role": "assistant", "content": "done"}],
+     "messages[2].tool_call_id = 'c9' answers none of the calls before it ('c1'): fix the id"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1"), call("c2")]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "tool", "tool_call_id": "c1", "content": "s"},
+      {"role": "assistant", "content": "done"}],
+     "messages[3].tool_call_id = 'c1' answers a call that already has its result"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1"), call("c2")]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "done"}],
+     "messages[1] makes 2 tool call(s) and 1 of them get no tool result before the next turn"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1", '{"x": NaN}')]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "done"}],
+     "messages[1].tool_calls[0].function.arguments holds NaN or Infinity"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1", {"x": float("inf")})]},
+      {"role": "tool", "tool_call_id": "c1", "content": "r"}, {"role": "assistant", "content": "done"}],
+     "messages[1].tool_calls[0].function.arguments holds NaN or Infinity"),
+])
+def test_tool_results_must_answer_the_calls_they_follow(messages, problem):
+    """A result with an unknown id, a call answered twice, parallel calls left without their results, arguments
+    that are not JSON: each would train the model on a conversation no API could have produced. One problem each
+    (not a cascade)."""
+    problems = problems_of({"messages": messages, "tools": TOOLS_DECLARED})
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_a_conversation_may_end_on_its_calls_and_ids_are_optional():
+    normalized({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call("c1")]},
+                             {"role": "tool", "content": "r"}, {"role": "assistant", "content": "done"}],
+                "tools": TOOLS_DECLARED})
+
+
+def test_openai_legacy_function_call_is_a_tool_call_and_its_result_a_tool_turn():
+    """The pre-2023 API: `function_call` on the assistant message, the result as role "function" with its name.
+    The call was dropped, training the turn's text alone."""
+    conv = normalized({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get", "arguments": '{"x": "Oslo"}'}},
+        {"role": "function", "name": "get", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}],
+        "tools": TOOLS_DECLARED})
+    assert conv.messages[1]["tool_calls"] == [{"type": "function", "function": {"name": "get",
+                                                                                "arguments": {"x": "Oslo"}}}]
+    assert conv.messages[2] == {"role": "tool", "content": "sunny", "name": "get"}
+
+
+def test_tools_on_an_alpaca_record_are_kept():
+    conv = normalized({"instruction": "Weather in Oslo?", "output": "Let me check.", "tools": TOOLS_DECLARED})
+    assert conv.tools == tuple(TOOLS_DECLARED)
 
 
 # ------------------------------------------------------------------ rendering and masking

@@ -88,8 +88,8 @@ _SHAREGPT = _TurnFormat(
 )  # fmt: skip
 _MESSAGES = _TurnFormat(
     "messages", "messages", "role", "content",
-    {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"},
-)
+    {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool", "function": "tool"},
+)  # "function": the result turn of OpenAI's legacy `function_call` API
 
 
 def _reply_problem(text: str) -> str | None:
@@ -140,7 +140,7 @@ def _parse_turn(turn: object, path: str, spec: _TurnFormat, out: RecordProblems)
 def _turn_content(turn: dict, role: str | None, path: str, spec: _TurnFormat, out: RecordProblems) -> dict | None:
     content = turn.get(spec.content_key)
     content_path = f"{path}.{spec.content_key}"
-    calls = turn.get("tool_calls") if spec is _MESSAGES and role == "assistant" else None
+    calls = _calls_of(turn) if spec is _MESSAGES and role == "assistant" else None
     if calls is not None and (content is None or content == ""):  # a call with no text: content may be null
         return {"role": role, "content": ""}
     problem = string_problem(content, spec.content_key not in turn)
@@ -158,11 +158,15 @@ def _add_message_extras(turn: dict, role: str | None, path: str, message: dict, 
     """reasoning_content and tool_calls of assistant messages; name and tool_call_id of tool messages."""
     if turn.get("reasoning_content") is not None:
         _add_reasoning(turn["reasoning_content"], role, f"{path}.reasoning_content", message, out)
-    if turn.get("tool_calls") is not None:
+    key = "tool_calls" if turn.get("tool_calls") is not None else "function_call"
+    if _calls_of(turn) is not None:
         if role != "assistant":
-            out.add(f"{path}.tool_calls", f"is only allowed on assistant messages, not on a {role} message")
+            out.add(f"{path}.{key}", f"is only allowed on assistant messages, not on a {role} message")
         else:
-            message["tool_calls"] = parse_tool_calls(turn["tool_calls"], f"{path}.tool_calls", out)
+            before = len(out.items)
+            message["tool_calls"] = parse_tool_calls(_calls_of(turn), f"{path}.{key}", out)
+            if len(out.items) > before:  # a call was refused: its results are not judged against the rest
+                message["__calls_refused__"] = True
     if role == "tool":
         for key in ("name", "tool_call_id"):
             value = turn.get(key)
@@ -170,6 +174,14 @@ def _add_message_extras(turn: dict, role: str | None, path: str, message: dict, 
                 out.add(f"{path}.{key}", f"must be a string, got {type_name(value)}")
             elif value is not None:
                 message[key] = value
+
+
+def _calls_of(turn: dict) -> list | None:
+    """The tool calls of a message: `tool_calls`, or OpenAI's legacy single `function_call` {"name", "arguments"}."""
+    if turn.get("tool_calls") is not None:
+        return turn["tool_calls"]
+    legacy = turn.get("function_call")
+    return None if legacy is None else [legacy] if isinstance(legacy, dict) else legacy
 
 
 def _add_reasoning(reasoning: object, role: str | None, path: str, message: dict, out: RecordProblems) -> None:
@@ -190,10 +202,12 @@ def _check_calls(messages: list[dict | None], tools: list[dict], spec: _TurnForm
     """Every call names a declared tool; every tool result answers a call."""
     declared = [t["function"]["name"] for t in tools]
     pending: int | None = 0  # calls of the last assistant message not yet answered (None: unknown, turn invalid)
+    caller, ids, answered = 0, [], set()  # the calling message, its call ids, the ids answered so far
     for i, message in enumerate(messages):
         if message is None:
             pending = None  # its problem is reported; the tool results after it are not judged
             continue
+        refused = message.pop("__calls_refused__", False)  # a call of it was refused: the same
         for j, call in enumerate(message.get("tool_calls", [])):
             name = call["function"]["name"]
             if name not in declared:
@@ -203,9 +217,27 @@ def _check_calls(messages: list[dict | None], tools: list[dict], spec: _TurnForm
         if message["role"] == "tool":
             if pending == 0:
                 out.add(f"{spec.list_key}[{i}]", "is a tool result with no tool call before it to answer")
+            elif pending is not None:
+                _check_call_id(message.get("tool_call_id"), ids, answered, f"{spec.list_key}[{i}].tool_call_id", out)
             pending = None if pending is None else max(0, pending - 1)
         else:
-            pending = len(message.get("tool_calls", []))
+            if pending and message["role"] == "assistant":  # calls left unanswered (a user turn there: _check_order)
+                out.add(f"{spec.list_key}[{caller}]", f"makes {len(ids)} tool call(s) and {pending} of them get no "
+                        "tool result before the next turn: add the results, or drop the unanswered calls")
+            calls = message.get("tool_calls", [])
+            pending, caller, ids, answered = None if refused else len(calls), i, [c.get("id") for c in calls], set()
+
+
+def _check_call_id(call_id: object, ids: list, answered: set, path: str, out: RecordProblems) -> None:
+    """A tool result's `tool_call_id` names one of the calls it follows, once (where the data gives ids)."""
+    if not isinstance(call_id, str) or not any(ids):
+        return
+    if call_id not in ids:
+        out.add(path, f"= {show(call_id)} answers none of the calls before it "
+                      f"({', '.join(show(x) for x in ids if x)}): fix the id")
+    elif call_id in answered:
+        out.add(path, f"= {show(call_id)} answers a call that already has its result")
+    answered.add(call_id)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -421,7 +453,7 @@ def normalize_record(record: object, *, file: str, where: str) -> tuple[Conversa
         out.add("", f"has both {keys}, which are different record formats: which one is the conversation is "
                 "ambiguous; keep one")
         return None, out.items
-    tools = parse_tools(record, out) if fmt != "alpaca" else []
+    tools = parse_tools(record, out)  # Alpaca records carry them too: the prompt renders them
     messages = _BUILDERS[fmt](record, out, tools)
     if out.items:
         return None, out.items
@@ -442,20 +474,23 @@ def _not_sft(record: dict) -> str | None:
     if isinstance(record.get("label"), bool):
         return (f"KTO data (`label` marks whether the answer is one to imitate or not); {_NOT_SFT}: keep only the "
                 "records with label true (and drop the field), or use a KTO trainer")
-    media = [key for key in ("images", "videos", "audios") if record.get(key)]
+    media = [key for key in ("images", "videos", "audios", "image", "video", "audio") if record.get(key)]
     if media or _mentions_media(record):
-        what = ", ".join(f"`{m}`" for m in media) or "image/video tags in the text"
+        what = ", ".join(f"`{m}`" for m in media) or "a user turn that starts with an image/video placeholder"
         return (f"a multimodal record ({what}); this tool trains text-only chat models, and would train the "
                 "placeholders as literal text: remove the media from the data, or use a vision-language trainer")
     return None
 
 
 def _mentions_media(record: dict) -> bool:
+    """A user turn that starts with a media placeholder (LLaVA's "<image>\n..."), as multimodal data stripped of its
+    media field looks. A tag inside the text is text: chat about HTML's <video> element is not multimodal."""
     turns = record.get("messages") or record.get("conversations")
     if not isinstance(turns, list):
         return False
-    texts = [t.get("content", t.get("value")) for t in turns if isinstance(t, dict)]
-    return any(isinstance(text, str) and any(tag in text for tag in _MEDIA_TAGS) for text in texts)
+    texts = [t.get("content", t.get("value")) for t in turns
+             if isinstance(t, dict) and t.get("role", t.get("from")) in ("user", "human")]
+    return any(isinstance(text, str) and text.lstrip().startswith(_MEDIA_TAGS) for text in texts)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,21 @@ def _call_arguments(function: dict, path: str, out: RecordProblems) -> dict | No
     if not isinstance(arguments, dict):
         out.add(path, f"must be a JSON object of arguments, got {type_name(arguments)}")
         return None
+    if not _finite(arguments):  # Python's json reads them; the template would render a call no JSON parser reads
+        out.add(path, "holds NaN or Infinity, which JSON does not have (the trained call would not parse): use null "
+                      "or a number")
+        return None
     return arguments
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, float):
+        return value == value and value not in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def sharegpt_call(value: object, path: str, out: RecordProblems) -> dict | None:
