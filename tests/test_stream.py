@@ -177,6 +177,20 @@ def test_every_sample_dropped_is_an_error_and_nothing_is_cached(qwen, tmp_path):
     assert ok.report.kept == 1
 
 
+def test_data_that_marks_every_turn_untrained_is_named_as_such_not_blamed_on_truncation(qwen, tmp_path):
+    tok, setup = qwen
+    masked = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok", "train": False}]}
+    path = write_jsonl(tmp_path / "data.jsonl", [masked, masked])
+    with pytest.raises(DataError) as e:
+        prepare_files(str(path), tok, stop_tokens=setup.stop_tokens, max_length=512, cache_dir=tmp_path / "c")
+    assert "no training sample has a turn to train: every assistant turn of the 2 samples is marked untrained" in str(
+        e.value) and "truncation" not in str(e.value)
+    mixed = prepare_files(str(write_jsonl(tmp_path / "mixed.jsonl", [masked, GOOD])), tok,
+                          stop_tokens=setup.stop_tokens, max_length=512, cache_dir=tmp_path / "c")
+    assert (mixed.report.kept, mixed.report.dropped_untrained, mixed.report.dropped_no_trained) == (1, 1, 0)
+    assert "dropped with no turn to train (every assistant turn marked untrained" in mixed.report.format()
+
+
 def test_directory_reads_gzip_and_lists_what_it_skips(qwen, tmp_path):
     tok, setup = qwen
     data = tmp_path / "data"

@@ -310,7 +310,7 @@ def _prepare_into(tmp: Path, settings: _Settings, sources: Sources, total: int, 
     report.ignored = sources.ignored
     report.content_control_tokens = run.control_affected
     if report.kept == 0:
-        raise nothing_kept_error(settings.max_length, what)
+        raise nothing_kept_error(settings.max_length, what, report=report)
     return report
 
 
@@ -367,7 +367,7 @@ def prepare_dataset(
     report = report_of(encoded, max_length, len(conversations), files, skipped_records)
     report.content_control_tokens = affected
     if report.kept == 0:
-        raise nothing_kept_error(max_length, what, length_flag)  # nothing cached: a longer limit re-runs clean
+        raise nothing_kept_error(max_length, what, length_flag, report)  # nothing cached: a longer limit re-runs clean
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache))
     writer = ArrowWriter(tmp / DATASET_FILE)

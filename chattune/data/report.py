@@ -27,6 +27,7 @@ class DataReport:
     truncated: int = 0  # kept samples cut at max_length
     truncated_tokens: int = 0  # tokens cut from kept samples
     dropped_no_trained: int = 0  # samples whose trained part lay wholly beyond max_length
+    dropped_untrained: int = 0  # samples with no turn to train at all (every assistant turn marked untrained)
     eos_appended: int = 0  # last turns the template left without an end-of-turn token; eos appended
     unstopped_turns: int = 0  # trained turns followed by no end-of-turn token (the model may not learn to stop)
     trained_turns: int = 0  # assistant turns trained (tool-calling turns included)
@@ -66,6 +67,9 @@ class DataReport:
             + (", at least" if self.capped_texts else "") + f"); dropped with no trained token left: "
             f"{self.dropped_no_trained}",
         ]
+        if self.dropped_untrained:
+            lines.append(f"  dropped with no turn to train (every assistant turn marked untrained in the data, or by "
+                         f"--train_on): {self.dropped_untrained}")
         if self.capped_texts:
             lines.append(f"  {self.capped_texts} message texts far longer than {self.max_length} tokens were cut "
                          "before tokenizing (their end lies beyond the kept tokens; sample lengths count what "
@@ -143,6 +147,7 @@ def report_of(encoded: dict[str, np.ndarray], max_length: int, conversations: in
             ) -> DataReport:
     length, trained = encoded["length"], encoded["trained"]
     kept = trained > 0
+    untrained = ~kept & ((encoded["trained_turns"] + encoded["beyond_limit"]) == 0)  # nothing to train, at any length
     truncated = kept & (length > max_length)
     return DataReport(
         files=list(files), conversations=conversations, skipped_records=skipped_records, max_length=max_length,
@@ -155,11 +160,17 @@ def report_of(encoded: dict[str, np.ndarray], max_length: int, conversations: in
         beyond_limit_turns=int(encoded["beyond_limit"].sum()),
         kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
         truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
-        dropped_no_trained=int((~kept).sum()), length_histogram=length_histogram(length.tolist(), max_length),
+        dropped_no_trained=int((~kept & ~untrained).sum()), dropped_untrained=int(untrained.sum()),
+        length_histogram=length_histogram(length.tolist(), max_length),
     )
 
 
-def nothing_kept_error(max_length: int, what: str = "training", flag: str = "--model_max_length") -> DataError:
+def nothing_kept_error(max_length: int, what: str = "training", flag: str = "--model_max_length",
+                       report: DataReport | None = None) -> DataError:
+    if report is not None and report.dropped_untrained and not report.dropped_no_trained:
+        return DataError(f"no {what} sample has a turn to train: every assistant turn of the {report.samples} samples "
+                         "is marked untrained (`train`/`loss` false or `weight` 0 in the data, or --train_on); mark "
+                         "the answers to learn, or check --train_on")
     return DataError(f"no {what} sample has a trained token left after truncation to {max_length} tokens (every "
                      f"answer starts beyond it); raise {flag}, or shorten the prompts")
 
