@@ -180,3 +180,22 @@ def test_a_save_steps_ratio_is_a_share_of_the_run_in_the_plan_and_the_disk_warni
                        intermediate_size=128, num_layers=2, vocab_size=1000, lora_params_per_rank=1000)
     warning = disk_warning(training, lora, "full", shape, steps=1000, free=1)
     assert warning is not None and " 10 checkpoints of" in warning, warning
+
+
+def test_a_deepspeed_config_that_is_broken_or_contradicts_the_flags_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    base = ["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json")]
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 2,}}')
+    with pytest.raises(ConfigError, match="--deepspeed bad.json: not valid JSON \\(Expecting property name enclosed "
+                                          "in double quotes at line 1, column 35\\)"):
+        parse_args([*base, "--deepspeed", "bad.json"])
+    with pytest.raises(ConfigError, match="--deepspeed missing.json: no such file"):
+        parse_args([*base, "--deepspeed", "missing.json"])
+    (tmp_path / "both.json").write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}, '
+                                        '"fp16": {"enabled": true}, "train_micro_batch_size_per_gpu": 8}')
+    with pytest.raises(ConfigError) as e:
+        parse_args([*base, "--deepspeed", "both.json", "--per_device_train_batch_size", "2"])
+    assert "--deepspeed both.json: enables both bf16 and fp16" in str(e.value)
+    assert ("--deepspeed both.json: train_micro_batch_size_per_gpu is 8, --per_device_train_batch_size is 2: set it "
+            'to "auto"') in str(e.value)

@@ -7,6 +7,7 @@ field extends them. All of HF `TrainingArguments` is accepted too.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -346,6 +347,31 @@ def split_bad_choices(argv: list[str]) -> tuple[list[str], list[str]]:
     return kept, problems
 
 
+def deepspeed_file_problems(argv: list[str]) -> list[str]:
+    """--deepspeed FILE that is missing or not JSON, named with its line and column (transformers parses it while the
+    flags are parsed and says only "Expecting property name ...")."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name != "--deepspeed":
+            continue
+        path = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+        if not path or path.lstrip().startswith("{"):  # a JSON string, as transformers also takes
+            return []
+        if not os.path.isfile(path):
+            return [f"--deepspeed {path}: no such file (the configs are in ds_configs/: zero2.json, zero3.json, "
+                    "zero3_offload.json)"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            return [f"--deepspeed {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"]
+        except (OSError, UnicodeDecodeError) as e:
+            return [f"--deepspeed {path}: cannot be read ({e})"]
+        if not isinstance(config, dict):
+            return [f"--deepspeed {path}: expected a JSON object of DeepSpeed settings, got {type(config).__name__}"]
+    return []
+
+
 def parse_args(argv: list[str] | None = None):
     """Parse the command line (optionally a JSON/YAML config file first, then flags that override it) into (model,
     data, training, lora) arguments, then check them all (`chattune.train.validate`); every problem is reported at once."""
@@ -355,6 +381,9 @@ def parse_args(argv: list[str] | None = None):
     if argv and argv[0].endswith((".json", ".yaml", ".yml")) and not argv[0].startswith("-"):
         argv = config_file_argv(argv[0]) + argv[1:]
     argv, problems = split_bad_choices(rename_flags(argv))
+    problems += deepspeed_file_problems(argv)
+    if problems and any(p.startswith("--deepspeed") for p in problems):
+        raise ConfigError("\n".join(problems))  # transformers would parse it next, with a bare JSON message
     if "--estimate_memory" in argv and "--use_cpu" not in argv:
         import torch
 

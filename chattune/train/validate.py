@@ -27,6 +27,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _mode_problems(training_args, lora_args)
     problems += _kernel_problems(model_args, training_args)
     problems += _build_lock_problems(training_args)
+    problems += _deepspeed_config_problems(training_args)
     problems += _batch_problems(data_args, training_args)
     problems += _number_problems(training_args, lora_args)
     if not data_args.dump_tokenized:
@@ -120,6 +121,35 @@ def _kernel_problems(model_args: Any, training_args: Any) -> list[str]:
         why = flash_attn_problem(compute_dtype(training_args))
         if why:
             problems.append(f"--attn_implementation {model_args.attn_implementation}: {why}")
+    return problems
+
+
+# DeepSpeed settings the trainer fills from its own flags (and the plan's batch): a fixed value that differs fails
+# at trainer start with a traceback. "auto" lets the flags decide.
+_FILLED_BY_FLAGS = (("train_micro_batch_size_per_gpu", "per_device_train_batch_size"),
+                    ("gradient_accumulation_steps", "gradient_accumulation_steps"),
+                    ("gradient_clipping", "max_grad_norm"))
+
+
+def _deepspeed_config_problems(training_args: Any) -> list[str]:
+    """A DeepSpeed config that contradicts itself or the flags, found now instead of at trainer start."""
+    import json
+
+    path = training_args.deepspeed
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    problems = []
+    enabled = [k for k in ("bf16", "fp16") if isinstance(config.get(k), dict) and config[k].get("enabled") is True]
+    if len(enabled) == 2:
+        problems.append(f"--deepspeed {path}: enables both bf16 and fp16; set one (or both to \"auto\", which follows "
+                        "--bf16/--fp16)")
+    for key, flag in _FILLED_BY_FLAGS:
+        value, ours = config.get(key), getattr(training_args, flag)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value != ours:
+            problems.append(f"--deepspeed {path}: {key} is {value}, --{flag} is {ours}: set it to \"auto\" (the "
+                            "flag and chattune's plan decide it), or give the flag the same value")
     return problems
 
 
