@@ -199,3 +199,15 @@ def test_a_deepspeed_config_that_is_broken_or_contradicts_the_flags_is_named(tmp
     assert "--deepspeed both.json: enables both bf16 and fp16" in str(e.value)
     assert ("--deepspeed both.json: train_micro_batch_size_per_gpu is 8, --per_device_train_batch_size is 2: set it "
             'to "auto"') in str(e.value)
+
+
+def test_an_hf_cache_that_cannot_be_created_is_named_before_anything_loads(tmp_path, monkeypatch):
+    """A real one: HF_HOME under a regular file (ENOTDIR, as a typo or a read-only filesystem gives). Unnamed, GPTQModel's
+    tokenicer, imported by peft while it wraps the layers, failed with a traceback after the data was prepared."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.json").write_text("[]")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "a_file" / "hf"))
+    with pytest.raises(ConfigError, match=f"HF_HOME {tmp_path / 'a_file' / 'hf'}: cannot be created \\(Not a "
+                                          "directory\\); the Hugging Face libraries write there"):
+        parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json")])

@@ -28,6 +28,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _kernel_problems(model_args, training_args)
     problems += _build_lock_problems(training_args)
     problems += _deepspeed_config_problems(training_args)
+    problems += hf_cache_problems()
     problems += _batch_problems(data_args, training_args)
     problems += _number_problems(training_args, lora_args)
     if not data_args.dump_tokenized:
@@ -150,6 +151,28 @@ def _deepspeed_config_problems(training_args: Any) -> list[str]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value != ours:
             problems.append(f"--deepspeed {path}: {key} is {value}, --{flag} is {ours}: set it to \"auto\" (the "
                             "flag and chattune's plan decide it), or give the flag the same value")
+    return problems
+
+
+def hf_cache_problems() -> list[str]:
+    """The Hugging Face cache folders must exist or be creatable: the libraries create them on import even when the
+    model is a local directory (GPTQModel's tokenicer, imported by peft while it wraps the layers, makes HF_HOME and
+    its subfolders), and fail with a traceback mid-run where they cannot."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    folders = {"HF_HOME": home,
+               "HF_HUB_CACHE": os.environ.get("HF_HUB_CACHE") or os.path.join(home, "hub"),
+               "HF_MODULES_CACHE": os.environ.get("HF_MODULES_CACHE") or os.path.join(home, "modules")}
+    problems = []
+    for variable, folder in folders.items():
+        if os.path.isdir(folder):
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            problems.append(f"{variable} {folder}: cannot be created ({e.strerror}); the Hugging Face libraries write "
+                            f"there even for a local model: set {variable} (or HF_HOME) to a writable directory")
+            break  # the others are under it, as a rule: one line
     return problems
 
 
