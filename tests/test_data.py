@@ -360,6 +360,10 @@ BAD_RECORDS = {
         {"prompt": "a", "response": "b"},
         [P + f"record of no known format (keys: prompt, response); {KNOWN}"],
     ),
+    "a key of a million characters": (
+        {"k" * 1_000_000: 1},
+        [P + f"record of no known format (keys: '{'k' * 37}...'); {KNOWN}"],  # not the whole key
+    ),
     "empty object": ({}, [P + f"record of no known format (an empty object); {KNOWN}"]),
     "list not a list": ({"conversations": "Hi"}, [P + "conversations must be a list of turns, got string"]),
     "list is null": ({"messages": None}, [P + "messages must be a list of turns, got null"]),

@@ -431,7 +431,7 @@ def _unknown_format(record: object) -> str:
     elif not record:
         what = "an empty object"
     else:
-        keys = [str(key) for key in record]
+        keys = [str(key) if len(str(key)) <= 40 else show(str(key)) for key in record]  # a key can be megabytes
         what = "keys: " + ", ".join(keys[:10]) + (", ..." if len(keys) > 10 else "")
     return f"record of no known format ({what}); {_KNOWN_FORMATS}"
 
