@@ -451,6 +451,19 @@ def test_wrong_file_kinds_are_named(tmp_path, case):
     assert error_of(path, skip_invalid=True).splitlines()[1] == f"  {path}: {expected}"
 
 
+def test_a_stray_nul_or_a_mid_file_byte_order_mark_is_a_line_not_the_whole_file(tmp_path):
+    """A NUL byte in one line is that line's problem (skippable, named), not a whole file taken for UTF-16; a
+    byte-order mark starting a later line (two files concatenated) is not content: the record reads as it is."""
+    good = json.dumps(GOOD).encode()
+    nul = tmp_path / "nul.jsonl"
+    nul.write_bytes(b"\x00" + good + b"\n" + good + b"\n")
+    assert f"{nul}: line 1: holds a NUL byte at column 1, which is not text: remove it" in error_of(nul)
+    assert load_conversations(str(nul), skip_invalid=True).skipped_records == 1
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b"\xef\xbb\xbf" + good + b"\n" + good + b"\n")
+    assert len(load_conversations(str(bom)).conversations) == 3
+
+
 def test_paths_symlink_loop_comma_and_twice(tmp_path):
     loop = tmp_path / "loop.json"
     loop.symlink_to(loop)

@@ -123,9 +123,12 @@ def _checked(value: Any, raw: str, decoder: _Decoder) -> Any:
 def _parse_line(line: str, decoder: _Decoder) -> Any:
     """One JSONL line: the record, or a BadLine saying why not."""
     decoder.found.clear()
+    line = line.removeprefix("\ufeff")  # a byte-order mark starting a line (files concatenated): not content
     try:
         value = decoder.json.decode(line)
     except json.JSONDecodeError as e:
+        if "\x00" in line:
+            return BadLine(f"holds a NUL byte at column {line.index(chr(0)) + 1}, which is not text: remove it")
         return BadLine(f"not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}; {_JSONL_RULE}")
     except RecursionError:
         return BadLine("not usable: its JSON is nested too deeply to read; a chat record needs a few levels only")
@@ -223,7 +226,7 @@ def _check_encoding(head: bytes) -> None:
         raise FileProblem("is a Parquet file (it starts with PAR1); name it *.parquet")
     if head.startswith(_UTF16_BOMS) or head.startswith((b"\x00\x00\xfe\xff",)):
         raise FileProblem("is UTF-16 or UTF-32 encoded (it starts with that byte-order mark); re-save it as UTF-8")
-    if b"\x00" in head[:4096]:
+    if head[:4096].count(b"\x00") > len(head[:4096]) // 8:  # UTF-16 text is half NULs; a stray NUL is a line's problem
         raise FileProblem("holds NUL bytes: it looks UTF-16 or UTF-32 encoded (without a byte-order mark), or binary; "
                            "re-save it as UTF-8 text")
 
