@@ -237,9 +237,12 @@ def test_a_signal_during_data_preparation_ends_cleanly_and_leaves_no_temporary_f
         str(data), "--output_dir", str(tmp_path / "out"), "--use_lora", "--max_steps", "1", "--use_cpu", "True",
         "--report_to", "none", "--data_cache_dir", str(cache), "--preview_data", "0",
         "--preprocessing_num_workers", "2"])
-    _wait_for(proc, lines, "Preparing training data")
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
+    try:
+        _wait_for(proc, lines, "Preparing training data")
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()  # not left behind when the test fails
     reader.join(timeout=10)
     err = "".join(lines)
     assert proc.returncode == code and says in err and "Traceback" not in err, err[-3000:]
@@ -274,9 +277,12 @@ def test_a_signal_during_the_final_save_saves_the_result_and_exits_0(model_dirs,
         str(model_dirs("qwen2")), "--data_path", str(DATA), "--output_dir", str(out), "--use_lora", "--max_steps",
         "2", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--preview_data", "0",
         "--data_cache_dir", str(tmp_path / "cache")])
-    _wait_for(proc, lines, "SAVING")
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    try:
+        _wait_for(proc, lines, "SAVING")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
     reader.join(timeout=10)
     err = "".join(lines)
     assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
