@@ -57,3 +57,22 @@ def test_qwen1_dump_trains_answer_through_im_end(qwen1_dir, tmp_path):
     row = prepared.dataset[0]
     assert trained_segments(tok, row["input_ids"], row["labels"]) == ["Hello!<|im_end|>"]
     assert prepared.report.eos_appended == 0
+
+
+def test_qwen1_by_hub_id_works_offline_from_the_hub_cache(qwen1_dir, tmp_path, monkeypatch):
+    """`--model_name_or_path Qwen/Qwen-7B-Chat` (the README's launch line) with the model in the hub cache and no
+    network: the tiktoken tokenizer is converted from the cached snapshot as from a local directory (it was only
+    from a local directory, so the hub id failed)."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--Qwen--Qwen-7B-Chat"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(qwen1_dir, snapshot)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen"}))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from chattune.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("Qwen/Qwen-7B-Chat", cache_dir=str(cache))
+    assert tok(TEXTS[0], add_special_tokens=False)["input_ids"] == QwenTokenizer(VOCAB).encode(TEXTS[0])
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 151645

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -20,8 +21,9 @@ def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_rem
     """AutoTokenizer, converted to a fast tokenizer when the model ships a slow one, with a pad token set."""
     from transformers import AutoTokenizer
 
-    if os.path.isfile(os.path.join(name_or_path, "qwen.tiktoken")):
-        tok = qwen_tiktoken_tokenizer(name_or_path)
+    tiktoken_folder = _qwen_tiktoken_folder(name_or_path, cache_dir)
+    if tiktoken_folder:
+        tok = qwen_tiktoken_tokenizer(tiktoken_folder)
     else:
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
@@ -31,6 +33,26 @@ def load_tokenizer(name_or_path: str, *, cache_dir: str | None = None, trust_rem
         # Padding positions are masked from attention and loss, so any existing token will do.
         tok.pad_token = tok.eos_token or tok.unk_token or tok.convert_ids_to_tokens(0)
     return tok
+
+
+def _qwen_tiktoken_folder(name_or_path: str, cache_dir: str | None) -> str | None:
+    """The folder holding Qwen(1)'s `qwen.tiktoken`: the model directory, or, for a hub id (`Qwen/Qwen-7B-Chat`, the
+    README's launch line), its snapshot in the hub cache (fetched when the hub is reachable and the cached config says
+    it is a Qwen(1) model)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path if os.path.isfile(os.path.join(name_or_path, "qwen.tiktoken")) else None
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "qwen.tiktoken", cache_dir=cache_dir)
+        if isinstance(found, str):
+            return os.path.dirname(found)
+        config = try_to_load_from_cache(name_or_path, "config.json", cache_dir=cache_dir)
+        if isinstance(config, str) and json.loads(open(config).read()).get("model_type") == "qwen":
+            return os.path.dirname(hf_hub_download(name_or_path, "qwen.tiktoken", cache_dir=cache_dir))
+    except Exception:  # not a hub id, offline, or no such file: AutoTokenizer says what is wrong
+        return None
+    return None
 
 
 def qwen_tiktoken_tokenizer(folder: str) -> Any:
