@@ -284,6 +284,32 @@ def test_parquet_file_with_mixed_formats(tmp_path):
     assert result.conversations[2].messages == ({"role": "user", "content": "I"}, {"role": "assistant", "content": "O"})
 
 
+def test_parquet_struct_columns_do_not_invent_arguments_or_schema_properties(tmp_path):
+    """Arrow gives every struct of a column every field any row has: written as structs, one call's arguments gain
+    the other's `unit: null`, one tool's schema the other's properties. Read back, each record is what it was."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+
+    def record(name, arguments, properties):
+        return {"tools": [{"type": "function", "function": {"name": name, "parameters": {
+                    "type": "object", "properties": properties}}}],
+                "messages": [{"role": "user", "content": "Q"},
+                             {"role": "assistant", "content": "", "tool_calls": [
+                                 {"type": "function", "function": {"name": name, "arguments": arguments}}]},
+                             {"role": "tool", "content": "R"}, {"role": "assistant", "content": "A"}]}
+
+    rows = [record("weather", {"city": "Oslo"}, {"city": {"type": "string"}}),
+            record("convert", {"unit": "C"}, {"unit": {"type": "string"}})]
+    path = tmp_path / "tools.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert pq.read_table(path).to_pylist()[0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {
+        "city": "Oslo", "unit": None}  # what Arrow hands back: the invented field this guards against
+    first, second = load_conversations(str(path)).conversations
+    assert first.messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert second.messages[1]["tool_calls"][0]["function"]["arguments"] == {"unit": "C"}
+    assert first.tools[0]["function"]["parameters"]["properties"] == {"city": {"type": "string"}}
+
+
 def test_parquet_bad_record_is_located(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

@@ -429,6 +429,18 @@ def _array_chunks(path: str, reader: _Reader, raw: bytes, start: int, eof: bool,
         yield Chunk(path, size=reader.progress(), records=records)
 
 
+def _without_struct_nulls(value: Any) -> Any:
+    """An Arrow row with the null fields of its structs dropped. Arrow gives every struct of a column every field any
+    row has: a tool call's `arguments` gains `"unit": null` because another call passed a unit, a tool schema gains the
+    properties of other tools. A null field of a struct is indistinguishable from an absent one; absent is what the
+    data said in every other row."""
+    if isinstance(value, dict):
+        return {k: _without_struct_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_struct_nulls(v) for v in value]
+    return value
+
+
 def _parquet_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
     import pyarrow as pa  # imported here: only Parquet users pay for it
     import pyarrow.parquet as pq
@@ -442,7 +454,7 @@ def _parquet_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
                 batch = next(batches)
             except StopIteration:
                 break
-            rows = batch.to_pylist()
+            rows = [_without_struct_nulls(row) for row in batch.to_pylist()]
             yield Chunk(path, size=size * len(rows) // total,
                         records=[(f"record {index + i}", row) for i, row in enumerate(rows)])
             index += len(rows)
@@ -467,7 +479,8 @@ def _saved_dataset_chunks(path: str, chunk_records: int) -> Iterator[Chunk]:
         dataset = dataset["train"]
     size = sources_size([(path, "saved")])
     for start in range(0, len(dataset), chunk_records):
-        rows = dataset.select(range(start, min(start + chunk_records, len(dataset)))).to_list()
+        rows = [_without_struct_nulls(row)
+                for row in dataset.select(range(start, min(start + chunk_records, len(dataset)))).to_list()]
         yield Chunk(path, size=size * len(rows) // max(len(dataset), 1),
                     records=[(f"record {start + i}", row) for i, row in enumerate(rows)])
     if not len(dataset):
