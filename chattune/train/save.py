@@ -4,6 +4,7 @@ checkpoint named and the process group torn down."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,10 +58,11 @@ def save_final(trainer, tokenizer, setup, data_args, training_args, plan: Plan) 
             raise
     if trainer.on_every_rank(error is None):
         return
-    if trainer.is_world_process_zero():  # what the failed save wrote would look like a result and fail to load
+    if trainer.is_world_process_zero() and os.path.isdir(out):  # what it wrote would look like a result, and fail
         for entry in os.scandir(out):
             if entry.is_file() and entry.stat().st_mtime >= started - 1:
-                os.remove(entry.path)
+                with contextlib.suppress(OSError):
+                    os.remove(entry.path)
     rescue = rescue_dir(trainer, out, result_bytes(trainer.model, plan.mode))
     write_result(trainer, rescue, tokenizer, setup, data_args, plan)
     cause = error.strerror if error is not None else "it failed on another process"
