@@ -46,7 +46,12 @@ from chattune.data.problems import (
     string_problem,
     type_name,
 )
-from chattune.data.tools import parse_tool_calls, parse_tools, sharegpt_call
+from chattune.data.tools import (
+    check_calls,
+    parse_tool_calls,
+    parse_tools,
+    sharegpt_call,
+)
 
 _KNOWN_FORMATS = "expected `conversations` (ShareGPT), `messages` (OpenAI) or `instruction`/`output` (Alpaca)"
 _ALTERNATION = "after the optional system turn, turns must alternate user, assistant, starting with user"
@@ -194,54 +199,7 @@ def _add_reasoning(reasoning: object, role: str | None, path: str, message: dict
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tool calls (OpenAI messages; ShareGPT function_call / observation as LLaMA-Factory and glaive write them)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _check_calls(messages: list[dict | None], tools: list[dict], spec: _TurnFormat, out: RecordProblems) -> None:
-    """Every call names a declared tool; every tool result answers a call."""
-    declared = [t["function"]["name"] for t in tools]
-    pending: int | None = 0  # calls of the last assistant message not yet answered (None: unknown, turn invalid)
-    caller, ids, answered = 0, [], set()  # the calling message, its call ids, the ids answered so far
-    for i, message in enumerate(messages):
-        if message is None:
-            pending = None  # its problem is reported; the tool results after it are not judged
-            continue
-        refused = message.pop("__calls_refused__", False)  # a call of it was refused: the same
-        for j, call in enumerate(message.get("tool_calls", [])):
-            name = call["function"]["name"]
-            if name not in declared:
-                known = f"declared: {', '.join(declared)}" if declared else "the record declares no `tools`"
-                out.add(f"{spec.list_key}[{i}]" + (f".tool_calls[{j}]" if spec is _MESSAGES else ""),
-                        f"calls {show(name)}, which is not a declared tool ({known})")
-        if message["role"] == "tool":
-            if pending == 0:
-                out.add(f"{spec.list_key}[{i}]", "is a tool result with no tool call before it to answer")
-            elif pending is not None:
-                _check_call_id(message.get("tool_call_id"), ids, answered, f"{spec.list_key}[{i}].tool_call_id", out)
-            pending = None if pending is None else max(0, pending - 1)
-        else:
-            if pending and message["role"] == "assistant":  # calls left unanswered (a user turn there: _check_order)
-                out.add(f"{spec.list_key}[{caller}]", f"makes {len(ids)} tool call(s) and {pending} of them get no "
-                        "tool result before the next turn: add the results, or drop the unanswered calls")
-            calls = message.get("tool_calls", [])
-            pending, caller, ids, answered = None if refused else len(calls), i, [c.get("id") for c in calls], set()
-
-
-def _check_call_id(call_id: object, ids: list, answered: set, path: str, out: RecordProblems) -> None:
-    """A tool result's `tool_call_id` names one of the calls it follows, once (where the data gives ids)."""
-    if not isinstance(call_id, str) or not any(ids):
-        return
-    if call_id not in ids:
-        out.add(path, f"= {show(call_id)} answers none of the calls before it "
-                      f"({', '.join(show(x) for x in ids if x)}): fix the id")
-    elif call_id in answered:
-        out.add(path, f"= {show(call_id)} answers a call that already has its result")
-    answered.add(call_id)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# What is trained, per message
+# What is trained, per message (tool calls and their results: chattune.data.tools)
 # --------------------------------------------------------------------------------------------------------------
 
 _TRAIN_KEYS = ("train", "loss", "weight")  # conventions of peer tools: train/loss booleans, weight 0 or 1
@@ -334,7 +292,7 @@ def _turn_messages(record: dict, spec: _TurnFormat, out: RecordProblems, tools: 
     roles = [role for role, _ in parsed]
     messages = [message for _, message in parsed]
     _check_order(turns, roles, messages, spec, system is not None, out)
-    _check_calls(messages, tools, spec, out)
+    check_calls(messages, tools, spec.list_key, spec is _MESSAGES, out)
     # Report in turn order, so the problems of one turn sit together, whichever check found them.
     out.items[first_problem:] = sorted(out.items[first_problem:], key=lambda p: _turn_index(p.field, spec.list_key))
     head = [{"role": "system", "content": system}] if system is not None else []

@@ -4,6 +4,7 @@ glaive write them, normalized to the form chat templates read."""
 from __future__ import annotations
 
 import json
+import math
 
 from chattune.data.problems import RecordProblems, show, type_name
 
@@ -61,7 +62,7 @@ def _call_arguments(function: dict, path: str, out: RecordProblems) -> dict | No
 
 def _finite(value: object) -> bool:
     if isinstance(value, float):
-        return value == value and value not in (float("inf"), float("-inf"))
+        return math.isfinite(value)
     if isinstance(value, dict):
         return all(_finite(v) for v in value.values())
     if isinstance(value, list):
@@ -109,3 +110,48 @@ def parse_tools(record: dict, out: RecordProblems) -> list[dict]:
             continue
         wrapped.append({"type": "function", "function": function})
     return wrapped
+
+
+def check_calls(messages: list[dict | None], tools: list[dict], list_key: str, per_call: bool, out: RecordProblems
+                ) -> None:
+    """Every call names a declared tool; every tool result answers a call of the assistant turn before it (by id,
+    where the data gives ids), and every call gets its result before the next assistant turn. `messages` are a
+    record's parsed turns (None: a turn with its own problem), at `list_key`; `per_call`: problems name the call."""
+    declared = [t["function"]["name"] for t in tools]
+    pending: int | None = 0  # calls of the last assistant message not yet answered (None: unknown, turn invalid)
+    caller, ids, answered = 0, [], set()  # the calling message, its call ids, the ids answered so far
+    for i, message in enumerate(messages):
+        if message is None:
+            pending = None  # its problem is reported; the tool results after it are not judged
+            continue
+        refused = message.pop("__calls_refused__", False)  # a call of it was refused: the same
+        for j, call in enumerate(message.get("tool_calls", [])):
+            name = call["function"]["name"]
+            if name not in declared:
+                known = f"declared: {', '.join(declared)}" if declared else "the record declares no `tools`"
+                out.add(f"{list_key}[{i}]" + (f".tool_calls[{j}]" if per_call else ""),
+                        f"calls {show(name)}, which is not a declared tool ({known})")
+        if message["role"] == "tool":
+            if pending == 0:
+                out.add(f"{list_key}[{i}]", "is a tool result with no tool call before it to answer")
+            elif pending is not None:
+                _check_call_id(message.get("tool_call_id"), ids, answered, f"{list_key}[{i}].tool_call_id", out)
+            pending = None if pending is None else max(0, pending - 1)
+        else:
+            if pending and message["role"] == "assistant":  # calls left unanswered (a user turn there: _check_order)
+                out.add(f"{list_key}[{caller}]", f"makes {len(ids)} tool call(s) and {pending} of them get no "
+                        "tool result before the next turn: add the results, or drop the unanswered calls")
+            calls = message.get("tool_calls", [])
+            pending, caller, ids, answered = None if refused else len(calls), i, [c.get("id") for c in calls], set()
+
+
+def _check_call_id(call_id: object, ids: list, answered: set, path: str, out: RecordProblems) -> None:
+    """A tool result's `tool_call_id` names one of the calls it follows, once (where the data gives ids)."""
+    if not isinstance(call_id, str) or not any(ids):
+        return
+    if call_id not in ids:
+        out.add(path, f"= {show(call_id)} answers none of the calls before it "
+                      f"({', '.join(show(x) for x in ids if x)}): fix the id")
+    elif call_id in answered:
+        out.add(path, f"= {show(call_id)} answers a call that already has its result")
+    answered.add(call_id)
