@@ -339,6 +339,7 @@ def test_a_second_run_into_an_owned_output_dir_is_refused_until_the_first_ends(m
         holder.wait(timeout=60)
     with checkpoints.owned(str(out)):  # free again (a run taking it is every other training test)
         assert f"pid {os.getpid()} on " in (out / checkpoints.OWNER_LOCK).read_text()
+    assert not (out / checkpoints.OWNER_LOCK).exists()  # the output directory holds only the run's files
 
 
 def other_weights(model_dir: Path, where: Path) -> Path:

@@ -194,7 +194,8 @@ OWNER_LOCK = ".chattune.lock"
 def owned(output_dir: str) -> Iterator[None]:
     """The output directory held by this run alone, for its whole life: a second run into it (whose checkpoints would
     mix with this one's) is refused with who holds it. A POSIX record lock, released by the kernel when the process
-    ends however it ends; where the filesystem has no locks, the run goes on without."""
+    ends however it ends (a killed run leaves the file, which locks nothing); the file is removed when the run ends.
+    Where the filesystem has no locks, the run goes on without."""
     import fcntl
     import socket
 
@@ -217,7 +218,11 @@ def owned(output_dir: str) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
-        yield
+        try:
+            yield
+        finally:  # removed while still held: the output directory holds only the run's files
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 MODE_NAMES = {"lora": "LoRA", "qlora": "Q-LoRA", "full": "full fine-tuning"}
