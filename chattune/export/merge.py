@@ -55,11 +55,12 @@ def check_same_base(adapter_path: str, base: str) -> None:
     when the run recorded its base's weight fingerprint (chattune.json) and `base` has another."""
     from chattune.train.layout import base_fingerprint
 
-    recorded = run_info(adapter_path).get("base_fingerprint")
+    info = run_info(adapter_path)
+    recorded = info.get("base_fingerprint")
     found = base_fingerprint(base) if recorded else None
     if recorded and found and found != recorded:
         raise ConfigError(
-            f"{adapter_path} was trained on {run_info(adapter_path).get('base_model') or 'another base'}, whose "
+            f"{adapter_path} was trained on {info.get('base_model') or 'another base'}, whose "
             f"weights differ from {base}'s (weight fingerprint {recorded} vs {found}): pass "
             "--base_model_name_or_path with the model it was trained from")
 
