@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from chattune.data.splits import SplitEncoder, factorizes
 from chattune.data.template import (
     PromptLimit,
     RenderedSample,
@@ -58,6 +59,15 @@ def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[li
             "masking needs a fast tokenizer; this tokenizer is a slow one. Convert it with "
             "`AutoTokenizer.from_pretrained(path, use_fast=True)` and save it, or use a model with tokenizer.json"
         )
+    if factorizes(tokenizer) and not any(sample.plain for sample in samples):
+        fast = SplitEncoder(tokenizer).encode(samples, text_pieces)
+        if fast is not None:
+            return [_assemble(parts, prompts) for parts, prompts in fast]
+    return _encode_reference(tokenizer, samples)
+
+
+def _encode_reference(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """`encode_samples` by tokenizing every later answer's whole prompt (the square of the turns)."""
     batch = _Batch(tokenizer)
     plans = []
     for sample in samples:
@@ -66,7 +76,8 @@ def encode_samples(tokenizer: Any, samples: Sequence[RenderedSample]) -> list[li
         answers = [a for a, _, trained in pieces if trained][1:]  # the inference prompt of every later answer
         plans.append((parts, [batch.add(sample, 0, a) for a in answers]))
     batch.run()
-    return [_assemble(parts, prompts, batch) for parts, prompts in plans]
+    return [_assemble([(batch.get(h), trained) for h, trained in parts], [batch.get(h) for h in prompts])
+            for parts, prompts in plans]
 
 
 class _Batch:
@@ -106,20 +117,22 @@ class _Batch:
         return [token for plain, k in self.regions[handle] for token in self.ids[plain][k]]
 
 
-def _assemble(parts, prompts, batch: _Batch) -> list[tuple[np.ndarray, np.ndarray]]:
+def _assemble(parts: list[tuple[list[int], bool]], prompts: list[list[int] | None]
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A sample's ids and labels from its pieces; `prompts` holds each later answer's exact prompt ids, or None
+    where they are known to be the sample's ids before it."""
     ids: list[int] = []
     trained: list[bool] = []
     extra: list[tuple[np.ndarray, np.ndarray]] = []
     later = iter(prompts)
     answers = 0
-    for handle, is_answer in parts:
-        part = batch.get(handle)
+    for part, is_answer in parts:
         keep = is_answer
         if is_answer:
             answers += 1
             if answers > 1:
-                prompt = batch.get(next(later))
-                if prompt != ids:  # this sample's context is not the inference prompt: the answer trains on its own
+                prompt = next(later)
+                if prompt is not None and prompt != ids:  # not the inference prompt: the answer trains on its own
                     keep = False
                     extra.append(_arrays(prompt + part, [False] * len(prompt) + [True] * len(part)))
         ids += part

@@ -1,0 +1,183 @@
+"""Token-exact encoding in linear time: tokenize each piece of a sample once and prove its later prompts locally.
+
+`encode.encode_samples` must give every later answer of a sample exactly the ids `tokenize(text[:answer start])`.
+Tokenizing each of those prompts from the start costs the square of the turns. A fast tokenizer cuts its input at
+every added token (`<|im_start|>`, `<|im_end|>`, ...) before anything else and tokenizes the text between them on its
+own, so for tokenizers whose later stages do not look at where a piece sits in the input (checked in
+`factorizes`), the ids of a prompt are the ids of its splits, and a cut of the text can change them only inside the
+split it falls in. A prompt is therefore exact when every cut before it that is not at an added token (the answer
+starts, "assistant\\n" | "Sure") tokenizes the same cut and whole: one tokenization of that split (the "window"),
+not of the whole prompt. Where a window differs (a BPE merge across the cut), the whole prompt is tokenized, as the
+reference path does.
+
+What is tokenized: every text between added tokens once (identical strings once per batch), plus one window per
+answer start that precedes a later answer. The result is identical to `encode._encode_reference`, which a test checks
+over conversations of 1 to 40 turns on the real templates, and which `encode_samples` re-checks on one sample of
+every batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+# Pre-tokenizers that treat each split the same wherever it sits. Metaspace is listed separately: with
+# prepend_scheme "first" it marks only the split at offset 0 of the input, which a split tokenized on its own is.
+_LOCAL_PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit",
+                         "BertPreTokenizer", "UnicodeScripts", "CharDelimiterSplit"}
+
+
+def factorizes(tokenizer: Any) -> bool:
+    """Whether the tokenizer's ids of a text are the ids of its splits at added tokens, each tokenized on its own.
+
+    True for a fast tokenizer encoded as `tokenizer(texts, add_special_tokens=False)` does it (the base class's
+    encoding, no truncation or padding configured on the backend, no BPE dropout) whose added tokens match their
+    literal text (no lstrip, rstrip, single_word; all matched in one pass) and whose pre-tokenizer never looks at a
+    split's position in the input. Normalizers work on each split alone, so any is fine."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(tokenizer)._encode_plus is not TokenizersBackend._encode_plus:
+        return False
+    if backend.truncation is not None or backend.padding is not None or not hasattr(backend, "encode_batch_fast"):
+        return False
+    added = backend.get_added_tokens_decoder().values()
+    if any(token.lstrip or token.rstrip or token.single_word for token in added):
+        return False
+    # Tokens marked `normalized` are matched after normalization, in the text between the others: reproduced by
+    # `SplitEncoder` where normalizing changes nothing.
+    if any(token.normalized for token in added) and not _identity(backend.normalizer):
+        return False
+    if backend.model.__class__.__name__ == "BPE" and backend.model.dropout:
+        return False
+    pre = backend.pre_tokenizer
+    return pre is None or _local(json.loads(pre.__getstate__()))
+
+
+def _identity(normalizer: Any) -> bool:
+    return normalizer is None or json.loads(normalizer.__getstate__()) == {"type": "Sequence", "normalizers": []}
+
+
+def _local(spec: dict) -> bool:
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_local(p) for p in spec.get("pretokenizers", []))
+    if kind == "Metaspace":
+        return spec.get("prepend_scheme", "always") in ("always", "never")
+    return kind in _LOCAL_PRE_TOKENIZERS
+
+
+class SplitEncoder:
+    """Encodes samples as `encode._encode_reference` does, tokenizing each split once (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        backend = tokenizer.backend_tokenizer
+        self.backend = backend
+        tokens = backend.get_added_tokens_decoder()
+        self.added_ids = {token.content: index for index, token in tokens.items()}
+        # Leftmost-longest matching, as the tokenizer's: at the leftmost position, the longest alternative first
+        self.passes = [re.compile("|".join(re.escape(t) for t in sorted(group, key=len, reverse=True)))
+                       for group in ([t.content for t in tokens.values() if not t.normalized],
+                                     [t.content for t in tokens.values() if t.normalized]) if group]
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each distinct text once."""
+        distinct = list(dict.fromkeys(texts))
+        self.backend.encode_special_tokens = False
+        encoded = dict(zip(distinct, (e.ids for e in self.backend.encode_batch_fast(distinct, add_special_tokens=False)),
+                           strict=True))
+        return [encoded[t] for t in texts]
+
+    def encode(self, samples: Sequence[Any], pieces_of) -> list[tuple[list, list]] | None:
+        """Per sample: its pieces as (ids, trained), and per later answer None when the sample's ids before it are
+        exactly its prompt, else the prompt's own ids. None when a sample's pieces do not cut where the tokenizer
+        splits (a cut inside an added token): the caller then encodes the batch by the reference path."""
+        plans, texts = [], []
+        for sample in samples:
+            plan = self._plan(sample, pieces_of(sample), texts)
+            if plan is None:
+                return None
+            plans.append(plan)
+        ids = self.tokenize(texts)
+
+        def get(handle: int | tuple[int]) -> list[int]:
+            return ids[handle] if isinstance(handle, int) else list(handle)
+
+        out, prompts = [], []
+        for sample, (pieces, windows) in zip(samples, plans, strict=True):
+            parts = [([token for handle in atoms for token in get(handle)], trained) for atoms, trained in pieces]
+            later = []
+            for answer, checks in windows:
+                exact = checks is not None and all(
+                    get(whole) == [token for handle in cut for token in get(handle)] for whole, cut in checks)
+                later.append(None if exact else len(prompts))
+                if not exact:
+                    prompts.append(sample.text[:answer])
+            out.append((parts, later))
+        prompt_ids = self.tokenize(prompts)
+        return [(parts, [None if k is None else prompt_ids[k] for k in later]) for parts, later in out]
+
+    def _matches(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of the added tokens in `text` as the tokenizer finds them: the tokens matched as written, then
+        the `normalized` ones in the text between those."""
+        matches = [(0, 0), (len(text), len(text))]
+        for pattern in self.passes:
+            found = []
+            for (_, a), (b, _) in zip(matches, matches[1:], strict=False):
+                found += [(m.start(), m.end()) for m in pattern.finditer(text, a, b)]
+            matches = sorted(matches + found)
+        return matches[1:-1]
+
+    def _plan(self, sample: Any, pieces: list[tuple[int, int, bool]], texts: list[str]):
+        text = sample.text
+        matches = self._matches(text)
+        starts, ends = [s for s, _ in matches], [e for _, e in matches]
+        bounds = {p for m in matches for p in m}
+        cuts = [b for _, b, _ in pieces[:-1]]
+        for p in cuts:  # a cut inside an added token: the pieces do not split where the tokenizer does
+            k = bisect.bisect_right(starts, p) - 1
+            if k >= 0 and starts[k] < p < ends[k]:
+                return None
+
+        def atoms(a: int, b: int) -> list:
+            """Handles of text[a:b] cut at its added tokens: an index into `texts`, or the token's id as a 1-tuple."""
+            out, at = [], a
+            for k in range(bisect.bisect_left(starts, a), len(starts)):
+                s, e = matches[k]
+                if e > b:
+                    break
+                if s > at:
+                    out.append(len(texts))
+                    texts.append(text[at:s])
+                out.append((self.added_ids[text[s:e]],))
+                at = e
+            if at < b or not out:
+                out.append(len(texts))
+                texts.append(text[at:b])
+            return out
+
+        plan_pieces = [(atoms(a, b), trained) for a, b, trained in pieces]
+        answers = [a for a, _, trained in pieces if trained][1:]
+        windows = []
+        for answer in answers:
+            k = bisect.bisect_left(starts, answer)
+            if k > 0 and ends[k - 1] > answer:  # an added token across the prompt's end: tokenize the prompt
+                windows.append((answer, None))
+                continue
+            checks = []
+            for p in (c for c in cuts if c < answer and c not in bounds):
+                lo = ends[bisect.bisect_right(ends, p) - 1] if ends and ends[0] <= p else 0
+                hi = min(starts[bisect.bisect_left(starts, p)] if starts and starts[-1] >= p else answer, answer)
+                inner = [lo, *(c for c in cuts if lo < c < hi), hi]
+                whole = len(texts)
+                texts.append(text[lo:hi])
+                parts = []
+                for a, b in zip(inner, inner[1:], strict=False):
+                    parts.append(len(texts))
+                    texts.append(text[a:b])
+                checks.append((whole, parts))
+            windows.append((answer, checks))
+        return plan_pieces, windows

@@ -1,0 +1,113 @@
+"""The linear-time encoder (chattune.data.splits) against the reference path that tokenizes every later answer's whole
+prompt: the same ids and labels, sample for sample, over conversations of 1 to 40 turns on the published templates,
+and the tokenizers it must not be used for."""
+
+import random
+
+import pytest
+from test_real_templates import CALL, RESULT, SEARCH, WEATHER, A, U, tokenizer
+
+from chattune.data import encode
+from chattune.data.chat_templates import setup_chat_template
+from chattune.data.splits import SplitEncoder, factorizes
+from chattune.data.template import make_renderer, render_conversation
+
+FAMILIES = ["qwen2_5", "qwen3", "qwen3_thinking_2507", "qwen3_5", "qwen3_6", "qwen3_8", "llama3_1", "deepseek_llm",
+            "glm4"]
+TOOLS = {"qwen2_5", "qwen3", "qwen3_5", "qwen3_6", "qwen3_8", "llama3_1"}
+WORDS = ["the", "model", "answers", "code", "x = 1", "数据", "émigré", "🙂", "1234567", "  spaced", "tab\tbed", "end."]
+# How an answer may begin: each of these merges differently with the generation prompt's last token
+STARTS = ["", "\n", "\n\n", " ", "  ", "\t", "```python\n", "1.", "<", "'"]
+
+
+def text(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def conversation(rng: random.Random, turns: int, family: str) -> tuple[list[dict], list[dict]]:
+    tools = family in TOOLS and rng.random() < 0.5
+    messages = [{"role": "system", "content": text(rng, 6)}] if rng.random() < 0.4 and family != "glm4" else []
+    for _ in range(turns):
+        messages.append(U(rng.choice(STARTS) + text(rng, rng.randint(1, 12)) + rng.choice(["", "\n", " "])))
+        if tools and rng.random() < 0.3:
+            messages += [CALL, RESULT]
+        reasoning = {"reasoning_content": text(rng, 5)} if rng.random() < 0.4 and family.startswith("qwen3") else {}
+        messages.append(A(rng.choice(STARTS) + text(rng, rng.randint(0, 20)) + rng.choice(["", "\n"]), **reasoning))
+    return messages, ([WEATHER, SEARCH] if tools else [])
+
+
+def samples_of(family: str, seed: int, count: int):
+    tok, extra = tokenizer(family)
+    stops = setup_chat_template(tok, "auto", extra).stop_tokens
+    rng = random.Random(seed)
+    samples = []
+    for k in range(count):
+        messages, tools = conversation(rng, 1 + (k * 7) % 40, family)
+        samples += render_conversation(make_renderer(tok), messages, stops, tools=tools)
+    return tok, samples
+
+
+def as_lists(encoded):
+    return [[(ids.tolist(), labels.tolist()) for ids, labels in sample] for sample in encoded]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_split_encoder_equals_the_reference_on_conversations_of_1_to_40_turns(family):
+    tok, samples = samples_of(family, seed=len(family), count=24)
+    assert factorizes(tok)  # the fast path is the one under test
+    fast = SplitEncoder(tok).encode(samples, encode.text_pieces)
+    assert fast is not None
+    assert as_lists(encode.encode_samples(tok, samples)) == as_lists(encode._encode_reference(tok, samples))
+    # every answer the reference trains on its own was flagged by a window (the rest needed no whole prompt)
+    found = sum(prompt is not None for _, later in fast for prompt in later)
+    assert sum(len(e) - 1 for e in encode._encode_reference(tok, samples)) <= found
+
+
+def test_every_later_prompt_is_proven_by_a_window_not_assumed():
+    """Without the window checks (every later prompt taken as the sample's ids), answers after one that starts with a
+    newline would train on a prompt inference never produces: the equality above would fail."""
+    tok, samples = samples_of("qwen2_5", seed=3, count=24)
+    fast = SplitEncoder(tok).encode(samples, encode.text_pieces)
+    reference = as_lists(encode._encode_reference(tok, samples))
+    assumed = as_lists([encode._assemble(parts, [None] * len(later)) for parts, later in fast])
+    assert assumed != reference
+
+
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, prepend_scheme "first"): only the text at the start of the input
+    gets the '▁' marker, so a split tokenized on its own is not tokenized as it is inside the input."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz\n ▁"))
+    vocab = {c: i for i, c in enumerate(chars)} | {"▁u": len(chars), "▁a": len(chars) + 1}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "u"), ("▁", "a")]))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_a_tokenizer_that_marks_the_start_of_the_input_takes_the_reference_path():
+    tok = metaspace_tokenizer()
+    assert not factorizes(tok)
+    messages = [U("hi"), A("a b"), U("hey"), A("ok")]
+    samples = render_conversation(make_renderer(tok), messages, ["<|im_end|>"])
+    reference = as_lists(encode._encode_reference(tok, samples))
+    assert as_lists(encode.encode_samples(tok, samples)) == reference
+    # what the gate prevents: tokenized split by split, the first split loses its marker
+    forced = SplitEncoder(tok).encode(samples, encode.text_pieces)
+    assert as_lists([encode._assemble(parts, later) for parts, later in forced]) != reference
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word"])
+def test_added_tokens_that_swallow_neighbours_take_the_reference_path(flag):
+    from tokenizers import AddedToken
+
+    tok, _ = tokenizer("qwen2_5")
+    assert factorizes(tok)
+    tok.add_tokens([AddedToken("<|tool|>", special=True, **{flag: True})])
+    assert not factorizes(tok)
