@@ -79,11 +79,14 @@ def test_prepare_speed_bench_runs(model_dirs):
     proc = subprocess.run([sys.executable, "bench/prepare_speed.py", "--model_name_or_path", str(model_dirs("qwen2")),
                            "--n", "300"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 300 |")]
-    assert [row[2].strip() for row in rows] == ["cold", "cached"]
-    cold, cached = rows
-    assert float(cold[4].replace(",", "")) > 0 and cached[4].strip() == "-"  # tokens/s only where tokenizing
-    assert all(float(row[5].replace(",", "")) > 100 for row in rows)  # peak MB of the main process, measured
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if re.match(r"\| [\d,]+ \| \d+-\d+ \|", line)]
+    assert [(row[1], row[3]) for row in rows] == [("1-3", "cold"), ("1-3", "cached"), ("5-10", "cold"),
+                                                  ("5-10", "cached")]
+    for cold, cached in (rows[:2], rows[2:]):
+        assert float(cold[7]) > 0 and cached[7] == "-"  # CPU seconds per million tokens only where tokenizing
+        assert float(cold[6]) > float(cached[6])  # the cached start tokenizes nothing
+    assert all(float(row[8].replace(",", "")) > 100 for row in rows)  # peak MB of the main process, measured
 
 
 def test_read_speed_bench_runs():

@@ -51,7 +51,8 @@ def as_lists(encoded):
     return [[(ids.tolist(), labels.tolist()) for ids, labels in sample] for sample in encoded]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f in ("qwen2_5", "qwen3_5") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
 def test_the_split_encoder_equals_the_reference_on_conversations_of_1_to_40_turns(family):
     tok, samples = samples_of(family, seed=len(family), count=24)
     assert factorizes(tok)  # the fast path is the one under test
@@ -111,3 +112,17 @@ def test_added_tokens_that_swallow_neighbours_take_the_reference_path(flag):
     assert factorizes(tok)
     tok.add_tokens([AddedToken("<|tool|>", special=True, **{flag: True})])
     assert not factorizes(tok)
+
+
+def test_a_tokenizer_that_cuts_otherwise_than_expected_is_caught_on_one_sample(capsys):
+    """The guard: were the fast path wrong for a tokenizer that passes `factorizes`, the batch is encoded the
+    reference way, with a note. Simulated by an encoder whose later prompts all claim to be exact."""
+    tok, samples = samples_of("qwen2_5", seed=3, count=24)
+
+    class Assuming(SplitEncoder):
+        def encode(self, samples, pieces_of):
+            return [(parts, [None] * len(later)) for parts, later in super().encode(samples, pieces_of)]
+
+    wrong = as_lists(encode.encode_samples(tok, samples, Assuming(tok)))
+    assert wrong == as_lists(encode._encode_reference(tok, samples))
+    assert "encoded the slower reference way" in capsys.readouterr().err

@@ -76,6 +76,7 @@ class SplitEncoder:
     def __init__(self, tokenizer: Any) -> None:
         backend = tokenizer.backend_tokenizer
         self.backend = backend
+        self.cache: dict[str, list[int]] = {}
         tokens = backend.get_added_tokens_decoder()
         self.added_ids = {token.content: index for index, token in tokens.items()}
         # Leftmost-longest matching, as the tokenizer's: at the leftmost position, the longest alternative first
@@ -84,12 +85,23 @@ class SplitEncoder:
                                      [t.content for t in tokens.values() if t.normalized]) if group]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each distinct text once."""
-        distinct = list(dict.fromkeys(texts))
-        self.backend.encode_special_tokens = False
-        encoded = dict(zip(distinct, (e.ids for e in self.backend.encode_batch_fast(distinct, add_special_tokens=False)),
-                           strict=True))
-        return [encoded[t] for t in texts]
+        """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each distinct text once in the encoder's life
+        (one chunk of conversations: a prompt's splits are the ones its sample is cut into later)."""
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            self.backend.encode_special_tokens = False
+            encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
+            self.cache.update(zip(new, (e.ids for e in encoded), strict=True))
+        return [self.cache[t] for t in texts]
+
+    def count(self, text: str) -> int:
+        """len(tokenize(text)): its added tokens, and the tokens of the text between them."""
+        matches, gaps, at = self._matches(text), [], 0
+        for start, end in matches:
+            gaps.append(text[at:start])
+            at = end
+        gaps.append(text[at:])
+        return len(matches) + sum(len(ids) for ids in self.tokenize([g for g in gaps if g]))
 
     def encode(self, samples: Sequence[Any], pieces_of) -> list[tuple[list, list]] | None:
         """Per sample: its pieces as (ids, trained), and per later answer None when the sample's ids before it are
@@ -107,16 +119,18 @@ class SplitEncoder:
             return ids[handle] if isinstance(handle, int) else list(handle)
 
         out, prompts = [], []
-        for sample, (pieces, windows) in zip(samples, plans, strict=True):
+        for sample, (pieces, (windows, later)) in zip(samples, plans, strict=True):
             parts = [([token for handle in atoms for token in get(handle)], trained) for atoms, trained in pieces]
-            later = []
-            for answer, checks in windows:
-                exact = checks is not None and all(
-                    get(whole) == [token for handle in cut for token in get(handle)] for whole, cut in checks)
-                later.append(None if exact else len(prompts))
+            proven = [True]  # proven[m]: the first m windows tokenize the same cut and whole
+            for _, whole, cut in windows:
+                proven.append(proven[-1] and get(whole) == [token for handle in cut for token in get(handle)])
+            handles = []
+            for answer, m in later:
+                exact = m is not None and proven[m]
+                handles.append(None if exact else len(prompts))
                 if not exact:
                     prompts.append(sample.text[:answer])
-            out.append((parts, later))
+            out.append((parts, handles))
         prompt_ids = self.tokenize(prompts)
         return [(parts, [None if k is None else prompt_ids[k] for k in later]) for parts, later in out]
 
@@ -161,23 +175,22 @@ class SplitEncoder:
 
         plan_pieces = [(atoms(a, b), trained) for a, b, trained in pieces]
         answers = [a for a, _, trained in pieces if trained][1:]
-        windows = []
+        windows, at = [], []  # (end, whole, parts) of the split around each cut not at an added token; the cuts
+        for p in cuts:
+            if answers and p < answers[-1] and p not in bounds:
+                lo = ends[bisect.bisect_right(ends, p) - 1] if ends and ends[0] <= p else 0
+                hi = starts[bisect.bisect_left(starts, p)] if starts and starts[-1] >= p else len(text)
+                inner = [lo, *cuts[bisect.bisect_right(cuts, lo):bisect.bisect_left(cuts, hi)], hi]
+                texts.append(text[lo:hi])
+                parts = list(range(len(texts), len(texts) + len(inner) - 1))
+                texts += [text[a:b] for a, b in zip(inner, inner[1:], strict=False)]
+                windows.append((hi, parts[0] - 1, parts))
+                at.append(p)
+        later = []  # per later answer: how many windows lie before it, or None when its prompt is tokenized whole
         for answer in answers:
             k = bisect.bisect_left(starts, answer)
-            if k > 0 and ends[k - 1] > answer:  # an added token across the prompt's end: tokenize the prompt
-                windows.append((answer, None))
-                continue
-            checks = []
-            for p in (c for c in cuts if c < answer and c not in bounds):
-                lo = ends[bisect.bisect_right(ends, p) - 1] if ends and ends[0] <= p else 0
-                hi = min(starts[bisect.bisect_left(starts, p)] if starts and starts[-1] >= p else answer, answer)
-                inner = [lo, *(c for c in cuts if lo < c < hi), hi]
-                whole = len(texts)
-                texts.append(text[lo:hi])
-                parts = []
-                for a, b in zip(inner, inner[1:], strict=False):
-                    parts.append(len(texts))
-                    texts.append(text[a:b])
-                checks.append((whole, parts))
-            windows.append((answer, checks))
-        return plan_pieces, windows
+            m = bisect.bisect_left(at, answer)
+            # an added token across the prompt's end, or a window that runs past it: tokenize the prompt
+            whole = (k > 0 and ends[k - 1] > answer) or (m and windows[m - 1][0] > answer)
+            later.append((answer, None if whole else m))
+        return plan_pieces, (windows, later)

@@ -88,22 +88,30 @@ class PromptLimit:
     The ids before a trained turn's first trained token are exactly `tokenize(prompt)` (the token-exact contract,
     whichever sample the turn lands in), so a turn whose prompt tokenizes to `max_length` ids or more trains nothing.
     The count is estimated from one tokenization of the whole conversation (the tokens that end within the prompt)
-    and confirmed by tokenizing the prompt itself, once the estimate reaches the limit.
+    and confirmed by tokenizing the prompt itself, once the estimate reaches the limit; or counted exactly by
+    `counter` (`splits.SplitEncoder.count`, which tokenizes each split of the conversation once). Prompts of fewer
+    bytes than the limit cannot fill it, and cost nothing.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer: Any, max_length: int, counter: Callable[[str], int] | None = None) -> None:
+        self.tokenizer, self.max_length, self.counter = tokenizer, max_length, counter
 
     def bind(self, text: str) -> Callable[[str], bool] | None:
         """The test for prompts of the conversation rendered as `text`; None when the whole text cannot fill the
         limit (no token stands for less than one byte; one more for a tokenizer's leading-space marker)."""
         if len(text.encode("utf-8")) + 1 < self.max_length:
             return None
-        offsets = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False,
-                                 return_offsets_mapping=True)["offset_mapping"]
-        ends = sorted(end for _, end in offsets)
+        ends: list[int] = []
 
         def fills(prompt: str) -> bool:
+            if len(prompt) + 1 < self.max_length or len(prompt.encode("utf-8")) + 1 < self.max_length:
+                return False  # too short to fill the limit: no tokenization (a character is one byte or more)
+            if self.counter is not None:
+                return self.counter(prompt) >= self.max_length
+            if not ends:
+                offsets = self.tokenizer(text, add_special_tokens=False, return_attention_mask=False,
+                                         return_offsets_mapping=True)["offset_mapping"]
+                ends.extend(sorted(end for _, end in offsets))
             if bisect.bisect_right(ends, len(prompt)) < self.max_length:
                 return False
             ids = self.tokenizer(prompt, add_special_tokens=False, return_attention_mask=False)["input_ids"]
