@@ -126,3 +126,20 @@ def test_a_tokenizer_that_cuts_otherwise_than_expected_is_caught_on_one_sample(c
     wrong = as_lists(encode.encode_samples(tok, samples, Assuming(tok)))
     assert wrong == as_lists(encode._encode_reference(tok, samples))
     assert "encoded the slower reference way" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("counted", [True, False], ids=["split-counter", "offsets"])
+def test_a_prompt_of_few_characters_and_many_tokens_fills_the_limit(counted):
+    """Rare characters take 3 tokens each: 60 characters fill a 128-token limit. The byte test that spares short
+    prompts any tokenization must count bytes (4 per character here), not characters."""
+    from chattune.data.template import PromptLimit
+
+    tok, _ = tokenizer("qwen2_5")
+    rare = "".join(chr(0x20000 + k) for k in range(60))
+    prompt = f"<|im_start|>user\n{rare}<|im_end|>\n<|im_start|>assistant\n"
+    tokens = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert len(prompt) + 1 < 128 <= tokens
+    limit = PromptLimit(tok, 128, SplitEncoder(tok).count if counted else None)
+    fills = limit.bind(prompt + "an answer<|im_end|>\n")
+    assert fills(prompt) and not fills(prompt[:20])
+    assert SplitEncoder(tok).count(prompt) == tokens

@@ -104,8 +104,8 @@ class PromptLimit:
         ends: list[int] = []
 
         def fills(prompt: str) -> bool:
-            if len(prompt) + 1 < self.max_length or len(prompt.encode("utf-8")) + 1 < self.max_length:
-                return False  # too short to fill the limit: no tokenization (a character is one byte or more)
+            if 4 * len(prompt) + 1 < self.max_length or len(prompt.encode("utf-8")) + 1 < self.max_length:
+                return False  # too few bytes to fill the limit (no token is less than a byte; UTF-8: 1-4 per char)
             if self.counter is not None:
                 return self.counter(prompt) >= self.max_length
             if not ends:
