@@ -143,3 +143,61 @@ def test_a_prompt_of_few_characters_and_many_tokens_fills_the_limit(counted):
     fills = limit.bind(prompt + "an answer<|im_end|>\n")
     assert fills(prompt) and not fills(prompt[:20])
     assert SplitEncoder(tok).count(prompt) == tokens
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Histories rendered from the conversation prepared once (chattune.data.hf) against apply_chat_template
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_prefix_renders_equal_apply_chat_template_on_every_published_template_and_case():
+    from test_real_templates import CASES
+
+    checked = 0
+    for family, messages, tools, kwargs in CASES:
+        tok, _ = tokenizer(family)
+        render = make_renderer(tok, kwargs)
+        assert render.prefixes is not None
+        prefix = render.prefixes(messages, tools or ())
+        for k in range(1, len(messages) + 1):
+            for generation in (False, True):
+                expected = outcome(lambda: tok.apply_chat_template(messages[:k], tools=tools, tokenize=False,
+                                                                   add_generation_prompt=generation, **kwargs))
+                assert outcome(lambda: prefix(k, generation)) == expected, (family, k, generation)
+                checked += isinstance(expected, str)
+    assert checked > 300
+
+
+def outcome(call):
+    """The text, or the error a template raises (some refuse a history without a user query)."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001
+        return (type(e).__name__, str(e))
+
+
+def test_a_prefix_renderer_that_differs_is_caught_on_the_first_conversation_and_turned_off(capsys):
+    tok, _ = tokenizer("qwen2_5")
+    stops = setup_chat_template(tok, "auto").stop_tokens
+    messages = [U("Hi"), A("Hello!"), U("2+2?"), A("4.")]
+    expected = render_conversation(make_renderer(tok), messages, stops)
+    render = make_renderer(tok)
+    right = render.prefixes
+    render.prefixes = lambda msgs, tools: (lambda k, generation: right(msgs, tools)(k, generation) + " ")
+    samples = render_conversation(render, messages, stops, check=True)
+    assert [(s.text, s.spans) for s in samples] == [(s.text, s.spans) for s in expected]
+    assert render.prefixes is None and "using apply_chat_template" in capsys.readouterr().err
+
+
+def test_prefix_renders_prepare_messages_as_apply_chat_template_does():
+    """Fields set to None are dropped, and reasoning is also passed as `thinking` (gpt-oss templates read that)."""
+    from fixtures import qwen_tokenizer
+
+    tok = qwen_tokenizer("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.thinking }}|{{ m.content }}"
+                         "{% if m.name is defined %}({{ m.name }}){% endif %}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    messages = [U("q"), A("a", reasoning_content="because", name=None), U("r")]
+    prefix = make_renderer(tok).prefixes(messages, ())
+    for k in (1, 2, 3):
+        assert prefix(k, True) == tok.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False)
+    assert "because|a" in prefix(2, False) and "(None)" not in prefix(2, False)

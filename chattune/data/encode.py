@@ -222,7 +222,7 @@ def encode_conversations(bounds: tuple[int, int], job: EncodeJob) -> dict[str, n
         messages, cut = cap_messages(conv.messages, job.char_cap)
         samples = render_conversation(render, messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
                                       train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens,
-                                      limit=limit)
+                                      limit=limit, check=index == lo)
         trained = trained_turn_indices(messages, conv.masked, job.train_on)
         trained = trained[: len(trained) - samples[0].beyond_limit_turns]
         for k, sample in enumerate(samples):

@@ -25,11 +25,13 @@ Contract (what `render_conversation` + `encode_samples` guarantee):
 from __future__ import annotations
 
 import bisect
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from chattune.data.chat_templates import BUILTIN_TEMPLATES
+from chattune.data.hf import PrefixRender, prefix_renderer
 from chattune.errors import TemplateError
 
 Messages = Sequence[dict[str, Any]]
@@ -53,6 +55,7 @@ def make_renderer(tokenizer: Any, template_kwargs: dict[str, Any] | None = None)
         )
 
     render.template_kwargs = kwargs
+    render.prefixes = prefix_renderer(tokenizer, kwargs)
     return render
 
 
@@ -123,7 +126,7 @@ class PromptLimit:
 def render_conversation(render: Renderer, messages: Messages, stop_tokens: Sequence[str], *,
                         tools: Sequence[dict] = (), masked: Sequence[int] = (), train_on: str = "all",
                         source: str = "", plain_tokens: Sequence[str] = (),
-                        limit: PromptLimit | None = None) -> list[RenderedSample]:
+                        limit: PromptLimit | None = None, check: bool = False) -> list[RenderedSample]:
     """Render one validated conversation into one or more samples with trained character spans.
 
     The first sample is the whole conversation. A turn the template renders differently once the conversation goes on
@@ -138,8 +141,13 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
     history the same whatever follows it; a turn itself may still render differently as the last one, as Qwen3's
     do): later prompts extend that history, so no later turn can train a kept token either. They are counted in
     `beyond_limit_turns` of the first sample instead of being rendered (the quadratic part: every turn's history).
+
+    Histories are rendered by `render.prefixes` where the renderer has it (chattune.data.hf: the conversation
+    prepared once, not for every turn); `check` renders them by apply_chat_template too and turns that off for this
+    renderer, with a note, at the first difference (the first conversation of every chunk is checked).
     """
-    full = RenderedSample(render(messages, False, tools))
+    prefix = _prefixes(render, messages, tools, check)
+    full = RenderedSample(prefix(len(messages), False))
     where = f"{source}: " if source else ""
     _check_tools_rendered(full.text, tools, where)
     trained = trained_turn_indices(messages, masked, train_on)
@@ -151,17 +159,17 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         fills = limit.bind(full.text)  # control tokens kept as text tokenize otherwise: no bound for those records
     generation: str | None = None  # the text add_generation_prompt appends, learned at the first trained turn
     for n, i in enumerate(trained):
-        prompt = render(messages[:i], True, tools)
+        prompt = prefix(i, True)
         if fills is not None:
             if generation is None:
-                generation = _generation_prompt(render, messages[:i], prompt, tools)
+                generation = _generation_prompt(prefix, i, prompt)
             history = prompt[: len(prompt) - len(generation or "")]
             if generation is None or not prompt.endswith(generation) or not full.text.startswith(history):
                 fills = None  # the template rewrites the history as the conversation grows: render every turn
             elif fills(prompt):
                 full.beyond_limit_turns = len(trained) - n
                 break
-        upto = full.text if i + 1 == len(messages) else render(messages[: i + 1], False, tools)
+        upto = full.text if i + 1 == len(messages) else prefix(i + 1, False)
         if not upto.startswith(prompt):
             raise TemplateError(where + _prefix_problem(render, messages, i, prompt, upto))
         end = _answer_end(upto, len(prompt))
@@ -169,7 +177,7 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
         if full.text.startswith(upto):
             sample = full
         else:
-            sample = _span_sample(render, messages, i, upto, tools, spans)
+            sample = _span_sample(prefix, messages, i, upto, spans)
             if sample is None:
                 sample = RenderedSample(upto, own_turn=True)
             if all(s is not sample for s in own):  # a span's sample is shared by its turns
@@ -185,21 +193,49 @@ def render_conversation(render: Renderer, messages: Messages, stop_tokens: Seque
     return [full, *own]
 
 
-def _span_sample(render: Renderer, messages: Messages, i: int, upto: str, tools: Sequence[dict],
+def _prefixes(render: Renderer, messages: Messages, tools: Sequence[dict], check: bool) -> PrefixRender:
+    """render(k, add_generation_prompt) of messages[:k]: by `render.prefixes` where set, else by `render`."""
+
+    def slow(k: int, add_generation_prompt: bool) -> str:
+        return render(messages[:k], add_generation_prompt, tools)
+
+    bind = getattr(render, "prefixes", None)
+    if bind is None:
+        return slow
+    fast = bind(messages, tools)
+    if not check:
+        return fast
+
+    def checked(k: int, add_generation_prompt: bool) -> str:
+        text = slow(k, add_generation_prompt)
+        try:
+            same = fast(k, add_generation_prompt) == text
+        except Exception:  # noqa: BLE001 - any difference from apply_chat_template turns the fast path off
+            same = False
+        if not same and render.prefixes is not None:
+            render.prefixes = None
+            print("note: rendering chat histories directly differs from apply_chat_template with this transformers; "
+                  "using apply_chat_template (slower, same result)", file=sys.stderr, flush=True)
+        return text
+
+    return checked
+
+
+def _span_sample(prefix: PrefixRender, messages: Messages, i: int, upto: str,
                  spans: dict[int, RenderedSample]) -> RenderedSample | None:
     """The sample of turn i's user-query span (the conversation cut before the next user message), when turn i
     renders inside it exactly as in its own prefix `upto`; None when it does not."""
     end = next((j for j in range(i + 1, len(messages)) if messages[j]["role"] == "user"), len(messages))
     if end not in spans:
-        spans[end] = RenderedSample(upto if end == i + 1 else render(messages[:end], False, tools), own_turn=True)
+        spans[end] = RenderedSample(upto if end == i + 1 else prefix(end, False), own_turn=True)
     return spans[end] if spans[end].text.startswith(upto) else None
 
 
-def _generation_prompt(render: Renderer, history: Messages, prompt: str, tools: Sequence[dict]) -> str | None:
+def _generation_prompt(prefix: PrefixRender, k: int, prompt: str) -> str | None:
     """What add_generation_prompt=True appends to the rendered history ('<|im_start|>assistant\\n', with
     '<think>\\n' for thinking-only models); None when the prompt does not extend the history's rendering."""
     try:
-        bare = render(history, False, tools)
+        bare = prefix(k, False)
     except Exception:  # noqa: BLE001 - a template that will not render a history ending in a user turn: no bound
         return None
     return prompt[len(bare):] if prompt.startswith(bare) else None

@@ -1,5 +1,6 @@
-"""Every place chattune reaches into a library's private surface, in one module, each with why and the upstream
-line it depends on (transformers 5.23.0, liger-kernel 0.8.5).
+"""Every place chattune reaches into a library's private surface, in one registry (SURFACE), each with why and the
+upstream line it depends on (transformers 5.23.0, liger-kernel 0.8.5). The code lives here, except the chat
+templating that data preparation uses: chattune/data/hf.py (the data layer may not import this one).
 
 `HfTrainer` overrides the private `transformers.Trainer` hooks and hands each to a public method of ours
 (`ChatTrainer` implements them); nothing else in chattune overrides or calls a private Trainer method.
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 import transformers
+
+from chattune.data.hf import SURFACE as DATA_SURFACE
 
 # (object path, parameters the override or call relies on, why). Parameters are checked by name, in order.
 SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -41,6 +44,7 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
       for function, params in (("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),
                                ("torch_chunk_gated_delta_rule", ("query", "key", "value", "g", "beta", "chunk_size")),
                                ("torch_recurrent_gated_delta_rule", ("query", "key", "value", "g", "beta")))),
+    *DATA_SURFACE,  # chat templating, used by data preparation (chattune/data/hf.py, which data/ may import)
 )
 
 
