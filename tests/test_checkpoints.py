@@ -342,6 +342,41 @@ def test_a_second_run_into_an_owned_output_dir_is_refused_until_the_first_ends(m
     assert not (out / checkpoints.OWNER_LOCK).exists()  # the output directory holds only the run's files
 
 
+def test_a_lock_file_unlinked_while_waiting_for_it_is_not_the_lock_taken(tmp_path, monkeypatch):
+    """A run ending unlinks its lock file. A run that opened that file just before, and locks it just after, holds a
+    lock on a file no longer in the directory, while a third run creates the file anew and locks it: both would
+    write there. Here the third run comes between the open and the lock (the real file system doing it, not a
+    raised error); the lock taken must be on the file the directory holds, so that the third run is refused."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    path = out / checkpoints.OWNER_LOCK
+    real_lockf = fcntl.lockf
+    third: list[subprocess.Popen] = []
+
+    def lockf_after_the_first_run_ended(f, how, *rest):
+        if not third:  # the run before ends (unlinks), a third one starts and holds the new file
+            os.unlink(path)
+            third.append(subprocess.Popen([sys.executable, "-c", _HOLD_OUTPUT_DIR, str(out)], cwd=ROOT,
+                                          stdout=subprocess.PIPE, text=True))
+            assert "HELD\n" in iter(third[0].stdout.readline, "")
+        return real_lockf(f, how, *rest)
+
+    path.write_text("pid 1 on elsewhere\n")
+    monkeypatch.setattr(fcntl, "lockf", lockf_after_the_first_run_ended)
+    try:
+        with pytest.raises(ConfigError, match="another run is writing there") as refused:
+            with checkpoints.owned(str(out)):
+                pass
+        assert f"(pid {third[0].pid} on " in str(refused.value)  # refused by the third run, not by a stale file
+        assert f"pid {third[0].pid} on " in path.read_text()  # whose file is still there
+    finally:
+        for p in third:
+            p.kill()
+            p.wait(timeout=60)
+
+
 def other_weights(model_dir: Path, where: Path) -> Path:
     """A copy of `model_dir` with the same config and shapes and other weights (what a base and its instruct
     variant look like to a loader)."""

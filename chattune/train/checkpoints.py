@@ -196,33 +196,55 @@ def owned(output_dir: str) -> Iterator[None]:
     mix with this one's) is refused with who holds it. A POSIX record lock, released by the kernel when the process
     ends however it ends (a killed run leaves the file, which locks nothing); the file is removed when the run ends.
     Where the filesystem has no locks, the run goes on without."""
-    import fcntl
     import socket
-
-    from chattune.errors import ConfigError
 
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, OWNER_LOCK)
-    with open(path, "a+") as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP: no locking here
-                yield
-                return
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ConfigError(f"--output_dir {output_dir}: another run is writing there ({holder}); wait for it to "
-                              "end, or choose another --output_dir") from None
+    with _locked(path, output_dir) as f:
+        if f is None:
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         f.flush()
         try:
             yield
-        finally:  # removed while still held: the output directory holds only the run's files
+        finally:  # removed while still held, so `path` names our file: the directory holds only the run's files
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def _locked(path: str, output_dir: str) -> Iterator:
+    """`path` open and locked, where `path` still names the file locked. A run ending unlinks its lock file while
+    holding it, so a run that opened the file just before may then lock a file no longer in the directory, while a
+    third run creates and locks a new one: both would run. Such a lock is dropped and taken again on what `path`
+    names now. Yields None where the filesystem has no locks."""
+    import fcntl
+
+    from chattune.errors import ConfigError
+
+    while True:
+        with open(path, "a+") as f:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):  # ENOLCK, EOPNOTSUPP: no locking here
+                    yield None
+                    return
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ConfigError(f"--output_dir {output_dir}: another run is writing there ({holder}); wait for it "
+                                  "to end, or choose another --output_dir") from None
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(f.fileno()).st_ino:
+                yield f
+                return
+        # the file locked was unlinked by the run that ended: closing it dropped the lock; take what `path` names now
 
 
 MODE_NAMES = {"lora": "LoRA", "qlora": "Q-LoRA", "full": "full fine-tuning"}
