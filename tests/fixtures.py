@@ -161,6 +161,20 @@ def build_model(family: str, path: Path) -> Path:
         )
         model = tf.DeepseekV2ForCausalLM(config)
         eos = [tok.eos_token_id]
+    elif family == "qwen2_moe":  # Qwen1.5-MoE / Qwen2-57B-A14B: routed experts, a gated shared expert, a dense layer
+        tok = qwen_tokenizer()
+        config = tf.Qwen2MoeConfig(**_small(vocab_size=151936, tie_word_embeddings=False), num_experts=4,
+                                   num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                   mlp_only_layers=[0], decoder_sparse_step=1)
+        model = tf.Qwen2MoeForCausalLM(config)
+        eos = [151645, 151643]
+    elif family == "qwen3_moe":  # Qwen3-30B-A3B: routed experts only (here with one dense layer, mlp_only_layers)
+        tok = qwen_tokenizer(QWEN3_TEMPLATE, extra_specials=("<think>", "</think>"))
+        config = tf.Qwen3MoeConfig(**_small(vocab_size=151936, head_dim=16, tie_word_embeddings=False), num_experts=4,
+                                   num_experts_per_tok=2, moe_intermediate_size=32, mlp_only_layers=[0],
+                                   decoder_sparse_step=1)
+        model = tf.Qwen3MoeForCausalLM(config)
+        eos = [151645, 151643]
     elif family == "glm4":
         tok = qwen_tokenizer(GLM4_TEMPLATE, extra_specials=tuple(GLM_SPECIALS))
         tok.eos_token = "<|endoftext|>"

@@ -116,10 +116,9 @@ def test_lora_on_moe_adapts_experts_too(model_dirs, tmp_path):
     adapted = {n.split(".lora_A")[0].split("layers.")[-1] for n, _ in trainer.model.named_parameters() if "lora_A" in n}
     attention = {f"{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
     experts = {"1.mlp.experts", "1.mlp.experts.base_layer"}  # gate_up_proj and down_proj of the fused experts
-    # peft#3711: peft 0.21 rewrites gate_proj/up_proj/down_proj targets of v5 MoE models to the fused experts (and
-    # adapts the router), so layer 0's dense MLP and the shared experts get no adapter. When this assertion fails,
-    # peft fixed it: drop the note in model.apply_lora and expect the dense MLPs here.
-    assert adapted == attention | experts | {"1.mlp.gate"}
+    mlps = {f"0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}  # the dense first layer (peft#3711)
+    shared = {f"1.mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    assert adapted == attention | experts | mlps | shared | {"1.mlp.gate"}  # the router too, as peft converts it
     # the saved adapter reloads into exactly the trained model
     trainer.model.eval()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dirs("deepseek_v2")), out)

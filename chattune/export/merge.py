@@ -91,6 +91,9 @@ def load_adapter_model(adapter_path: str, base: str | None = None, dtype: Any = 
     """Base model + adapter (unmerged), with the adapter's tokenizer (which carries the training template)."""
     from peft import PeftModel
 
+    from chattune.train.hf import keep_linear_moe_targets
+
+    keep_linear_moe_targets()  # peft#3711: load the dense and shared-expert MLP adapters of an MoE model too
     base = base_of(adapter_path, base)
     check_same_base(adapter_path, base)
     tokenizer = load_tokenizer_for(adapter_path, trust_remote_code)

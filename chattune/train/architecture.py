@@ -48,6 +48,7 @@ class ModelClass:
     logits_to_keep: bool = True  # its forward can skip the logits (a fused loss takes its hidden states instead)
     quantized: str | None = None  # the checkpoint's quantization method (gptq, awq, ...), None for float weights
     vision_language: bool = False  # a vision-language checkpoint (Qwen3.5): its own class, the text path trained
+    router_aux: float | None = None  # MoE: the config's load-balancing coefficient, where the class computes that loss
 
     @property
     def packs(self) -> bool:
@@ -104,7 +105,22 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
                       flash=bool(cls._supports_flash_attn), flex=bool(cls._supports_flex_attn),
                       proven=packing.packs, packing_why=packing.why,
                       linear_attention=getattr(config.get_text_config(), "model_type", "") in GATED_DELTANET_MODULES,
-                      logits_to_keep=_keeps_logits(cls), vision_language=checkpoint_class(config) is not None)
+                      logits_to_keep=_keeps_logits(cls), vision_language=checkpoint_class(config) is not None,
+                      router_aux=_router_aux(cls, config))
+
+
+def _router_aux(cls: Any, config: Any) -> float | None:
+    """The config's router_aux_loss_coef where the class returns its routers' load-balancing loss (`aux_loss`, asked
+    for with `output_router_logits`): Qwen2/3/3.5-MoE, Mixtral, OLMoE, ... None for a dense model, and for an MoE
+    class that computes none (DeepSeek-V2)."""
+    import inspect
+    import sys
+
+    module = sys.modules.get(cls.__module__)
+    if "output_router_logits" not in inspect.signature(cls.forward).parameters or not hasattr(
+            module, "load_balancing_loss_func"):
+        return None
+    return float(getattr(config.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def _keeps_logits(cls: Any) -> bool:

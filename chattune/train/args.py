@@ -124,6 +124,12 @@ class TrainingArguments(transformers.TrainingArguments):
                           "step, nanochat-style; samples per step then vary with their lengths. Default 0: every step "
                           "holds per_device_train_batch_size x gradient_accumulation_steps x processes samples."},
     )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "MoE models: weight of the routers' load-balancing loss added to the cross-entropy. Default: "
+                          "the model config's router_aux_loss_coef where its class computes one (Qwen-MoE: 0.001), "
+                          "else off. 0 turns it off."},
+    )
     fused_ce: Literal["auto", "liger", "chunked", "none"] = field(
         default="auto",
         metadata={"help": "Loss without full-vocabulary logits: auto (Liger on CUDA, else chunked) | liger | "

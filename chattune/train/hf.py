@@ -44,6 +44,9 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
       for function, params in (("causal_conv1d_fn", ("hidden_states", "weight", "bias", "activation")),
                                ("torch_chunk_gated_delta_rule", ("query", "key", "value", "g", "beta", "chunk_size")),
                                ("torch_recurrent_gated_delta_rule", ("query", "key", "value", "g", "beta")))),
+    ("peft.utils.transformers_weight_conversion._convert_peft_config_moe", ("peft_config", "model"),
+     "on MoE models converted from transformers v4 it moves gate/up/down_proj targets to the fused experts, so dense "
+     "and shared-expert MLPs go unadapted (peft#3711): wrapped to keep the ones naming nn.Linear layers"),
     *DATA_SURFACE,  # chat templating, used by data preparation (chattune/data/hf.py, which data/ may import)
 )
 
@@ -63,7 +66,7 @@ def _resolve(path: str) -> Any:
     raise ImportError(path)
 
 
-def surface_problems(libraries: tuple[str, ...] = ("transformers", "liger_kernel"),
+def surface_problems(libraries: tuple[str, ...] = ("transformers", "liger_kernel", "peft"),
                      optional: tuple[str, ...] = ("liger_kernel",)) -> list[str]:
     """What the installed `libraries` no longer provide of SURFACE (a missing optional library is no problem)."""
     problems = []
@@ -196,3 +199,49 @@ def install_packed_linear_attention(model_type: str) -> bool:
     module.torch_chunk_gated_delta_rule = torch_chunk_gated_delta_rule
     module.torch_recurrent_gated_delta_rule = torch_recurrent_gated_delta_rule
     return True
+
+
+def keep_linear_moe_targets() -> None:
+    """Work around https://github.com/huggingface/peft/issues/3711 (peft 0.21.2; the fix is peft PR 3715, unreleased).
+
+    For MoE model types transformers v5 converts from v4 checkpoints (Qwen3-MoE, DeepSeek-V2/V3, GLM-4-MoE, ...), peft
+    rewrites LoRA targets named gate_proj/up_proj/down_proj into targets of the fused expert parameters and drops
+    them from target_modules, although the same names also name the nn.Linear layers of dense MLPs (DeepSeek's first
+    layers, Qwen3-MoE's mlp_only_layers) and of shared experts: those would train no adapter, with nothing said. As
+    PR 3715 does, the targets that name an nn.Linear layer are kept, by their full names. peft runs the conversion
+    when an adapter is created and again when one is loaded, so every load of ours installs this first; a plain
+    peft 0.21 load of such an adapter loses those layers' weights (README, troubleshooting). Idempotent."""
+    import peft.utils.transformers_weight_conversion as conversion
+    from peft.tuners.tuners_utils import (
+        _maybe_include_all_linear_layers,
+        check_target_module_exists,
+    )
+
+    convert = conversion._convert_peft_config_moe
+    if getattr(convert, "keeps_linear_targets", False):
+        return
+
+    def convert_keeping_linear_targets(peft_config, model):
+        import copy
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        mapping = conversion._MOE_TARGET_MODULE_MAPPING.get(conversion._MODEL_TO_CONVERSION_PATTERN.get(model_type))
+        resolved = peft_config
+        if isinstance(peft_config.target_modules, str) and peft_config.target_modules.lower() == "all-linear":
+            resolved = _maybe_include_all_linear_layers(copy.copy(peft_config), model)
+        keep = set()
+        if mapping and resolved.target_modules:
+            for name, module in model.named_modules():
+                old = name.rsplit(".", 1)[-1]
+                # moved to a parameter of another module (gate_proj -> experts.gate_up_proj), not to this module's own
+                # weight (the router: gate -> gate.weight)
+                moved = old in mapping and "." not in mapping[old]
+                if moved and isinstance(module, torch.nn.Linear) and check_target_module_exists(resolved, name):
+                    keep.add(name)
+        convert(peft_config, model)
+        if keep:
+            peft_config.target_modules = set(peft_config.target_modules or ()) | keep
+
+    convert_keeping_linear_targets.keeps_linear_targets = True
+    convert_keeping_linear_targets.original = convert
+    conversion._convert_peft_config_moe = convert_keeping_linear_targets

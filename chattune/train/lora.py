@@ -87,6 +87,8 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
                modules_to_save: list[str]) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
+    from chattune.train.hf import keep_linear_moe_targets
+
     targets = lora_args.lora_target_modules
     all_linear = targets in (["all-linear"], ["all_linear"], ["all"])
     quantized = quantized_linear_names(model)
@@ -94,9 +96,7 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
         # peft's all-linear matches nn.Linear only; GPTQ layers are not nn.Linear and would leave nothing to adapt.
         targets, all_linear = quantized, False
     # Fused MoE experts are 3-D parameters, not nn.Linear: name them so all-linear covers them on every MoE model.
-    # Upstream: for MoE types peft converts from transformers v4 (DeepseekV2, Qwen2-MoE, Mixtral), peft 0.21 also
-    # rewrites gate_proj/up_proj/down_proj targets to the experts, so dense and shared-expert MLPs get no adapter
-    # (https://github.com/huggingface/peft/issues/3711). Saving and loading stay consistent; tests pin the behaviour.
+    keep_linear_moe_targets()  # and keep dense and shared-expert MLPs adapted (peft#3711)
     experts = expert_parameter_names(model) if all_linear else []
     dropout = lora_args.lora_dropout
     if experts and dropout:
@@ -123,9 +123,54 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
     if lora_args.lora_weight_path:
         return PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     try:
-        return get_peft_model(model, config)
+        adapted = get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise ConfigError(f"LoRA: {e} (check --lora_target_modules)") from None
+    kept = [t for t in adapted.peft_config["default"].target_modules or () if "." in t] if all_linear else []
+    if kept:  # full names only come from keep_linear_moe_targets
+        print(f"note: {len(kept)} dense/shared-expert MLP layers of this MoE model are adapted; plain peft 0.21.2 "
+              "loads the adapter without them (peft#3711): load it with chattune's tools, or merge it",
+              file=sys.stderr)
+    return adapted
+
+
+ADAPTER_KINDS = ("attention", "dense MLP", "shared experts", "routed experts", "router", "other")
+
+
+def adapter_kind(name: str) -> str:
+    """What an adapted module (or fused parameter) of the decoder is, from its name."""
+    name = re.sub(r"(\.base_layer)+$", "", name)
+    if re.search(r"\.shared_experts?(\.|_gate$)", name):
+        return "shared experts"
+    if re.search(r"\.experts(\.|$)", name):
+        return "routed experts"
+    if re.search(r"\.(mlp|block_sparse_moe|feed_forward)\.(gate|router)$", name):
+        return "router"
+    if re.search(r"\.(mlp|feed_forward|ffn)\.", name):
+        return "dense MLP"
+    if re.search(r"attn|attention", name):
+        return "attention"
+    return "other"
+
+
+def adapter_summary(model: Any) -> list[dict[str, Any]]:
+    """What LoRA adapts, per kind of module: how many modules (a fused expert parameter counts once, holding all its
+    experts) and the adapter's parameters. Read from the adapted model, so it is what trains, not what was asked."""
+    from peft.tuners.lora import LoraLayer
+
+    kinds: dict[str, list[int]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        params = sum(getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions them: their full size
+                     for adapter in (module.lora_A, module.lora_B) for layer in adapter.values()
+                     for p in layer.parameters())
+        if params:
+            counts = kinds.setdefault(adapter_kind(name), [0, 0])
+            counts[0] += 1
+            counts[1] += params
+    return [{"kind": kind, "modules": kinds[kind][0], "params": kinds[kind][1]} for kind in ADAPTER_KINDS
+            if kind in kinds]
 
 
 def text_path_targets(model: Any) -> str | None:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from chattune.errors import ConfigError
-from chattune.train import checkpoints
 from chattune.train.architecture import (
     ModelClass,
     choose_attention,
@@ -46,6 +44,7 @@ from chattune.train.memory import (
     run_setup,
     token_weighted_length,
 )
+from chattune.train.resume import OutputDir, Resume, plan_resume
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
 EXIT_STOPPED = 130  # 128 + SIGINT: stopped by the user (Ctrl-C), the checkpoint is on disk
@@ -94,22 +93,6 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class OutputDir:
-    """What --output_dir holds before the run: its checkpoints (each with what is wrong with it, or None), an
-    unfinished save, and the free space of its filesystem."""
-
-    path: str
-    checkpoints: tuple[tuple[int, str, str | None], ...] = ()
-    staging: bool = False
-    free_bytes: int = 1 << 62
-
-    @classmethod
-    def read(cls, path: str) -> OutputDir:
-        found = tuple((step, p, checkpoints.problem(p)) for step, p in checkpoints.committed(path))
-        return cls(path, found, os.path.isdir(os.path.join(path, checkpoints.STAGING)), checkpoints.free_bytes(path))
-
-
-@dataclass(frozen=True)
 class Decision:
     choice: str
     why: str
@@ -147,14 +130,6 @@ class Schedule:
 
 
 @dataclass(frozen=True)
-class Resume:
-    source: str | None  # the checkpoint training resumes from
-    why: str
-    set_aside: tuple[tuple[str, str], ...] = ()  # (incomplete checkpoint, what is wrong): renamed broken_..., kept
-    remove: tuple[str, ...] = ()  # an unfinished save; with --overwrite_output_dir the old run's checkpoints
-
-
-@dataclass(frozen=True)
 class Plan:
     model: str
     mode: str  # full | lora | qlora
@@ -173,6 +148,8 @@ class Plan:
     memory_gb: float | None
     time: str | None
     notes: tuple[str, ...] = ()
+    router_aux: float | None = None  # MoE: the load-balancing loss's weight (0: off); None: no routers to record
+    router_aux_why: str = ""
     adapted: dict[str, Any] | None = None  # after the model is built: trainable parameters, modules trained in full
 
     def with_model(self, **facts: Any) -> Plan:
@@ -193,6 +170,7 @@ class Plan:
             "steps": b.steps, "steps_per_epoch": b.steps_per_epoch, "epochs": b.epochs,
             "loss": "standard" if self.loss.choice == "none" else f"fused linear+CE ({self.loss.choice})",
             "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
+            "router_aux_loss_coef": self.router_aux, "router_aux_why": self.router_aux_why or None,
             "gradient_checkpointing": self.gradient_checkpointing.choice,
             "gradient_checkpointing_why": self.gradient_checkpointing.why,
             "evaluation": self.schedule.evaluation, "saves": self.schedule.saves,
@@ -200,7 +178,8 @@ class Plan:
             "set_aside": list(self.resume.set_aside), "removed": list(self.resume.remove), "stop": self.stop,
             "estimated_gb_per_gpu": self.memory_gb, "estimated_time": self.time,
             "trainable_params": a.get("trainable_params"), "total_params": a.get("total_params"),
-            "modules_to_save": a.get("modules_to_save_reason") or "-", "notes": list(self.notes),
+            "modules_to_save": a.get("modules_to_save_reason") or "-", "adapters": a.get("adapters"),
+            "notes": list(self.notes),
         }
 
     def format(self) -> str:
@@ -220,6 +199,9 @@ class Plan:
         if p["trainable_params"] is not None:
             pct = 100 * p["trainable_params"] / max(1, p["total_params"])
             lines.append(f"  trainable  {p['trainable_params']:,} of {p['total_params']:,} parameters ({pct:.2f}%)")
+            if p["adapters"]:
+                lines.append("  adapters   " + "; ".join(f"{a['kind']} {a['modules']} ({a['params']:,} parameters)"
+                                                       for a in p["adapters"]))
             lines.append(f"  embeddings {p['modules_to_save']}" if p["mode"] != "full"
                          else "  embeddings trained (full fine-tuning)")
         lines += [
@@ -230,6 +212,9 @@ class Plan:
             f"  steps      {p['steps']} ({p['steps_per_epoch']} per epoch, {p['epochs']:g} epoch(s))"
             + (f", {p['estimated_time']}" if p["estimated_time"] else ""),
             f"  loss       {p['loss']}: {p['loss_why']}",
+            *([f"  routers    load-balancing loss x {p['router_aux_loss_coef']:g} ({p['router_aux_why']})"
+               if p["router_aux_loss_coef"] else f"  routers    no load-balancing loss ({p['router_aux_why']})"]
+              if p["router_aux_loss_coef"] is not None else []),
             f"  recompute  {p['gradient_checkpointing']}: {p['gradient_checkpointing_why']}",
             f"  eval       {p['evaluation']}",
             f"  saves      {p['saves']}",
@@ -277,8 +262,24 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
         gradient_checkpointing=_checkpointing(training_args), schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
-        notes=tuple(notes + ([disk] if disk else [])),
+        notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
     )
+
+
+def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
+    """The MoE routers' load-balancing loss: --router_aux_loss_coef, else the config's coefficient where the class
+    computes that loss (its experts' loads are recorded either way)."""
+    given = training_args.router_aux_loss_coef
+    if cls.router_aux is None:
+        if given:
+            raise ConfigError(f"--router_aux_loss_coef {given}: {cls.name} computes no router load-balancing loss "
+                              "(a dense model, or an MoE class without one); leave the flag out")
+        return {}
+    if given is not None and given < 0:
+        raise ConfigError(f"--router_aux_loss_coef {given}: must be 0 (off) or positive")
+    if given is not None:
+        return {"router_aux": float(given), "router_aux_why": f"--router_aux_loss_coef {given:g}"}
+    return {"router_aux": cls.router_aux, "router_aux_why": "the model config's router_aux_loss_coef"}
 
 
 def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: ModelClass, hardware: Hardware
@@ -439,37 +440,6 @@ def plan_schedule(training_args: Any, has_eval: bool) -> Schedule:
     if save == "epoch":
         return Schedule("every epoch (with each checkpoint)", "epoch", None, False, saves)
     return Schedule("once, after training", "no", None, True, saves)
-
-
-def plan_resume(training_args: Any, output: OutputDir) -> Resume:
-    """--resume_from_checkpoint, or the newest complete checkpoint when the same command runs again; nothing with
-    --overwrite_output_dir, which removes the old run's checkpoints. Incomplete checkpoints newer than the one
-    resumed are set aside (renamed, never deleted); an unfinished save is removed."""
-    given = training_args.resume_from_checkpoint
-    staging = (os.path.join(output.path, checkpoints.STAGING),) if output.staging else ()
-    if given and given.lower() not in ("true", "latest", "last"):
-        if not os.path.isdir(given):
-            raise ConfigError(f"--resume_from_checkpoint {given}: no such checkpoint directory")
-        why = next((p for _, path, p in output.checkpoints if os.path.abspath(path) == os.path.abspath(given)),
-                   None) or checkpoints.problem(given)
-        if why:
-            raise ConfigError(f"--resume_from_checkpoint {given}: the checkpoint is incomplete ({why}); pass an "
-                              "earlier checkpoint, or leave the flag out to resume from the newest complete one")
-        return Resume(given, "--resume_from_checkpoint", remove=staging)
-    if training_args.overwrite_output_dir:
-        old = tuple(path for _, path, _ in output.checkpoints)
-        why = "--overwrite_output_dir" + (f": the old run's {len(old)} checkpoint(s) are removed" if old else "")
-        return Resume(None, why, remove=staging + old)
-    broken = []
-    for step, path, problem in reversed(output.checkpoints):
-        if problem is None:
-            return Resume(path, f"the newest complete checkpoint of {output.path} (the same command again)",
-                          set_aside=tuple(broken), remove=staging)
-        broken.append((path, problem))
-    if given:
-        raise ConfigError(f"--resume_from_checkpoint {given}: no complete checkpoint-* in {output.path}")
-    return Resume(None, "no checkpoint in the output directory" + (
-        f" ({len(broken)} incomplete, set aside)" if broken else ""), set_aside=tuple(broken), remove=staging)
 
 
 def _time(shape: ModelShape, setup: Any, batch: Batch, lengths: np.ndarray, hardware: Hardware) -> str | None:

@@ -12,7 +12,7 @@ import transformers
 from chattune import __version__
 
 
-def run_report(trainer, clock, plan: Any, data) -> dict[str, Any]:
+def run_report(trainer, clock, plan: Any, data, expert_load: dict[str, Any] | None = None) -> dict[str, Any]:
     history = [h for h in trainer.state.log_history if "loss" in h]
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
@@ -36,6 +36,8 @@ def run_report(trainer, clock, plan: Any, data) -> dict[str, Any]:
         "best_checkpoint": trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None,
         "stopped_early": bool(trainer.args.early_stopping_patience and trainer.state.max_steps
                               and trainer.state.global_step < trainer.state.max_steps),
+        # MoE: tokens routed to each expert of each layer over this process's training, all ranks
+        "expert_load": expert_load,
         "loss_path": trainer.loss.kind,  # as trained: auto falls back to "none" if the first-batch check fails
         "versions": {
             "chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,

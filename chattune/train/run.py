@@ -46,7 +46,7 @@ from chattune.train.inputs import (
     run_tokenizer,
 )
 from chattune.train.layout import base_fingerprint
-from chattune.train.lora import apply_lora, resolve_modules_to_save
+from chattune.train.lora import adapter_summary, apply_lora, resolve_modules_to_save
 from chattune.train.loss import logit_transform
 from chattune.train.model import count_parameters, load_model, resize_for_new_tokens
 from chattune.train.plan import (
@@ -116,11 +116,12 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
     if training_args.process_index == 0:
         log(plan.format())
     train(trainer, plan, preemption, signals)
+    expert_load = trainer.expert_load_report()  # every rank: summed over them
     if plan.schedule.evaluate_after_training:
         trainer.evaluate()
     save_final(trainer, tokenizer, template, data_args, training_args, plan)
     if trainer.is_world_process_zero():
-        write_report(trainer, clock, plan, data, training_args.output_dir)
+        write_report(trainer, clock, plan, data, training_args.output_dir, expert_load)
         if signals.received:
             log(f"{signal.Signals(signals.received).name} arrived after the last step: the finished result is saved")
     finish_distributed()
@@ -184,6 +185,7 @@ def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, tem
                                                template.added_tokens, control_tokens_in_use(tokenizer, data.train))
         adapted.update(modules_to_save=modules, modules_to_save_reason=why)
         model = apply_lora(model, training_args, lora_args, modules)
+        adapted["adapters"] = adapter_summary(model)
     adapted["trainable_params"], adapted["total_params"] = count_parameters(model)
     return model, adapted
 
@@ -226,7 +228,8 @@ def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, templ
         processing_class=tokenizer,
         callbacks=[preemption, clock, EpochCallback(steps), LossPlotCallback(),
                    *([EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else [])],
-        loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform), steps=steps,
+        loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform, plan.router_aux),
+        steps=steps,
         boundaries=plan.sample_boundaries, stop_on_save_error=args.stop_on_save_error,
     )
     set_trained_stops(model, tokenizer, template)
@@ -250,8 +253,9 @@ def train(trainer: ChatTrainer, plan: Plan, preemption: PreemptionCallback, sign
         log(f"signal {preemption.signal} received after the last step: saving the finished result")
 
 
-def write_report(trainer: ChatTrainer, clock: ThroughputCallback, plan: Plan, data: Data, output_dir: str) -> None:
-    report = run_report(trainer, clock, plan, data)
+def write_report(trainer: ChatTrainer, clock: ThroughputCallback, plan: Plan, data: Data, output_dir: str,
+                 expert_load: dict[str, Any] | None = None) -> None:
+    report = run_report(trainer, clock, plan, data, expert_load)
     with open(os.path.join(output_dir, "run_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     log(format_done(output_dir, report))

@@ -46,6 +46,7 @@ class LossSetup:
     kind: str  # liger | chunked | none
     requested: str  # what --fused_ce asked for (auto may fall back to none)
     transform: LogitTransform = LogitTransform()
+    router_aux: float | None = None  # MoE: weight of the routers' load-balancing loss (0: off, loads still counted)
 
 
 class LossMismatch(ConfigError):
@@ -78,6 +79,7 @@ class ChatTrainer(HfTrainer):
         self.boundaries = boundaries
         self.loss_checked = loss.kind == "none"
         self._hidden: list[torch.Tensor] = []
+        self.expert_load: torch.Tensor | None = None  # MoE: tokens routed to each expert, per layer, on this rank
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -110,22 +112,61 @@ class ChatTrainer(HfTrainer):
         labels = inputs.pop("labels")
         if not self.loss_checked:
             self.check_loss(model, inputs)
-        total = self.loss_sum(model, inputs, labels)
         if num_items_in_batch is None:  # outside the training loop: this micro-batch's own mean
-            return total / trained_token_count(labels).clamp(min=1)
+            return self.loss_sum(model, inputs, labels) / trained_token_count(labels).clamp(min=1)
+        routers = self.loss.router_aux is not None
+        total, outputs = self.loss_sum(model, inputs, labels, routers=routers, with_outputs=True)
         # DDP and DeepSpeed average gradients over ranks; this rank's share of the global sum is worth `ranks` times
         # its loss, so the average is the global token mean.
         ranks = self.accelerator.num_processes
-        return total / num_items_in_batch.to(total.device).clamp(min=1) * ranks
+        loss = total / num_items_in_batch.to(total.device).clamp(min=1) * ranks
+        if routers:
+            self.count_expert_load(outputs.router_logits, inputs.get("attention_mask"))
+            if self.loss.router_aux:  # the micro-batch's load-balancing loss; averaged over the window and the ranks
+                window = self.args.gradient_accumulation_steps
+                loss = loss + self.loss.router_aux * outputs.aux_loss.to(loss.dtype) / window
+        return loss
 
-    def loss_sum(self, model, inputs: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over the trained tokens of one micro-batch, through the configured path."""
+    def loss_sum(self, model, inputs: dict[str, Any], labels: torch.Tensor, routers: bool = False,
+                 with_outputs: bool = False) -> Any:
+        """Summed cross-entropy over the trained tokens of one micro-batch, through the configured path (with
+        `with_outputs`, also the model's outputs: with `routers`, its router logits and load-balancing loss)."""
+        extra = {"output_router_logits": True} if routers else {}
         if self.loss.kind == "none":
-            logits = model(**inputs).logits
-            return logits_loss_sum(logits, labels)
-        _, hidden = self._forward_hidden(model, inputs, logits_to_keep=1)
-        with self.accelerator.autocast():  # the output layer's matmuls in the forward's precision (bf16, not fp32)
-            return fused_loss_sum(self.loss.kind, self._output_layer(), hidden, labels, self.loss.transform)
+            outputs = model(**inputs, **extra)
+            total = logits_loss_sum(outputs.logits, labels)
+        else:
+            outputs, hidden = self._forward_hidden(model, inputs, logits_to_keep=1, **extra)
+            with self.accelerator.autocast():  # the output layer's matmuls in the forward's precision (bf16, not fp32)
+                total = fused_loss_sum(self.loss.kind, self._output_layer(), hidden, labels, self.loss.transform)
+        return (total, outputs) if with_outputs else total
+
+    def count_expert_load(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> None:
+        """Add the tokens each expert of each MoE layer was routed (its top-k, as the model routes; padding not
+        counted) to `expert_load`."""
+        config = base_model(self.accelerator.unwrap_model(self.model)).config.get_text_config()
+        k = getattr(config, "num_experts_per_tok", 1)
+        with torch.no_grad():
+            counts = []
+            for logits in router_logits:
+                chosen = logits.topk(k, dim=-1).indices.reshape(-1)
+                weight = None if attention_mask is None else attention_mask.reshape(-1, 1).expand(-1, k).reshape(-1)
+                counts.append(torch.bincount(chosen, weights=None if weight is None else weight.float(),
+                                             minlength=logits.shape[-1]).float())
+            load = torch.stack(counts)
+        self.expert_load = load if self.expert_load is None else self.expert_load + load
+
+    def expert_load_report(self) -> dict[str, Any] | None:
+        """Tokens routed per expert over this process's training, summed over ranks: per MoE layer, with the least and
+        most loaded expert. Every rank must call it (a collective)."""
+        if self.loss.router_aux is None or self.expert_load is None:
+            return None
+        load = self.expert_load
+        if self.args.world_size > 1:
+            load = self.accelerator.reduce(load, reduction="sum")
+        rows = load.round().long().tolist()
+        return {"tokens_per_expert": rows, "min": min(min(r) for r in rows), "max": max(max(r) for r in rows),
+                "per_layer_min_max": [[min(r), max(r)] for r in rows]}
 
     def _output_layer(self) -> torch.nn.Module:
         return base_model(self.accelerator.unwrap_model(self.model)).get_output_embeddings()
