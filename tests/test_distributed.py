@@ -191,3 +191,31 @@ def test_zero3_early_stopping_saves_the_best_checkpoint(mode, model_dirs, tmp_pa
             for name, t in recovered_from_checkpoint(out / f"checkpoint-{state['global_step']}").items()}
     assert any(not torch.allclose(tensor, last[name].to(tensor.dtype)) for name, tensor in saved.items())
     assert (out / "val.jsonl").exists() and (out / "loss.png").exists()
+
+
+@pytest.mark.slow
+def test_zero3_lora_on_moe_saves_every_expert_whole_as_one_process_trains_it(model_dirs, tmp_path):
+    """DeepSeek-V2 (dense first layer, shared and routed experts): the adapter two ZeRO-3 processes save holds every
+    tensor at its full shape (a partitioned save would keep 1/world_size of each expert's lora_B), equal to the
+    adapter one process trains on the same steps."""
+    model_dir = model_dirs("deepseek_v2")
+    zero3, alone = tmp_path / "zero3", tmp_path / "alone"
+    train(model_dir, zero3, 3, "lora", tmp_path / "cache")
+    one = [sys.executable, "finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(DATA),
+           "--output_dir", str(alone), "--use_cpu", "True", "--max_steps", str(STEPS), "--save_strategy", "no",
+           "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
+           "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0", "--use_lora",
+           "--lora_r", str(LORA_R)]
+    proc = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    plans = [json.loads((d / "run_report.json").read_text())["plan"] for d in (zero3, alone)]
+    assert plans[0]["adapters"] == plans[1]["adapters"]  # counted at full size, not as ZeRO-3's empty shards
+    saved, reference = (load_file(str(d / "adapter_model.safetensors")) for d in (zero3, alone))
+    assert set(saved) == set(reference)
+    kinds = {n.split(".lora_")[0].split("layers.")[1] for n in saved}
+    assert {"0.mlp.gate_proj", "1.mlp.shared_experts.down_proj", "1.mlp.experts", "1.mlp.experts.base_layer"} <= kinds
+    for name, tensor in saved.items():
+        assert tensor.shape == reference[name].shape, name
+        torch.testing.assert_close(tensor, reference[name], rtol=1e-4, atol=1e-5, msg=name)
+        if "lora_B" in name:
+            assert tensor.abs().max() > 0, f"{name} is still at its zero initialization"

@@ -78,7 +78,7 @@ def expert_parameter_names(model: Any) -> list[str]:
         if not type(module).__name__.endswith("Experts"):
             continue
         for pname, p in module.named_parameters(recurse=False):
-            if p.dim() == 3:
+            if len(getattr(p, "ds_shape", p.shape)) == 3:  # ZeRO-3 partitions it at load: its full shape
                 names.add(re.sub(r"^.*?layers\.\d+\.", "", f"{module_name}.{pname}"))
     return sorted(names)
 
