@@ -211,3 +211,23 @@ def test_an_hf_cache_that_cannot_be_created_is_named_before_anything_loads(tmp_p
     with pytest.raises(ConfigError, match=f"HF_HOME {tmp_path / 'a_file' / 'hf'}: cannot be created \\(Not a "
                                           "directory\\); the Hugging Face libraries write there"):
         parse_args(["--output_dir", "o", "--use_cpu", "True", "--data_path", str(tmp_path / "d.json")])
+
+
+@pytest.mark.parametrize("flags, cuda, chosen", [
+    ([], True, "adamw_torch_fused"),  # fused AdamW by default on CUDA
+    ([], False, "adamw_torch"),
+    (["--deepspeed", "ds_configs/zero3_offload.json"], True, "adamw_torch"),  # DeepSpeed steps it on the CPU
+    (["--optim", "adamw_torch"], True, "adamw_torch"),  # the user's flag wins
+    (["--optim", "adafactor"], False, "adafactor"),
+])
+def test_the_plan_picks_the_optimizer_and_the_trainer_gets_it(flags, cuda, chosen, tmp_path):
+    from chattune.train.architecture import ModelClass
+    from chattune.train.plan import Hardware, OutputDir, make_plan, trainer_arguments
+
+    model, data, training, lora = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path),
+                                              "--data_path", "examples/sharegpt.json", *flags])
+    plan = make_plan(model, data, training, lora, ModelClass("Qwen2ForCausalLM", False, proven=True), [300, 120],
+                     Hardware(cuda=cuda), OutputDir(str(tmp_path)), has_eval=False)
+    assert plan.optimizer.choice == chosen and plan.to_dict()["optimizer"] == chosen
+    assert str(getattr(trainer_arguments(plan, training).optim, "value", None)) == chosen
+    assert f"optimizer  {chosen}: " in plan.format()

@@ -99,7 +99,11 @@ class DataArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache for model downloads."})
-    optim: str = field(default="adamw_torch")
+    optim: str = field(
+        default="auto",
+        metadata={"help": "auto: fused AdamW (adamw_torch_fused) on CUDA, adamw_torch elsewhere and with ZeRO-Offload; "
+                          "or any transformers optimizer name."},
+    )
     model_max_length: int = field(
         default=8192,
         metadata={"help": "Maximum sequence length; longer samples are truncated (counted in the data report)."},
@@ -172,6 +176,9 @@ class TrainingArguments(transformers.TrainingArguments):
             if getattr(self, new, None) is None and getattr(self, old, None) is not None:
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
+        self.optim_requested = str(getattr(self.optim, "value", self.optim))  # the plan decides what auto is
+        if self.optim_requested == "auto":
+            self.optim = "adamw_torch"  # a valid name for the parse; the Trainer gets the plan's
         if self.early_stopping_patience > 0:
             self.load_best_model_at_end = True  # stopping early keeps the best checkpoint, not the last one
             # the count of evaluations without improvement survives a resume (Trainer restores it only when asked)

@@ -150,6 +150,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     router_aux: float | None = None  # MoE: the load-balancing loss's weight (0: off); None: no routers to record
     router_aux_why: str = ""
+    optimizer: Decision = Decision("adamw_torch", "")
     adapted: dict[str, Any] | None = None  # after the model is built: trainable parameters, modules trained in full
 
     def with_model(self, **facts: Any) -> Plan:
@@ -170,6 +171,7 @@ class Plan:
             "steps": b.steps, "steps_per_epoch": b.steps_per_epoch, "epochs": b.epochs,
             "loss": "standard" if self.loss.choice == "none" else f"fused linear+CE ({self.loss.choice})",
             "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
+            "optimizer": self.optimizer.choice, "optimizer_why": self.optimizer.why,
             "router_aux_loss_coef": self.router_aux, "router_aux_why": self.router_aux_why or None,
             "gradient_checkpointing": self.gradient_checkpointing.choice,
             "gradient_checkpointing_why": self.gradient_checkpointing.why,
@@ -215,6 +217,7 @@ class Plan:
             *([f"  routers    load-balancing loss x {p['router_aux_loss_coef']:g} ({p['router_aux_why']})"
                if p["router_aux_loss_coef"] else f"  routers    no load-balancing loss ({p['router_aux_why']})"]
               if p["router_aux_loss_coef"] is not None else []),
+            f"  optimizer  {p['optimizer']}: {p['optimizer_why']}",
             f"  recompute  {p['gradient_checkpointing']}: {p['gradient_checkpointing_why']}",
             f"  eval       {p['evaluation']}",
             f"  saves      {p['saves']}",
@@ -263,7 +266,24 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         gradient_checkpointing=_checkpointing(training_args), schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
         notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
+        optimizer=plan_optimizer(training_args, hardware),
     )
+
+
+def plan_optimizer(training_args: Any, hardware: Hardware) -> Decision:
+    """--optim, or for auto: torch's fused AdamW on CUDA (one kernel launch per step instead of several per tensor,
+    as transformers defaults to), the plain one on CPU and with ZeRO-Offload (DeepSpeed steps the optimizer itself
+    on the CPU there)."""
+    from chattune.train.memory import zero_setup_from_config
+
+    requested = getattr(training_args, "optim_requested", str(training_args.optim))
+    if requested != "auto":
+        return Decision(requested, "--optim")
+    if zero_setup_from_config(training_args.deepspeed)[1]:
+        return Decision("adamw_torch", "ZeRO-Offload: the optimizer steps on the CPU")
+    if hardware.cuda:
+        return Decision("adamw_torch_fused", "fused AdamW on CUDA")
+    return Decision("adamw_torch", "no CUDA GPU")
 
 
 def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
@@ -458,7 +478,7 @@ def trainer_arguments(plan: Plan, training_args: Any) -> Any:
     changes: dict[str, Any] = dict(
         remove_unused_columns=False,  # our columns are named for the collator, not the model signature
         label_names=["labels"],  # a PeftModel hides the signature Trainer infers label names from
-        gradient_accumulation_steps=plan.batch.micro_batches_per_step,
+        gradient_accumulation_steps=plan.batch.micro_batches_per_step, optim=plan.optimizer.choice,
         eval_strategy=plan.schedule.eval_strategy, do_eval=plan.schedule.eval_strategy != "no",
     )
     if plan.schedule.eval_steps is not None:
