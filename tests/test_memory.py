@@ -240,3 +240,25 @@ def test_planner_counts_linear_attention_layers_and_only_the_active_experts():
     assert flops_per_token(dense, s, 0) - flops_per_token(shape, s, 0) == pytest.approx(3 * 2 * inactive, rel=1e-9)
     # memory counts every expert at its storage dtype: all 34.7B weights, not the ~3B a token uses
     assert estimate(shape, Setup(mode="lora", micro_batch_tokens=1024))["weights"] >= shape.total * 2
+
+
+@pytest.mark.parametrize("hidden, tokens", [(1536, 8192), (3584, 4096), (3584, 16384)])
+def test_fused_loss_chunks_are_sized_in_tokens_not_as_a_share_of_the_micro_batch(hidden, tokens):
+    """Every chunk of the fused loss reads the 152k-row output layer again. Liger's default cuts a micro-batch into
+    ceil(vocab / hidden) chunks (99 for a 1.5B Qwen); ours are about 1,024 tokens, for our chunked loss and, through
+    chunk_mem_const, for Liger's kernel (its chunking written out here from ops/fused_linear_cross_entropy.py)."""
+    import math
+
+    from chattune.train.loss import chunk_tokens, liger_chunk_mem_const
+
+    vocab = 151936
+    assert chunk_tokens(vocab) == 1024
+
+    def liger_chunks(const: int) -> int:
+        inc_factor = math.ceil(vocab / (const * hidden))
+        size = min(1 << (math.ceil(tokens / inc_factor) - 1).bit_length(), tokens)
+        return math.ceil(tokens / size)
+
+    assert liger_chunks(1) >= 32  # Liger left alone: 32-64 chunks of 128-512 tokens, the per-chunk tax
+    chunks = liger_chunks(liger_chunk_mem_const(tokens, vocab, hidden))
+    assert chunks == tokens // 1024  # 1,024-token chunks

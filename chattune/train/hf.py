@@ -35,6 +35,12 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
      "our evaluation loop moves its batches to the device as training does (trainer.py L2379)"),
     ("transformers.AttentionInterface._global_mapping", (),
      "flex_attention is wrapped to cast query/key/value to one dtype under autocast (integrations: the registry)"),
+    ("liger_kernel.ops.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyFunction.forward",
+     ("ctx", "_input", "weight", "target", "bias", "ce_weight", "ignore_index", "lse_square_scale", "label_smoothing",
+      "reduction", "softcap", "return_z_loss", "accum_dtype", "use_token_scaling", "return_token_accuracy",
+      "return_predicted_tokens", "ce_impl", "ce_mode", "chunk_mem_const"),
+     "the fused loss calls it by position with chunk_mem_const (chunks sized in tokens) and an fp32 accum_dtype, "
+     "which LigerFusedLinearCrossEntropyLoss does not pass (chattune.train.loss.liger_loss_sum)"),
     ("liger_kernel.transformers._apply_liger_kernel_to_instance", ("model",),
      "Liger's RMSNorm/SwiGLU/RoPE kernels patched into a loaded model, whatever its architecture"),
     *((f"{module}.{function}", params,

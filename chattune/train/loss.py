@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from chattune.data.encode import IGNORE_INDEX
 
 MIN_CHUNK_TOKENS, MAX_CHUNK_TOKENS = 256, 4096
+CHUNK_LOGIT_BYTES = 1 << 30  # one chunk's fp32 logits at most (the backward holds their gradient beside them)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,12 +92,21 @@ def trained_token_count(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
-def chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
-    """Positions per chunk so that one chunk's logits take about as much memory as the batch's hidden states
-    (Liger's rule), within [256, 4096] so small models do not loop over tiny matmuls."""
-    ratio = max(1, -(-vocab_size // hidden_size))
-    want = max(1, -(-n_tokens // ratio))
-    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 1 << (want - 1).bit_length()))
+def chunk_tokens(vocab_size: int) -> int:
+    """Positions per chunk: as many as keep one chunk's fp32 logits within CHUNK_LOGIT_BYTES (1,024 for Qwen's 152k
+    vocabulary), a power of two in [256, 4096]. Every chunk reads the whole output layer again, so the chunk is sized
+    in tokens, not as a share of the micro-batch (Liger's rule, which cuts an 8k-token micro-batch for a 1.5B Qwen
+    into 90 chunks: a fixed 17-56 ms of re-reading the 152k-row head per micro-batch)."""
+    fit = max(1, CHUNK_LOGIT_BYTES // (4 * vocab_size))
+    return min(MAX_CHUNK_TOKENS, max(MIN_CHUNK_TOKENS, 1 << (fit.bit_length() - 1)))
+
+
+def liger_chunk_mem_const(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Liger's `chunk_mem_const` that gives its kernel chunks of at most `chunk_tokens` positions (and at least half
+    that): Liger cuts n_tokens into ceil(vocab / (const x hidden)) parts, each rounded up to a power of two
+    (ops/fused_linear_cross_entropy.py, liger-kernel 0.8.5)."""
+    chunks = max(1, -(-n_tokens // chunk_tokens(vocab_size)))
+    return max(1, vocab_size // (hidden_size * chunks))
 
 
 def zero_loss(lm_head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
 def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, vocab_size: int,
                      transform: LogitTransform = LogitTransform()) -> torch.Tensor:
     total = None
-    step = chunk_tokens(h.shape[0], vocab_size, h.shape[-1])
+    step = chunk_tokens(vocab_size)
     for start in range(0, h.shape[0], step):
         stop = start + step
         part = checkpoint(_chunk_loss_sum, lm_head, h[start:stop], y[start:stop], transform, use_reentrant=False)
@@ -136,21 +146,29 @@ def _plain_linear(lm_head: torch.nn.Module) -> torch.nn.Linear:
 
 def liger_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
                    transform: LogitTransform = LogitTransform()) -> torch.Tensor:
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    from liger_kernel.ops.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyFunction,
+    )
 
     linear = _plain_linear(lm_head)
     bias = linear.bias
     if transform.scale != 1.0:  # scale * (W h + b) = W (scale h) + scale b: the kernel stays fused
         h = h * transform.scale
         bias = bias * transform.scale if bias is not None else None
-    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=transform.softcap)
     weight = linear.weight
+    # A trained output layer's gradient is summed over the chunks in fp32, not in bf16.
+    accumulate = torch.float32 if weight.requires_grad else None
     # The kernel does its own matmuls and needs one dtype: the autocast dtype where the forward ran under autocast
     # (as the model's own lm_head would compute), else the weight's.
     dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else weight.dtype
     weight, h = weight.to(dtype), h.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    return loss(weight, h, y, bias)
+    const = liger_chunk_mem_const(h.shape[0], weight.shape[0], weight.shape[1])
+    # The Function, not LigerFusedLinearCrossEntropyLoss, which does not pass chunk_mem_const (chattune.train.hf)
+    loss, *_ = LigerFusedLinearCrossEntropyFunction.apply(
+        h, weight, y, bias, None, IGNORE_INDEX, 0.0, 0.0, "sum", transform.softcap, False, accumulate, False, False,
+        False, None, None, const)
+    return loss
 
 
 def _out_features(lm_head: torch.nn.Module) -> int:

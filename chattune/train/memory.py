@@ -27,6 +27,7 @@ CARDS = (24, 40, 80)
 RUNTIME_RESERVE = 2.0 * GB  # CUDA context, cuBLAS/NCCL workspaces, cached blocks reserved but not in use
 PERSISTENT_SLACK = 0.20  # allocator rounding of the many parameter/state tensors, buckets, what is not counted
 LOGIT_FRAGMENTATION = 0.5  # the caching allocator's extra reserve around the logits' large short-lived blocks
+FUSED_LOGIT_BYTES = 2  # per vocabulary entry and token of one chunk of Liger's fused loss (ops/fused_linear_cross_entropy)
 LOGIT_BYTES = 8  # per vocabulary entry and token without a fused loss (bf16 logits, fp32 log-softmax), fitted
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/zero3.json
 DEEPSPEED_SUB_GROUP = 1e9  # sub_group_size of the ZeRO configs
@@ -213,13 +214,13 @@ def _activations(shape: ModelShape, s: Setup) -> float:
 
 def _logits(shape: ModelShape, s: Setup) -> float:
     """bf16 logits + their fp32 copy + log-softmax kept for backward, and the gradient being formed: LOGIT_BYTES
-    per vocabulary entry per token (a fused loss holds one chunk of them)."""
+    per vocabulary entry per token. A fused loss holds one chunk of logits instead: Liger's kernel (the CUDA default)
+    one bf16 buffer, its gradient written in place (FUSED_LOGIT_BYTES)."""
     from chattune.train.loss import chunk_tokens
 
-    tokens = s.micro_batch_tokens
     if s.fused_ce:
-        tokens = min(tokens, chunk_tokens(tokens, shape.vocab_size, shape.hidden_size))
-    return tokens * shape.vocab_size * LOGIT_BYTES
+        return min(s.micro_batch_tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * FUSED_LOGIT_BYTES
+    return s.micro_batch_tokens * shape.vocab_size * LOGIT_BYTES
 
 
 def cheapest_fix(shape: ModelShape, s: Setup, card_gb: int) -> str | None:
