@@ -46,7 +46,6 @@ hyperparameters=(
     --save_total_limit 10
     --logging_steps 1
     --report_to none
-    --gradient_checkpointing True
     --lazy_preprocess True
 )
 

@@ -231,3 +231,60 @@ def test_the_plan_picks_the_optimizer_and_the_trainer_gets_it(flags, cuda, chose
     assert plan.optimizer.choice == chosen and plan.to_dict()["optimizer"] == chosen
     assert str(getattr(trainer_arguments(plan, training).optim, "value", None)) == chosen
     assert f"optimizer  {chosen}: " in plan.format()
+
+
+def test_the_plan_recomputes_only_what_the_gpu_needs_and_a_given_flag_wins(tmp_path):
+    """Qwen2.5-1.5B full fine-tuning on 8k-token micro-batches (fp32: CPU parses refuse --bf16): on an 80 GB card
+    no recompute, on smaller ones some layers, then all, then all with their inputs in host memory. Each choice is
+    the least recompute whose estimate fits 90% of the card: the one before it does not."""
+    from dataclasses import replace
+
+    import transformers
+
+    from chattune.train.architecture import ModelClass
+    from chattune.train.decisions import Recompute
+    from chattune.train.memory import GB, estimate, shape_from_config
+    from chattune.train.plan import Hardware, OutputDir, make_plan, trainer_arguments
+
+    config = transformers.Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=151936)
+    shape = shape_from_config(config)
+
+    def plan(gb, *flags):
+        args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--data_path",
+                           "examples/sharegpt.json", "--max_tokens_per_batch", "8192", *flags])
+        return make_plan(*args, ModelClass("Qwen2ForCausalLM", False, proven=True, flash=True), [8000] * 64,
+                         Hardware(cuda=True, gpu_memory_gb=gb, flash_problem=None), OutputDir(str(tmp_path)),
+                         has_eval=False, shape=shape), args
+
+    from chattune.train.memory import run_setup
+
+    chosen = {}
+    for gb in (80, 64, 56, 48, 40, 24):
+        p, (_, _, training, lora) = plan(gb)
+        chosen[gb] = (p.recompute.every, p.recompute.offload)
+        setup = replace(p.recompute.setup(run_setup(training, lora, "full", 1)),
+                        micro_batch_tokens=p.batch.peak_micro_batch_tokens)
+        assert p.memory_gb == round(estimate(shape, setup)["total"] / GB, 1)
+        less = [Recompute(None, e, o) for e, o in ((0, False), (4, False), (3, False), (2, False), (1, False),
+                                                    (1, True))]
+        rank = [(r.every, r.offload) for r in less].index(chosen[gb])
+        if rank:  # what it recomputes, it must: the choice before it does not fit
+            before = less[rank - 1].setup(setup)
+            assert estimate(shape, before)["total"] / GB > 0.9 * gb
+        if gb == 80:
+            assert chosen[gb] == (0, False) and p.to_dict()["gradient_checkpointing"] == "off"
+        arguments = trainer_arguments(p, training)
+        assert bool(arguments.activation_checkpointing) == (p.recompute.every > 0)
+        if p.recompute.every:
+            assert arguments.activation_checkpointing_kwargs["every_n_layers"] == p.recompute.every
+    order = [(0, False), (4, False), (3, False), (2, False), (1, False), (1, True)]
+    ranks = [order.index(chosen[gb]) for gb in (80, 64, 56, 48, 40, 24)]
+    assert ranks == sorted(ranks) and ranks[0] == 0 and ranks[-1] == len(order) - 1  # less memory, more recompute
+    assert any(0 < r < 4 for r in ranks)  # some card recomputes only some layers (fp32 here: 56 GB, every 4th)
+    given, _ = plan(80, "--gradient_checkpointing", "True")
+    assert given.recompute.every == 1 and given.recompute.decision.why == "--gradient_checkpointing True"
+    cpu = make_plan(*parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--data_path",
+                                 "examples/sharegpt.json"]), ModelClass("Qwen2ForCausalLM", False, proven=True),
+                    [300], Hardware(), OutputDir(str(tmp_path)), has_eval=False)
+    assert cpu.recompute.every == 0 and "no CUDA GPU" in cpu.recompute.decision.why

@@ -176,6 +176,8 @@ class TrainingArguments(transformers.TrainingArguments):
             if getattr(self, new, None) is None and getattr(self, old, None) is not None:
                 setattr(self, new, getattr(self, old))
                 setattr(self, old, None)
+        # None where neither flag was given: the plan picks the recompute for the GPU
+        self.recompute_requested = None if self.activation_checkpointing is None else bool(self.activation_checkpointing)
         self.optim_requested = str(getattr(self.optim, "value", self.optim))  # the plan decides what auto is
         if self.optim_requested == "auto":
             self.optim = "adamw_torch"  # a valid name for the parse; the Trainer gets the plan's

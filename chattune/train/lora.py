@@ -84,7 +84,7 @@ def expert_parameter_names(model: Any) -> list[str]:
 
 
 def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArguments,
-               modules_to_save: list[str]) -> Any:
+               modules_to_save: list[str], recompute: bool = False) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from chattune.train.hf import keep_linear_moe_targets
@@ -118,7 +118,7 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
     )
     if lora_args.q_lora or getattr(model, "quantization_method", None) == "gptq":
         _prepare_quantized(model, training_args)
-    if training_args.gradient_checkpointing:
+    if recompute:  # the plan's activation checkpointing
         model.enable_input_require_grads()  # frozen embeddings: let checkpointed blocks see a grad-requiring input
     if lora_args.lora_weight_path:
         return PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)

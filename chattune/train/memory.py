@@ -67,6 +67,8 @@ class Setup:
     offload: bool = False  # ZeRO-3 offload of optimizer (and parameters) to CPU
     micro_batch_tokens: int = 4096
     gradient_checkpointing: bool = True
+    checkpoint_every: int = 1  # with gradient checkpointing: every n-th decoder layer is recomputed (1: all)
+    offload_activations: bool = False  # the recomputed layers' inputs kept in host memory
     fused_ce: bool = True
     lora_r: int = 64
     train_embeddings: bool = False  # LoRA with modules_to_save embed_tokens + lm_head
@@ -207,9 +209,17 @@ def _activations(shape: ModelShape, s: Setup) -> float:
     layer inputs stay, plus one layer recomputed during backward."""
     d, ff, layers, t = shape.hidden_size, shape.intermediate_size, shape.num_layers, s.micro_batch_tokens
     per_layer = (8 * d + 4 * ff + (4 * d if s.mode != "full" else 0)) * 2
-    if s.gradient_checkpointing:
-        return t * (layers * d * 2 + per_layer)
-    return t * layers * per_layer
+    recomputed = recomputed_layers(layers, s)
+    if not recomputed:
+        return t * layers * per_layer
+    inputs = 0 if s.offload_activations else recomputed * d * 2
+    return t * (inputs + (layers - recomputed) * per_layer + per_layer)
+
+
+def recomputed_layers(layers: int, s: Setup) -> int:
+    """Decoder layers whose activations are recomputed in backward: none, every n-th (transformers checkpoints
+    layers 0, n, 2n, ...), or all."""
+    return -(-layers // max(1, s.checkpoint_every)) if s.gradient_checkpointing else 0
 
 
 def _logits(shape: ModelShape, s: Setup) -> float:
@@ -293,13 +303,21 @@ def zero_setup_from_config(path: str | None) -> tuple[int, bool]:
     return int(zero.get("stage", 0)), offload
 
 
+def recompute_asked(training_args: Any) -> bool | None:
+    """--gradient_checkpointing as given (True/False), or None where it was not (the plan decides)."""
+    asked = getattr(training_args, "recompute_requested", "unknown")
+    return bool(training_args.gradient_checkpointing) if asked == "unknown" else asked
+
+
 def run_setup(training_args: Any, lora_args: Any, mode: str, gpus: int) -> Setup:
     """The planner's view of a finetune.py command line."""
     stage, offload = zero_setup_from_config(training_args.deepspeed)
     return Setup(
         mode=mode, gpus=gpus, zero_stage=stage, offload=offload,
         micro_batch_tokens=training_args.micro_batch_tokens(),
-        gradient_checkpointing=bool(training_args.gradient_checkpointing), fused_ce=training_args.fused_ce != "none",
+        # not given: the plan picks the recompute after the micro-batch, which is sized with all of it
+        gradient_checkpointing=recompute_asked(training_args) is not False,
+        fused_ce=training_args.fused_ce != "none",
         lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
         bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,
     )
@@ -349,7 +367,8 @@ def flops_per_token(shape: ModelShape, s: Setup, sequence_tokens: int) -> float:
     layers = shape.num_layers if shape.attention_layers is None else shape.attention_layers
     attention = 2 * layers * shape.hidden_size * sequence_tokens  # QK^T and AV over ~half the context
     backward = (2 if s.mode == "full" else 1) * forward + 2 * attention
-    recompute = (forward - 2 * shape.vocab_size * shape.hidden_size + attention) if s.gradient_checkpointing else 0
+    share = recomputed_layers(shape.num_layers, s) / max(1, shape.num_layers)
+    recompute = (forward - 2 * shape.vocab_size * shape.hidden_size + attention) * share
     return forward + attention + backward + recompute
 
 
@@ -364,7 +383,7 @@ def estimate_seconds(shape: ModelShape, s: Setup, tokens: float, gpu: str = "H10
     mfu = MFU_MAX * shape.hidden_size / (shape.hidden_size + MFU_HALF_HIDDEN)
     seconds = tokens * flops_per_token(shape, s, sequence_tokens or t) / (kind.bf16_flops * mfu)
     micro_batches = tokens / t if micro_batches is None else micro_batches
-    passes = 3 if s.gradient_checkpointing else 2
+    passes = 2 + recomputed_layers(shape.num_layers, s) / max(1, shape.num_layers)
     seconds += micro_batches * shape.num_layers * LAYER_SECONDS
     if s.mode == "qlora":
         seconds += micro_batches * passes * shape.linear_params * DEQUANT_BYTES_PER_WEIGHT / kind.memory_bandwidth

@@ -30,6 +30,13 @@ from chattune.train.batches import (
     micro_batches_per_step,
     natural_micro_batches,
 )
+from chattune.train.decisions import (
+    Decision,
+    Recompute,
+    plan_optimizer,
+    plan_recompute,
+    plan_router_aux,
+)
 from chattune.train.linear_attention import kernel_problem
 from chattune.train.loss import LogitTransform, liger_runs_here
 from chattune.train.memory import (
@@ -93,12 +100,6 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class Decision:
-    choice: str
-    why: str
-
-
-@dataclass(frozen=True)
 class Batch:
     """Optimizer steps and micro-batches (chattune.train.batches): the step is the user's recipe."""
 
@@ -141,7 +142,7 @@ class Plan:
     batch: Batch
     loss: Decision  # liger | chunked | none
     logit_transform: LogitTransform
-    gradient_checkpointing: Decision
+    recompute: Recompute
     schedule: Schedule
     resume: Resume
     stop: str
@@ -173,8 +174,8 @@ class Plan:
             "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
             "optimizer": self.optimizer.choice, "optimizer_why": self.optimizer.why,
             "router_aux_loss_coef": self.router_aux, "router_aux_why": self.router_aux_why or None,
-            "gradient_checkpointing": self.gradient_checkpointing.choice,
-            "gradient_checkpointing_why": self.gradient_checkpointing.why,
+            "gradient_checkpointing": self.recompute.decision.choice,
+            "gradient_checkpointing_why": self.recompute.decision.why,
             "evaluation": self.schedule.evaluation, "saves": self.schedule.saves,
             "resume": self.resume.source, "resume_why": self.resume.why,
             "set_aside": list(self.resume.set_aside), "removed": list(self.resume.remove), "stop": self.stop,
@@ -253,6 +254,8 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
     budget = _budget(training_args, shape, setup, hardware) if attention.packing else 0
     batch = plan_batch(training_args, lengths, hardware.processes, packing, budget)
     setup = dataclasses.replace(setup, micro_batch_tokens=max(batch.peak_micro_batch_tokens, 1))
+    recompute = plan_recompute(training_args, shape, setup, hardware.gpu_memory_gb, hardware.cuda)
+    setup = recompute.setup(setup)
     memory_gb = round(estimate(shape, setup)["total"] / GB, 1) if shape is not None else None
     time = _time(shape, setup, batch, lengths, hardware) if shape is not None else None
     disk = disk_warning(training_args, lora_args, mode, shape, batch.steps, output.free_bytes) if shape else None
@@ -263,43 +266,11 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         sample_boundaries=attention.packing and (cls.linear_attention or (attention.implementation or "").startswith(
             "flash_attention")),
         batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
-        gradient_checkpointing=_checkpointing(training_args), schedule=plan_schedule(training_args, has_eval),
+        recompute=recompute, schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
         notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
         optimizer=plan_optimizer(training_args, hardware),
     )
-
-
-def plan_optimizer(training_args: Any, hardware: Hardware) -> Decision:
-    """--optim, or for auto: torch's fused AdamW on CUDA (one kernel launch per step instead of several per tensor,
-    as transformers defaults to), the plain one on CPU and with ZeRO-Offload (DeepSpeed steps the optimizer itself
-    on the CPU there)."""
-    from chattune.train.memory import zero_setup_from_config
-
-    requested = getattr(training_args, "optim_requested", str(training_args.optim))
-    if requested != "auto":
-        return Decision(requested, "--optim")
-    if zero_setup_from_config(training_args.deepspeed)[1]:
-        return Decision("adamw_torch", "ZeRO-Offload: the optimizer steps on the CPU")
-    if hardware.cuda:
-        return Decision("adamw_torch_fused", "fused AdamW on CUDA")
-    return Decision("adamw_torch", "no CUDA GPU")
-
-
-def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
-    """The MoE routers' load-balancing loss: --router_aux_loss_coef, else the config's coefficient where the class
-    computes that loss (its experts' loads are recorded either way)."""
-    given = training_args.router_aux_loss_coef
-    if cls.router_aux is None:
-        if given:
-            raise ConfigError(f"--router_aux_loss_coef {given}: {cls.name} computes no router load-balancing loss "
-                              "(a dense model, or an MoE class without one); leave the flag out")
-        return {}
-    if given is not None and given < 0:
-        raise ConfigError(f"--router_aux_loss_coef {given}: must be 0 (off) or positive")
-    if given is not None:
-        return {"router_aux": float(given), "router_aux_why": f"--router_aux_loss_coef {given:g}"}
-    return {"router_aux": cls.router_aux, "router_aux_why": "the model config's router_aux_loss_coef"}
 
 
 def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: ModelClass, hardware: Hardware
@@ -429,11 +400,6 @@ def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, ha
     return Decision("chunked", f"chunks of the output layer, recomputed in backward (Liger's kernel: {why})")
 
 
-def _checkpointing(training_args: Any) -> Decision:
-    on = bool(training_args.gradient_checkpointing)
-    return Decision("all layers" if on else "off", "--gradient_checkpointing " + ("True" if on else "False"))
-
-
 def _every(steps: float) -> str:
     """--save_steps / --eval_steps in words: a number of steps, or (below 1) a share of the run, as transformers
     reads it."""
@@ -485,6 +451,11 @@ def trainer_arguments(plan: Plan, training_args: Any) -> Any:
         changes["eval_steps"] = plan.schedule.eval_steps
     if training_args.include_num_input_tokens_seen in (False, "no"):
         changes["include_num_input_tokens_seen"] = "all" if plan.batch.shape.packed else "non_padding"
-    if training_args.activation_checkpointing and training_args.activation_checkpointing_kwargs is None:
-        changes["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    recompute = plan.recompute
+    changes["activation_checkpointing"] = recompute.every > 0
+    if recompute.every > 0:
+        kwargs = training_args.activation_checkpointing_kwargs
+        kwargs = dict(kwargs) if isinstance(kwargs, dict) else {"use_reentrant": False}
+        changes["activation_checkpointing_kwargs"] = {**kwargs, "every_n_layers": recompute.every,
+                                                      "offload": recompute.offload}
     return dataclasses.replace(training_args, **changes)

@@ -184,7 +184,7 @@ def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, tem
         modules, why = resolve_modules_to_save(lora_args.lora_modules_to_save, model, tokenizer,
                                                template.added_tokens, control_tokens_in_use(tokenizer, data.train))
         adapted.update(modules_to_save=modules, modules_to_save_reason=why)
-        model = apply_lora(model, training_args, lora_args, modules)
+        model = apply_lora(model, training_args, lora_args, modules, recompute=plan.recompute.every > 0)
         adapted["adapters"] = adapter_summary(model)
     adapted["trainable_params"], adapted["total_params"] = count_parameters(model)
     return model, adapted

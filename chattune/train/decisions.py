@@ -1,0 +1,112 @@
+"""Decisions of the plan that stand on their own: the optimizer, the recompute (activation checkpointing) for the GPU
+at hand, and the MoE routers' load-balancing loss. Each returns what it chose with the reason, for
+`chattune.train.plan.make_plan`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from chattune.errors import ConfigError
+from chattune.train.architecture import ModelClass
+from chattune.train.memory import (
+    GB,
+    ModelShape,
+    Setup,
+    estimate,
+    recompute_asked,
+    zero_setup_from_config,
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    choice: str
+    why: str
+
+
+def plan_optimizer(training_args: Any, hardware: Any) -> Decision:
+    """--optim, or for auto: torch's fused AdamW on CUDA (one kernel launch per step instead of several per tensor,
+    as transformers defaults to), the plain one on CPU and with ZeRO-Offload (DeepSpeed steps the optimizer itself
+    on the CPU there)."""
+
+    requested = getattr(training_args, "optim_requested", str(training_args.optim))
+    if requested != "auto":
+        return Decision(requested, "--optim")
+    if zero_setup_from_config(training_args.deepspeed)[1]:
+        return Decision("adamw_torch", "ZeRO-Offload: the optimizer steps on the CPU")
+    if hardware.cuda:
+        return Decision("adamw_torch_fused", "fused AdamW on CUDA")
+    return Decision("adamw_torch", "no CUDA GPU")
+
+
+def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
+    """The MoE routers' load-balancing loss: --router_aux_loss_coef, else the config's coefficient where the class
+    computes that loss (its experts' loads are recorded either way)."""
+    given = training_args.router_aux_loss_coef
+    if cls.router_aux is None:
+        if given:
+            raise ConfigError(f"--router_aux_loss_coef {given}: {cls.name} computes no router load-balancing loss "
+                              "(a dense model, or an MoE class without one); leave the flag out")
+        return {}
+    if given is not None and given < 0:
+        raise ConfigError(f"--router_aux_loss_coef {given}: must be 0 (off) or positive")
+    if given is not None:
+        return {"router_aux": float(given), "router_aux_why": f"--router_aux_loss_coef {given:g}"}
+    return {"router_aux": cls.router_aux, "router_aux_why": "the model config's router_aux_loss_coef"}
+
+
+RECOMPUTE_HEADROOM = 0.9  # of the GPU's memory the estimate may fill without recomputing more
+
+
+@dataclass(frozen=True)
+class Recompute:
+    decision: Decision
+    every: int = 0  # 0: off; n: every n-th decoder layer recomputed (1: all)
+    offload: bool = False  # the recomputed layers' inputs kept in host memory
+
+    def setup(self, setup: Setup) -> Setup:
+        """The planner's setup with this recompute."""
+        return dataclasses.replace(setup, gradient_checkpointing=self.every > 0, checkpoint_every=max(1, self.every),
+                                   offload_activations=self.offload)
+
+
+def plan_recompute(training_args: Any, shape: ModelShape | None, setup: Setup, gpu_memory_gb: float,
+                   cuda: bool) -> Recompute:
+    """--gradient_checkpointing as given; else the least recompute whose estimate fits 90% of the GPU: none, every
+    4th, 3rd or 2nd layer, all layers, then all with their inputs in host memory. Off on CPU (no memory to save),
+    all layers where the GPU's memory or the model's size is unknown."""
+    asked = recompute_asked(training_args)
+    if asked is not None:
+        kwargs = training_args.activation_checkpointing_kwargs or {}
+        kwargs = kwargs if isinstance(kwargs, dict) else {}
+        every, offload = int(kwargs.get("every_n_layers", 1)), bool(kwargs.get("offload", False))
+        flag = f"--gradient_checkpointing {asked}"
+        if not asked:
+            return Recompute(Decision("off", flag))
+        return Recompute(Decision(_recompute_words(every, offload), flag), every, offload)
+    if not cuda:
+        return Recompute(Decision("off", "no CUDA GPU: no device memory to save (--gradient_checkpointing True to "
+                                         "force)"))
+    if shape is None or not gpu_memory_gb:
+        return Recompute(Decision("all layers", "the GPU's memory or the model's size is unknown"), 1)
+    limit = RECOMPUTE_HEADROOM * gpu_memory_gb
+    options = [Recompute(Decision("", ""), every, offload) for every, offload in
+               ((0, False), (4, False), (3, False), (2, False), (1, False), (1, True))]
+    for option in options:
+        gb = estimate(shape, option.setup(setup))["total"] / GB
+        if gb <= limit or option is options[-1]:
+            words = _recompute_words(option.every, option.offload)
+            fit = "fits" if gb <= limit else "is still above"
+            less = "" if option is options[0] else " (less recompute does not fit)"
+            why = f"the estimate {gb:.1f} GB {fit} 90% of the GPU's {gpu_memory_gb:g} GB{less}"
+            return Recompute(Decision(words, why), option.every, option.offload)
+    raise AssertionError("unreachable")
+
+
+def _recompute_words(every: int, offload: bool) -> str:
+    if every <= 0:
+        return "off"
+    words = "all layers" if every == 1 else f"every {every}{'nd' if every == 2 else 'rd' if every == 3 else 'th'} layer"
+    return words + (", their inputs in host memory" if offload else "")
