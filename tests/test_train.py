@@ -1,6 +1,7 @@
 """Training end to end on CPU: full, LoRA and Q-LoRA; what changed, what did not, reload, resume, preemption."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -387,3 +388,25 @@ def test_a_second_ctrl_c_stops_at_once():
     assert callback.signal == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):  # the second one: now (main_guard turns it into exit 130, no traceback)
         callback._handle(signal.SIGINT, None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_decoder_layers_train_to_the_same_losses(model_dirs, tmp_path):
+    """--compile_layers compiles each decoder layer (regional torch.compile): the same run, the same losses and the
+    same trained weights as eager (SGD: an update proportional to the gradient, so equal weights mean equal
+    gradients; Adam's normalized step would blow up rounding differences of near-zero gradients)."""
+    model_dir = model_dirs("qwen2")
+    flags = ("--max_steps", 3, "--learning_rate", 1e-1, "--use_lora", "False", "--optim", "sgd")
+    eager = train(model_dir, tmp_path / "eager", *flags)
+    compiled = train(model_dir, tmp_path / "compiled", *flags, "--compile_layers", "True")
+    layers = compiled.model.model.layers
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers)  # really compiled
+    assert not any(getattr(layer, "_compiled_call_impl", None) for layer in eager.model.model.layers)
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "compiled")), torch.tensor(losses(tmp_path / "eager")),
+                               rtol=1e-4, atol=1e-5)
+    before = base_state(model_dir)
+    for (name, a), (_, b) in zip(compiled.model.named_parameters(), eager.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        assert name not in before or not torch.equal(a, before[name]), f"{name} did not train"

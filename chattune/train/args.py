@@ -140,6 +140,11 @@ class TrainingArguments(transformers.TrainingArguments):
                           "chunked | none (the model's own logits). Checked against the model's own loss on the "
                           "first micro-batch."},
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "Compile each decoder layer with torch.compile (regional: one graph per layer kind, compiled "
+                          "once; dynamic shapes). Opt-in until a GPU measurement shows it pays."},
+    )
     liger_kernels: Literal["auto", "true", "false"] = field(
         default="auto",
         metadata={"help": "Liger's RMSNorm/SwiGLU/RoPE kernels: auto (on CUDA when liger-kernel is installed) | "

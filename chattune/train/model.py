@@ -148,3 +148,17 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if torch.is_tensor(qweight) and getattr(module, "bits", None):
             total += qweight.numel() * (32 // module.bits)
     return trainable, total
+
+
+def compile_decoder_layers(model: Any) -> int:
+    """torch.compile each decoder layer in place (regional compilation: the layers share one compiled graph, so the
+    compile time is one layer's, not the model's), with dynamic shapes so that micro-batches of new lengths do not
+    compile again. Returns how many layers were compiled."""
+    from chattune.train.loss import base_model
+
+    layers = getattr(base_model(model).get_decoder(), "layers", None)
+    if layers is None:
+        raise ConfigError(f"--compile_layers: {type(base_model(model)).__name__} has no decoder `layers` to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

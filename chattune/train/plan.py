@@ -249,6 +249,8 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
     if cls.linear_attention and hardware.linear_attention_problem:
         notes.append("Gated DeltaNet layers run the slow torch path (exact, much slower than the CUDA kernels): "
                      f"{hardware.linear_attention_problem}")
+    if training_args.compile_layers:
+        notes.append("decoder layers compiled (torch.compile per layer, --compile_layers): the first steps are slow")
     packing = Decision("packed" if attention.packing else "padded", _packing_why(training_args.packing, attention))
     setup = run_setup(training_args, lora_args, mode, hardware.processes)
     budget = _budget(training_args, shape, setup, hardware) if attention.packing else 0

@@ -48,7 +48,12 @@ from chattune.train.inputs import (
 from chattune.train.layout import base_fingerprint
 from chattune.train.lora import adapter_summary, apply_lora, resolve_modules_to_save
 from chattune.train.loss import logit_transform
-from chattune.train.model import count_parameters, load_model, resize_for_new_tokens
+from chattune.train.model import (
+    compile_decoder_layers,
+    count_parameters,
+    load_model,
+    resize_for_new_tokens,
+)
 from chattune.train.plan import (
     Hardware,
     OutputDir,
@@ -187,6 +192,8 @@ def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, tem
         model = apply_lora(model, training_args, lora_args, modules, recompute=plan.recompute.every > 0)
         adapted["adapters"] = adapter_summary(model)
     adapted["trainable_params"], adapted["total_params"] = count_parameters(model)
+    if training_args.compile_layers:
+        log(f"torch.compile: {compile_decoder_layers(model)} decoder layers (compiled on first use)")
     return model, adapted
 
 
