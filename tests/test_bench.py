@@ -108,3 +108,15 @@ def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
     first, last = {s: float(r[7]) for s, r in rows.items()}, {s: float(r[8]) for s, r in rows.items()}
     assert first["baseline"] == pytest.approx(first["chattune"], rel=1e-4)
     assert last["baseline"] == pytest.approx(last["chattune"], rel=1e-3)
+
+
+def test_experts_bench_times_each_implementation_and_they_agree():
+    proc = subprocess.run([sys.executable, "bench/experts.py", "--tiny"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                          for line in proc.stdout.splitlines() if line.startswith("| ")
+                                          and not line.startswith(("| implementation", "|---")))}
+    assert set(rows) == {"grouped_mm", "batched_mm", "eager"}, proc.stdout
+    for cells in rows.values():
+        assert float(cells[1]) > 0 and float(cells[4]) < 1e-5  # timed; the same output as the loop over experts

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train import train
 
 from chattune.export.merge import load_adapter_model, merge_adapter, model_loader
@@ -185,6 +186,45 @@ def test_the_router_loss_weight_defaults_to_the_config_and_is_refused_where_the_
         plan_router_aux(Args, deepseek)
     assert plan_router_aux(Args, model_class(AutoConfig.from_pretrained(model_dirs("qwen3_5_moe")), False)) == {
         "router_aux": 0.01, "router_aux_why": "--router_aux_loss_coef 0.01"}
+
+
+@pytest.mark.slow
+def test_grouped_experts_train_as_the_loop_over_experts_does(model_dirs, tmp_path):
+    """The plan runs the experts through transformers' grouped GEMM; the per-expert loop (eager) trains the same
+    step: the same loss, the same adapter."""
+    runs = {}
+    for implementation in ("auto", "eager"):
+        out = tmp_path / implementation
+        trainer = train(model_dirs("qwen3_moe"), out, "--use_lora", "--lora_r", RANK, "--max_steps", 2,
+                        "--learning_rate", 1e-2, "--experts_implementation", implementation)
+        plan = json.loads((out / "run_report.json").read_text())["plan"]
+        ran = trainer.model.get_base_model().config._experts_implementation
+        assert plan["experts"] == ran == ("grouped_mm" if implementation == "auto" else "eager")
+        runs[implementation] = (trainer.state.log_history, load_file(out / "adapter_model.safetensors"))
+    losses = [[h["loss"] for h in runs[k][0] if "loss" in h] for k in runs]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, tensor in runs["auto"][1].items():
+        torch.testing.assert_close(tensor, runs["eager"][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_plan_says_how_experts_run_and_refuses_the_flag_on_a_dense_model(model_dirs):
+    from transformers import AutoConfig
+
+    from chattune.errors import ConfigError
+    from chattune.train.architecture import model_class
+    from chattune.train.decisions import plan_experts
+
+    class Args:
+        experts_implementation = "auto"
+
+    moe = model_class(AutoConfig.from_pretrained(model_dirs("qwen3_5_moe")), False)
+    dense = model_class(AutoConfig.from_pretrained(model_dirs("qwen2")), False)
+    assert moe.experts and not dense.experts
+    assert plan_experts(Args, moe).choice == "grouped_mm" and plan_experts(Args, dense) is None
+    Args.experts_implementation = "eager"
+    assert plan_experts(Args, moe).choice == "eager"
+    with pytest.raises(ConfigError, match="has no fused MoE experts"):
+        plan_experts(Args, dense)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class ModelClass:
     quantized: str | None = None  # the checkpoint's quantization method (gptq, awq, ...), None for float weights
     vision_language: bool = False  # a vision-language checkpoint (Qwen3.5): its own class, the text path trained
     router_aux: float | None = None  # MoE: the config's load-balancing coefficient, where the class computes that loss
+    experts: bool = False  # fused MoE experts whose implementation transformers can set (grouped_mm, eager, ...)
 
     @property
     def packs(self) -> bool:
@@ -106,7 +107,14 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
                       proven=packing.packs, packing_why=packing.why,
                       linear_attention=getattr(config.get_text_config(), "model_type", "") in GATED_DELTANET_MODULES,
                       logits_to_keep=_keeps_logits(cls), vision_language=checkpoint_class(config) is not None,
-                      router_aux=_router_aux(cls, config))
+                      router_aux=_router_aux(cls, config), experts=_has_settable_experts(cls, config))
+
+
+def _has_settable_experts(cls: Any, config: Any) -> bool:
+    """An MoE class whose fused experts take transformers' `experts_implementation` (@use_experts_implementation)."""
+    moe = any(getattr(config.get_text_config(), key, None) for key in
+              ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+    return bool(moe and cls._can_set_experts_implementation())
 
 
 def _router_aux(cls: Any, config: Any) -> float | None:

@@ -32,6 +32,11 @@ class ModelArguments:
                           "else flex_attention for packed batches on CUDA, else sdpa. Remote-code models use their "
                           "own."},
     )
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = field(
+        default="auto",
+        metadata={"help": "MoE models: how the experts run. auto: grouped_mm (transformers' grouped GEMM over all "
+                          "experts at once) | batched_mm | eager (a loop over the experts)."},
+    )
 
 
 @dataclass

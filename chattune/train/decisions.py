@@ -110,3 +110,17 @@ def _recompute_words(every: int, offload: bool) -> str:
         return "off"
     words = "all layers" if every == 1 else f"every {every}{'nd' if every == 2 else 'rd' if every == 3 else 'th'} layer"
     return words + (", their inputs in host memory" if offload else "")
+
+
+def plan_experts(model_args: Any, cls: ModelClass) -> Decision | None:
+    """How an MoE model's experts run: --experts_implementation, else transformers' grouped GEMM (one kernel over all
+    experts and their tokens, instead of a Python loop over the experts). None for a model without fused experts."""
+    given = model_args.experts_implementation
+    if not cls.experts:
+        if given != "auto":
+            raise ConfigError(f"--experts_implementation {given}: {cls.name} has no fused MoE experts whose "
+                              "implementation can be chosen; leave the flag out")
+        return None
+    if given != "auto":
+        return Decision(given, "--experts_implementation")
+    return Decision("grouped_mm", "transformers' grouped GEMM over all experts at once (not a loop over them)")

@@ -73,6 +73,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
                                   trust_remote_code=model_args.trust_remote_code)
     if not plan.attention.choice.startswith("the model's own"):
         kwargs["attn_implementation"] = plan.attention.choice
+    if plan.experts is not None:
+        kwargs["experts_implementation"] = plan.experts.choice
     if plan.attention.choice == "flex_attention":
         use_common_dtype_in_flex_attention()
     quant = _quantization_config(config, lora_args, dtype)

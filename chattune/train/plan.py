@@ -33,6 +33,7 @@ from chattune.train.batches import (
 from chattune.train.decisions import (
     Decision,
     Recompute,
+    plan_experts,
     plan_optimizer,
     plan_recompute,
     plan_router_aux,
@@ -152,6 +153,7 @@ class Plan:
     router_aux: float | None = None  # MoE: the load-balancing loss's weight (0: off); None: no routers to record
     router_aux_why: str = ""
     optimizer: Decision = Decision("adamw_torch", "")
+    experts: Decision | None = None  # MoE: how the experts run
     adapted: dict[str, Any] | None = None  # after the model is built: trainable parameters, modules trained in full
 
     def with_model(self, **facts: Any) -> Plan:
@@ -173,6 +175,8 @@ class Plan:
             "loss": "standard" if self.loss.choice == "none" else f"fused linear+CE ({self.loss.choice})",
             "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
             "optimizer": self.optimizer.choice, "optimizer_why": self.optimizer.why,
+            "experts": self.experts.choice if self.experts else None,
+            "experts_why": self.experts.why if self.experts else None,
             "router_aux_loss_coef": self.router_aux, "router_aux_why": self.router_aux_why or None,
             "gradient_checkpointing": self.recompute.decision.choice,
             "gradient_checkpointing_why": self.recompute.decision.why,
@@ -219,6 +223,7 @@ class Plan:
                if p["router_aux_loss_coef"] else f"  routers    no load-balancing loss ({p['router_aux_why']})"]
               if p["router_aux_loss_coef"] is not None else []),
             f"  optimizer  {p['optimizer']}: {p['optimizer_why']}",
+            *([f"  experts    {p['experts']}: {p['experts_why']}"] if p["experts"] else []),
             f"  recompute  {p['gradient_checkpointing']}: {p['gradient_checkpointing_why']}",
             f"  eval       {p['evaluation']}",
             f"  saves      {p['saves']}",
@@ -271,7 +276,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         recompute=recompute, schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
         notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
-        optimizer=plan_optimizer(training_args, hardware),
+        optimizer=plan_optimizer(training_args, hardware), experts=plan_experts(model_args, cls),
     )
 
 
