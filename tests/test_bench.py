@@ -110,6 +110,7 @@ def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
     assert last["baseline"] == pytest.approx(last["chattune"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_experts_bench_times_each_implementation_and_they_agree():
     proc = subprocess.run([sys.executable, "bench/experts.py", "--tiny"], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
