@@ -164,6 +164,13 @@ def test_router_load_balancing_loss_is_added_with_its_weight_and_loads_are_repor
     assert aux > 1.0  # E * sum f_e P_e is 1 when perfectly balanced, above it otherwise
     torch.testing.assert_close(total.double() - cross_entropy, coef * aux, rtol=0, atol=1e-5)
 
+    # a filler micro-batch (every label masked) trains nothing: no routers' loss, no routed tokens counted
+    before = trainer.expert_load.clone()
+    filler = {**batch, "labels": torch.full_like(labels, -100)}
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, filler, num_items_in_batch=count).item() == 0.0
+    assert torch.equal(trainer.expert_load, before)
+
 
 def test_the_router_loss_weight_defaults_to_the_config_and_is_refused_where_the_model_has_none(model_dirs):
     from transformers import AutoConfig

@@ -121,10 +121,13 @@ class ChatTrainer(HfTrainer):
         ranks = self.accelerator.num_processes
         loss = total / num_items_in_batch.to(total.device).clamp(min=1) * ranks
         if routers:
-            self.count_expert_load(outputs.router_logits, inputs.get("attention_mask"))
+            # a filler micro-batch (every label masked, run so that all ranks step alike) trains nothing, and routes
+            # nothing: a tensor, not a branch, so no device sync
+            real = (trained_token_count(labels) > 0).to(loss.dtype)
+            self.count_expert_load(outputs.router_logits, inputs.get("attention_mask"), real)
             if self.loss.router_aux:  # the micro-batch's load-balancing loss; averaged over the window and the ranks
                 window = self.args.gradient_accumulation_steps
-                loss = loss + self.loss.router_aux * outputs.aux_loss.to(loss.dtype) / window
+                loss = loss + self.loss.router_aux * outputs.aux_loss.to(loss.dtype) * real / window
         return loss
 
     def loss_sum(self, model, inputs: dict[str, Any], labels: torch.Tensor, routers: bool = False,
@@ -141,7 +144,8 @@ class ChatTrainer(HfTrainer):
                 total = fused_loss_sum(self.loss.kind, self._output_layer(), hidden, labels, self.loss.transform)
         return (total, outputs) if with_outputs else total
 
-    def count_expert_load(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> None:
+    def count_expert_load(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None,
+                          real: torch.Tensor | float = 1.0) -> None:
         """Add the tokens each expert of each MoE layer was routed (its top-k, as the model routes; padding not
         counted) to `expert_load`."""
         config = base_model(self.accelerator.unwrap_model(self.model)).config.get_text_config()
@@ -153,7 +157,7 @@ class ChatTrainer(HfTrainer):
                 weight = None if attention_mask is None else attention_mask.reshape(-1, 1).expand(-1, k).reshape(-1)
                 counts.append(torch.bincount(chosen, weights=None if weight is None else weight.float(),
                                              minlength=logits.shape[-1]).float())
-            load = torch.stack(counts)
+            load = torch.stack(counts) * real
         self.expert_load = load if self.expert_load is None else self.expert_load + load
 
     def expert_load_report(self) -> dict[str, Any] | None:
