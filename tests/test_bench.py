@@ -121,3 +121,28 @@ def test_experts_bench_times_each_implementation_and_they_agree():
     assert set(rows) == {"grouped_mm", "batched_mm", "eager"}, proc.stdout
     for cells in rows.values():
         assert float(cells[1]) > 0 and float(cells[4]) < 1e-5  # timed; the same output as the loop over experts
+
+
+def test_gpu_check_bounds_every_step_logs_each_and_says_what_it_skipped(tmp_path):
+    """bench/gpu_check.sh on this CPU machine: the versions against our pins pass, the CUDA probe fails, every CUDA
+    step is skipped with why, and the table says so; with no time left nothing starts."""
+    import os
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "logs")], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # no GPU: the check fails
+    table = (tmp_path / "logs" / "table.md").read_text()
+    assert table in proc.stdout
+    rows = {cells[0]: cells[1] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                             for line in table.splitlines()[3:] if line.startswith("| "))}
+    assert rows["versions"] == "passed" and "every package within our pins" in (tmp_path / "logs" /
+                                                                              "versions.log").read_text()
+    assert rows["cuda"].startswith("FAILED (exit 1): no CUDA GPU")
+    assert [rows[s] for s in ("kernels", "full_finetune", "throughput", "experts")] == ["skipped: no CUDA GPU"] * 4
+    late = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "late")], capture_output=True, text=True,
+                          cwd=ROOT, env={**env, "DEADLINE": "-100"}, timeout=120)
+    assert late.returncode == 1 and "| versions | skipped: no time left (DEADLINE=-100) |" in late.stdout
+    assert "| kernels | skipped: no time left" in late.stdout  # not blamed on the GPU it never probed
+    assert not (tmp_path / "late" / "versions.log").exists()
