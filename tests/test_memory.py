@@ -145,15 +145,24 @@ def test_cli_estimate_memory_needs_no_weights(tmp_path):
     from pathlib import Path
 
     QWEN25_7B.save_pretrained(tmp_path)  # config only: no weights exist
-    proc = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(tmp_path), "--output_dir",
-                           str(tmp_path / "o"), "--estimate_memory", "--use_lora", "--q_lora", "--bf16", "True",
-                           "--model_max_length", "4096", "--per_device_train_batch_size", "1"],
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def estimate_memory(*flags):
+        proc = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(tmp_path), "--output_dir",
+                               str(tmp_path / "o"), "--estimate_memory", "--use_lora", "--q_lora", "--bf16", "True",
+                               "--model_max_length", "4096", "--per_device_train_batch_size", "1", *flags],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    proc = estimate_memory("--gradient_checkpointing", "False")
     assert "7.62B parameters, qlora, 1 GPU(s)" in proc.stdout
-    # without gradient checkpointing (the flag's default) a 24 GB card needs it: the verdict names the change
+    # without gradient checkpointing a 24 GB card needs it: the verdict names the change
     assert "24 GB card: does not fit; cheapest changes: --gradient_checkpointing True" in proc.stdout
     assert "40 GB card: fits" in proc.stdout
+    # not given, the plan picks it per card: all layers on 24 GB, none on 80 GB
+    planned = estimate_memory().stdout
+    assert "gradient checkpointing planned per card" in planned
+    assert "24 GB card: fits (recompute all layers)" in planned and "80 GB card: fits (recompute off)" in planned
     # no data: the time of 1,000 worst-case micro-batches per card kind
     assert "per 1,000 micro-batches of 4096 tokens per GPU" in proc.stdout and "RTX 3090" in proc.stdout
 

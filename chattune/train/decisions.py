@@ -4,18 +4,19 @@ at hand, and the MoE routers' load-balancing loss. Each returns what it chose wi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from chattune.errors import ConfigError
 from chattune.train.architecture import ModelClass
 from chattune.train.memory import (
-    GB,
+    RECOMPUTE_HEADROOM,
     ModelShape,
     Setup,
-    estimate,
+    least_recompute,
     recompute_asked,
+    recompute_words,
+    with_recompute,
     zero_setup_from_config,
 )
 
@@ -57,9 +58,6 @@ def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
     return {"router_aux": cls.router_aux, "router_aux_why": "the model config's router_aux_loss_coef"}
 
 
-RECOMPUTE_HEADROOM = 0.9  # of the GPU's memory the estimate may fill without recomputing more
-
-
 @dataclass(frozen=True)
 class Recompute:
     decision: Decision
@@ -68,15 +66,14 @@ class Recompute:
 
     def setup(self, setup: Setup) -> Setup:
         """The planner's setup with this recompute."""
-        return dataclasses.replace(setup, gradient_checkpointing=self.every > 0, checkpoint_every=max(1, self.every),
-                                   offload_activations=self.offload)
+        return with_recompute(setup, self.every, self.offload)
 
 
 def plan_recompute(training_args: Any, shape: ModelShape | None, setup: Setup, gpu_memory_gb: float,
                    cuda: bool) -> Recompute:
     """--gradient_checkpointing as given; else the least recompute whose estimate fits 90% of the GPU: none, every
-    4th, 3rd or 2nd layer, all layers, then all with their inputs in host memory. Off on CPU (no memory to save),
-    all layers where the GPU's memory or the model's size is unknown."""
+    4th, 3rd or 2nd layer, all layers, then all with their inputs in host memory (memory.least_recompute). Off on
+    CPU (no memory to save), all layers where the GPU's memory or the model's size is unknown."""
     asked = recompute_asked(training_args)
     if asked is not None:
         kwargs = training_args.activation_checkpointing_kwargs or {}
@@ -85,31 +82,17 @@ def plan_recompute(training_args: Any, shape: ModelShape | None, setup: Setup, g
         flag = f"--gradient_checkpointing {asked}"
         if not asked:
             return Recompute(Decision("off", flag))
-        return Recompute(Decision(_recompute_words(every, offload), flag), every, offload)
+        return Recompute(Decision(recompute_words(every, offload), flag), every, offload)
     if not cuda:
         return Recompute(Decision("off", "no CUDA GPU: no device memory to save (--gradient_checkpointing True to "
                                          "force)"))
     if shape is None or not gpu_memory_gb:
         return Recompute(Decision("all layers", "the GPU's memory or the model's size is unknown"), 1)
-    limit = RECOMPUTE_HEADROOM * gpu_memory_gb
-    options = [Recompute(Decision("", ""), every, offload) for every, offload in
-               ((0, False), (4, False), (3, False), (2, False), (1, False), (1, True))]
-    for option in options:
-        gb = estimate(shape, option.setup(setup))["total"] / GB
-        if gb <= limit or option is options[-1]:
-            words = _recompute_words(option.every, option.offload)
-            fit = "fits" if gb <= limit else "is still above"
-            less = "" if option is options[0] else " (less recompute does not fit)"
-            why = f"the estimate {gb:.1f} GB {fit} 90% of the GPU's {gpu_memory_gb:g} GB{less}"
-            return Recompute(Decision(words, why), option.every, option.offload)
-    raise AssertionError("unreachable")
-
-
-def _recompute_words(every: int, offload: bool) -> str:
-    if every <= 0:
-        return "off"
-    words = "all layers" if every == 1 else f"every {every}{'nd' if every == 2 else 'rd' if every == 3 else 'th'} layer"
-    return words + (", their inputs in host memory" if offload else "")
+    every, offload, gb = least_recompute(shape, setup, gpu_memory_gb)
+    fit = "fits" if gb <= RECOMPUTE_HEADROOM * gpu_memory_gb else "is still above"
+    less = "" if every == 0 else " (less recompute does not fit)"
+    why = f"the estimate {gb:.1f} GB {fit} 90% of the GPU's {gpu_memory_gb:g} GB{less}"
+    return Recompute(Decision(recompute_words(every, offload), why), every, offload)
 
 
 def plan_experts(model_args: Any, cls: ModelClass) -> Decision | None:

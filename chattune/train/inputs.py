@@ -29,6 +29,7 @@ from chattune.train.memory import (
     ModelShape,
     format_estimate,
     format_time,
+    recompute_asked,
     run_setup,
     shape_from_config,
 )
@@ -161,5 +162,6 @@ def memory_estimate(model_args: ModelArguments, data_args: DataArguments, traini
         summary = batch.data_summary(lengths)
         setup = replace(setup, micro_batch_tokens=batch.peak_micro_batch_tokens)
         epochs = batch.epochs
-    return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path),
+    planned = recompute_asked(training_args) is None
+    return "\n".join([format_estimate(shape, setup, model_args.model_name_or_path, planned_recompute=planned),
                       format_time(shape, setup, summary, epochs)])

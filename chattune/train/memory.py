@@ -274,20 +274,54 @@ def _superseded(earlier: str, later: str) -> bool:
     return any(k in earlier and k in later for k in same_kind)
 
 
-def format_estimate(shape: ModelShape, s: Setup, name: str) -> str:
+# The recompute the plan chooses from, least first: (every n-th layer recomputed, 0 = none; inputs offloaded)
+RECOMPUTE_OPTIONS = ((0, False), (4, False), (3, False), (2, False), (1, False), (1, True))
+RECOMPUTE_HEADROOM = 0.9  # of the GPU's memory the estimate may fill without recomputing more
+
+
+def with_recompute(s: Setup, every: int, offload: bool) -> Setup:
+    return replace(s, gradient_checkpointing=every > 0, checkpoint_every=max(1, every), offload_activations=offload)
+
+
+def least_recompute(shape: ModelShape, s: Setup, gpu_gb: float) -> tuple[int, bool, float]:
+    """(every, offload, estimated GB) of the least recompute whose estimate fits RECOMPUTE_HEADROOM of `gpu_gb`; the
+    most there is when none does."""
+    for every, offload in RECOMPUTE_OPTIONS:
+        gb = estimate(shape, with_recompute(s, every, offload))["total"] / GB
+        if gb <= RECOMPUTE_HEADROOM * gpu_gb:
+            break
+    return every, offload, gb
+
+
+def recompute_words(every: int, offload: bool) -> str:
+    if every <= 0:
+        return "off"
+    words = "all layers" if every == 1 else f"every {every}{'nd' if every == 2 else 'rd' if every == 3 else 'th'} layer"
+    return words + (", their inputs in host memory" if offload else "")
+
+
+def format_estimate(shape: ModelShape, s: Setup, name: str, planned_recompute: bool = False) -> str:
+    """The estimate's breakdown and a verdict per card. With `planned_recompute` (no --gradient_checkpointing given)
+    each card gets the recompute the plan would pick for it."""
     parts = estimate(shape, s)
     zero = f"ZeRO-{s.zero_stage}{' + offload' if s.offload else ''}" if s.zero_stage else "no DeepSpeed"
+    recompute = ("planned per card (the breakdown: all layers)" if planned_recompute
+                 else "on" if s.gradient_checkpointing else "off")
     lines = [
         f"memory estimate per GPU: {name}, {shape.total / 1e9:.2f}B parameters, {s.mode}, {s.gpus} GPU(s), {zero},",
-        f"  {s.micro_batch_tokens} tokens per micro-batch, gradient checkpointing "
-        f"{'on' if s.gradient_checkpointing else 'off'}, fused loss {'on' if s.fused_ce else 'off'}",
+        f"  {s.micro_batch_tokens} tokens per micro-batch, gradient checkpointing {recompute}, "
+        f"fused loss {'on' if s.fused_ce else 'off'}",
     ]
     for key in ("weights", "gradients", "optimizer", "activations", "logits", "overhead"):
         lines.append(f"  {key:<12} {parts[key] / GB:7.1f} GB")
     lines.append(f"  {'total':<12} {parts['total'] / GB:7.1f} GB")
     for card in CARDS:
-        fix = cheapest_fix(shape, s, card)
-        lines.append(f"  {card} GB card: " + ("fits" if fix is None else f"does not fit; cheapest changes: {fix}"))
+        chosen = with_recompute(s, *least_recompute(shape, s, card)[:2]) if planned_recompute else s
+        fix = cheapest_fix(shape, chosen, card)
+        every = chosen.checkpoint_every if chosen.gradient_checkpointing else 0
+        plan = f" (recompute {recompute_words(every, chosen.offload_activations)})" if planned_recompute else ""
+        lines.append(f"  {card} GB card: " + ("fits" if fix is None else f"does not fit; cheapest changes: {fix}")
+                     + plan)
     return "\n".join(lines)
 
 
