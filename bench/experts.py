@@ -31,7 +31,9 @@ def one(args: argparse.Namespace) -> dict:
         num_experts_per_tok=args.top_k, shared_expert_intermediate_size=args.expert_size, num_hidden_layers=1,
         layer_types=["full_attention"])
     config._experts_implementation = args.implementation
-    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeSparseMoeBlock
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
+        Qwen3_5MoeSparseMoeBlock,
+    )
 
     torch.manual_seed(0)
     block = Qwen3_5MoeSparseMoeBlock(config).to(device=device, dtype=dtype)

@@ -19,7 +19,8 @@ from published_profiles import (  # noqa: E402
     setup_of,
 )
 
-from chattune.train.memory import GB, estimate, estimate_seconds
+from chattune.train.memory import GB, estimate
+from chattune.train.timing import estimate_seconds
 
 
 def main() -> None:

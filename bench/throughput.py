@@ -393,7 +393,8 @@ def train_flops_per_token(suite: Suite, mean_len: float) -> float:
     if suite.arch == "qwen3_5":
         import transformers
 
-        from chattune.train.memory import Setup, flops_per_token, shape_from_config
+        from chattune.train.memory import Setup, shape_from_config
+        from chattune.train.timing import flops_per_token
 
         shape = shape_from_config(transformers.Qwen3_5TextConfig(**QWEN35[suite.size]))
         return flops_per_token(shape, Setup(mode=suite.mode, gradient_checkpointing=False), mean_len)

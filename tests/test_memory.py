@@ -23,10 +23,10 @@ from chattune.train.memory import (
     Setup,
     cheapest_fix,
     estimate,
-    estimate_seconds,
     run_setup,
     shape_from_config,
 )
+from chattune.train.timing import estimate_seconds
 
 QWEN25_7B = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
@@ -231,7 +231,7 @@ def test_planner_counts_linear_attention_layers_and_only_the_active_experts():
     experts, against counts written from the config's dimensions."""
     import transformers
 
-    from chattune.train.memory import flops_per_token
+    from chattune.train.timing import flops_per_token
 
     config = transformers.Qwen3_5MoeTextConfig()
     shape = shape_from_config(config)

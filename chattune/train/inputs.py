@@ -28,12 +28,12 @@ from chattune.train.batches import sample_lengths
 from chattune.train.memory import (
     ModelShape,
     format_estimate,
-    format_time,
     recompute_asked,
     run_setup,
     shape_from_config,
 )
 from chattune.train.plan import Decision, plan_batch
+from chattune.train.timing import format_time
 
 
 @dataclass

@@ -40,19 +40,15 @@ from chattune.train.decisions import (
 )
 from chattune.train.linear_attention import kernel_problem
 from chattune.train.loss import LogitTransform, liger_runs_here
-from chattune.train.memory import (
-    GB,
+from chattune.train.memory import GB, ModelShape, disk_warning, estimate, run_setup
+from chattune.train.resume import OutputDir, Resume, plan_resume
+from chattune.train.timing import (
     GPU_KINDS,
     DataPlan,
-    ModelShape,
-    disk_warning,
-    estimate,
     estimate_seconds,
     format_duration,
-    run_setup,
     token_weighted_length,
 )
-from chattune.train.resume import OutputDir, Resume, plan_resume
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: schedulers read it as "terminated", the checkpoint is on disk
 EXIT_STOPPED = 130  # 128 + SIGINT: stopped by the user (Ctrl-C), the checkpoint is on disk
@@ -89,7 +85,7 @@ class Hardware:
 
     @property
     def gpu_kind(self) -> str | None:
-        """The GPU as a key of memory.GPU_KINDS, if it is one of them."""
+        """The GPU as a key of timing.GPU_KINDS, if it is one of them."""
         import re
 
         name = (self.gpu_name or "").upper()
