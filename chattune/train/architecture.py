@@ -112,9 +112,17 @@ def _model_class(config: Any, trust_remote_code: bool) -> ModelClass:
 
 def _has_settable_experts(cls: Any, config: Any) -> bool:
     """An MoE class whose fused experts take transformers' `experts_implementation` (@use_experts_implementation)."""
-    moe = any(getattr(config.get_text_config(), key, None) for key in
-              ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
-    return bool(moe and cls._can_set_experts_implementation())
+    return bool(routed_expert_count(config.get_text_config()) and cls._can_set_experts_implementation())
+
+
+def config_count(text_config: Any, *names: str) -> int | None:
+    """The first of `names` the config sets to a positive int (families name the same count differently)."""
+    return next((v for n in names if isinstance(v := getattr(text_config, n, None), int) and v > 0), None)
+
+
+def routed_expert_count(text_config: Any) -> int | None:
+    """The routed experts of an MoE layer, from the config; None for a dense model."""
+    return config_count(text_config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _router_aux(cls: Any, config: Any) -> float | None:

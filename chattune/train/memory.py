@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from chattune.train.architecture import config_count, routed_expert_count
 from chattune.train.checkpoints import size_text
 
 GB = 2**30
@@ -128,11 +129,8 @@ def attention_layer_count(text_config: Any) -> int:
 
 def active_expert_fraction(text_config: Any) -> float:
     """Routed experts a token uses over the routed experts there are (top-k / E), from the config."""
-    def first(*names: str) -> Any:
-        return next((v for n in names if isinstance(v := getattr(text_config, n, None), int) and v > 0), None)
-
-    k = first("num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k")
-    experts = first("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    k = config_count(text_config, "num_experts_per_tok", "moe_topk", "num_experts_per_token", "top_k")
+    experts = routed_expert_count(text_config)
     return min(1.0, k / experts) if k and experts else 1.0
 
 
@@ -316,10 +314,11 @@ def format_estimate(shape: ModelShape, s: Setup, name: str, planned_recompute: b
         lines.append(f"  {key:<12} {parts[key] / GB:7.1f} GB")
     lines.append(f"  {'total':<12} {parts['total'] / GB:7.1f} GB")
     for card in CARDS:
-        chosen = with_recompute(s, *least_recompute(shape, s, card)[:2]) if planned_recompute else s
+        chosen, plan = s, ""
+        if planned_recompute:
+            every, offload, _ = least_recompute(shape, s, card)
+            chosen, plan = with_recompute(s, every, offload), f" (recompute {recompute_words(every, offload)})"
         fix = cheapest_fix(shape, chosen, card)
-        every = chosen.checkpoint_every if chosen.gradient_checkpointing else 0
-        plan = f" (recompute {recompute_words(every, chosen.offload_activations)})" if planned_recompute else ""
         lines.append(f"  {card} GB card: " + ("fits" if fix is None else f"does not fit; cheapest changes: {fix}")
                      + plan)
     return "\n".join(lines)

@@ -151,12 +151,10 @@ class ChatTrainer(HfTrainer):
         config = base_model(self.accelerator.unwrap_model(self.model)).config.get_text_config()
         k = getattr(config, "num_experts_per_tok", 1)
         with torch.no_grad():
-            counts = []
-            for logits in router_logits:
-                chosen = logits.topk(k, dim=-1).indices.reshape(-1)
-                weight = None if attention_mask is None else attention_mask.reshape(-1, 1).expand(-1, k).reshape(-1)
-                counts.append(torch.bincount(chosen, weights=None if weight is None else weight.float(),
-                                             minlength=logits.shape[-1]).float())
+            # each token's k choices weighted by its mask: the same for every layer
+            weight = None if attention_mask is None else attention_mask.reshape(-1, 1).expand(-1, k).reshape(-1).float()
+            counts = [torch.bincount(logits.topk(k, dim=-1).indices.reshape(-1), weights=weight,
+                                     minlength=logits.shape[-1]).float() for logits in router_logits]
             load = torch.stack(counts) * real
         self.expert_load = load if self.expert_load is None else self.expert_load + load
 
