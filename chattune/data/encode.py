@@ -183,6 +183,7 @@ class EncodeJob:
     plain_tokens: tuple[str, ...] = ()  # turn-structure tokens to encode as plain text where content holds them
     char_cap: int = 0  # message texts are cut to this many characters before rendering (0: never)
     bound_turns: bool = True  # stop rendering a conversation at the first turn whose prompt fills max_length
+    pairs: bool = False  # preference pairs: every conversation gives its chosen sample, then its rejected one
 
 
 def char_cap(tokenizer: Any, max_length: int) -> int:
@@ -219,16 +220,19 @@ def encode_conversations(bounds: tuple[int, int], job: EncodeJob) -> dict[str, n
     rendered, tool_turns, capped = [], [], []
     for index in range(lo, hi):
         conv = job.conversations[index]
-        messages, cut = cap_messages(conv.messages, job.char_cap)
-        samples = render_conversation(render, messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
-                                      train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens,
-                                      limit=limit, check=index == lo)
-        trained = trained_turn_indices(messages, conv.masked, job.train_on)
-        trained = trained[: len(trained) - samples[0].beyond_limit_turns]
-        for k, sample in enumerate(samples):
-            rendered.append(sample)
-            tool_turns.append(sum(bool(messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
-            capped.append(cut if k == 0 else 0)
+        # a pair's two sides: the prompt with the chosen answer, the same prompt with the rejected one
+        sides = [conv.messages, (*conv.messages[:-1], conv.rejected)] if job.pairs else [conv.messages]
+        for side, whole in enumerate(sides):
+            messages, cut = cap_messages(whole, job.char_cap)
+            samples = render_conversation(render, messages, job.stop_tokens, tools=conv.tools, masked=conv.masked,
+                                          train_on=job.train_on, source=conv.source, plain_tokens=job.plain_tokens,
+                                          limit=limit, check=index == lo and side == 0)
+            trained = trained_turn_indices(messages, conv.masked, job.train_on)
+            trained = trained[: len(trained) - samples[0].beyond_limit_turns]
+            for k, sample in enumerate(samples):
+                rendered.append(sample)
+                tool_turns.append(sum(bool(messages[i].get("tool_calls")) for i in trained) if k == 0 else 0)
+                capped.append(cut if k == 0 else 0)
     # One sample can give several encodings (answers whose token-exact prompt differs train on their own): the
     # per-sample counts go with the first encoding, the extra ones are "turns rendered on their own".
     encoded, rows = [], []
@@ -241,10 +245,13 @@ def encode_conversations(bounds: tuple[int, int], job: EncodeJob) -> dict[str, n
     def per_row(values: list, empty: Any = 0) -> np.ndarray:
         return np.array([values[k] if m == 0 else empty for k, m in rows])
 
+    if job.pairs and len(encoded) != 2 * (hi - lo):  # one trained turn per side: one encoding each
+        raise AssertionError("a preference pair must encode to exactly two samples")
     ids = [i[: job.max_length] for i, _ in encoded]
     labels = [lab[: job.max_length] for _, lab in encoded]
     flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    return {
+    paired = {"paired": np.ones(len(ids), bool)} if job.pairs else {}
+    return paired | {
         "input_ids": flat.astype(np.int32),
         "labels": (np.concatenate(labels) if labels else flat).astype(np.int32),
         "kept_length": np.array([len(i) for i in ids], np.int64),
@@ -277,9 +284,18 @@ def encode_all(job: EncodeJob, num_proc: int, chunk: int = 1000) -> dict[str, np
             bar.update(hi - lo)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else encode_conversations((0, 0), job)
 
-def kept_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The flat ids, labels and lengths of the samples with a trained token (the others are dropped and counted)."""
+def kept_samples(encoded: dict[str, np.ndarray]) -> np.ndarray:
+    """Which samples are kept: those with a trained token; of preference pairs, those whose two sides both have one
+    (a pair is kept or dropped whole, so the kept samples stay chosen, rejected, chosen, ...)."""
     keep = encoded["trained"] > 0
+    if "paired" in encoded:
+        keep = np.repeat(keep[0::2] & keep[1::2], 2)
+    return keep
+
+
+def kept_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The flat ids, labels and lengths of the kept samples (`kept_samples`; the others are dropped and counted)."""
+    keep = kept_samples(encoded)
     token_keep = np.repeat(keep, encoded["kept_length"])
     return {"input_ids": encoded["input_ids"][token_keep], "labels": encoded["labels"][token_keep],
             "lengths": encoded["kept_length"][keep]}

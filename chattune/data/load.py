@@ -46,7 +46,12 @@ class Validated:
     formats: dict[str, int] = field(default_factory=dict)
 
 
-def validate_chunk(chunk: Chunk) -> Validated:
+def validate_chunk(chunk: Chunk, pairs: bool = False) -> Validated:
+    """The chunk's records validated: as supervised conversations, or with `pairs` as preference pairs
+    (chattune.data.pairs)."""
+    from chattune.data.pairs import normalize_pair
+
+    normalize = normalize_pair if pairs else normalize_record
     out = Validated()
     try:
         records = chunk_records(chunk)
@@ -58,7 +63,7 @@ def validate_chunk(chunk: Chunk) -> Validated:
         if isinstance(record, BadLine):
             conversation, problems = None, [Problem(chunk.file, where, "", record.message)]
         else:
-            conversation, problems = normalize_record(record, file=chunk.file, where=where)
+            conversation, problems = normalize(record, file=chunk.file, where=where)
         if problems:
             out.bad_records += 1
             out.problems.add(problems)
@@ -126,7 +131,7 @@ def read_sources(sources: Sources, tally: Tally) -> Iterator[Chunk]:
 
 
 def load_conversations(
-    data_path: str | os.PathLike | Sequence[str | os.PathLike], *, skip_invalid: bool = False
+    data_path: str | os.PathLike | Sequence[str | os.PathLike], *, skip_invalid: bool = False, pairs: bool = False
 ) -> LoadResult:
     """Read every record of every file, validate all of them, and return the normalized conversations.
 
@@ -138,7 +143,7 @@ def load_conversations(
     tally = Tally(file_problems=list(sources.problems))
     conversations: list[Conversation] = []
     for chunk in read_sources(sources, tally):
-        validated = validate_chunk(chunk)
+        validated = validate_chunk(chunk, pairs)
         tally.add(validated)
         conversations += validated.conversations
     message = tally.error_message(skip_invalid)

@@ -88,6 +88,7 @@ class _Settings:
     control_tokens: tuple[str, ...]  # turn-structure tokens that must not stand in message text
     control_mode: str  # "error" | "text"
     char_cap: int = 0  # message texts are cut to this many characters before rendering (prepare.char_cap)
+    pairs: bool = False  # preference pairs (--stage dpo): two samples per record, chosen then rejected
 
 
 @dataclass
@@ -105,7 +106,7 @@ def _process(task: tuple[Chunk, bool], settings: _Settings) -> _ChunkResult:
     """Validate, render and tokenize one chunk (in a worker). With `encode` false only validate: the run already
     failed and goes on only to report every problem."""
     chunk, encode = task
-    validated = validate_chunk(chunk)
+    validated = validate_chunk(chunk, settings.pairs)
     conversations, validated.conversations = validated.conversations, []
     result = _ChunkResult(chunk.size, validated)
     if settings.control_tokens:
@@ -119,7 +120,7 @@ def _process(task: tuple[Chunk, bool], settings: _Settings) -> _ChunkResult:
     if encode and not failed and conversations:
         plain = settings.control_tokens if settings.control_mode == "text" else ()
         job = EncodeJob(conversations, settings.tokenizer, settings.template_kwargs, settings.stop_tokens,
-                   settings.max_length, settings.train_on, plain, settings.char_cap)
+                   settings.max_length, settings.train_on, plain, settings.char_cap, pairs=settings.pairs)
         encoded = encode_conversations((0, len(conversations)), job)
         result.report = report_of(encoded, settings.max_length, len(conversations), [], 0)
         result.arrays = kept_arrays(encoded)
@@ -181,7 +182,8 @@ def _settings_text(settings: _Settings) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocab = backend.to_str() if backend is not None else repr(tokenizer.get_vocab())
     values = [tokenizer.chat_template, settings.template_kwargs, settings.stop_tokens, settings.max_length,
-              tokenizer.special_tokens_map, settings.train_on, settings.skip_invalid, settings.control_mode]
+              tokenizer.special_tokens_map, settings.train_on, settings.skip_invalid, settings.control_mode,
+              *(["pairs"] if settings.pairs else [])]
     vocab_hash = hashlib.sha256(vocab.encode()).hexdigest()
     return f"chattune {__version__} stream v1 code {code_fingerprint()}\n{vocab_hash}\n" + json.dumps(
         values, sort_keys=True, default=str)
@@ -222,6 +224,7 @@ def prepare_files(
     special_tokens_in_content: str = "error",
     main: bool = True,
     what: str = "training",
+    pairs: bool = False,
 ) -> Prepared:
     """Read, validate and tokenize the data files of `data_path` into the cache in bounded memory, or load the cached
     result. `main` false (the other ranks of a node, after its main process): find the main process's result through
@@ -233,7 +236,7 @@ def prepare_files(
     render = make_renderer(tokenizer, template_kwargs)
     settings = _Settings(tokenizer, template_kwargs, list(stop_tokens), max_length, train_on, skip_invalid,
                          tuple(turn_structure_tokens(tokenizer, render, stop_tokens)), special_tokens_in_content,
-                         char_cap(tokenizer, max_length))
+                         char_cap(tokenizer, max_length), pairs)
     cache = usable_cache_dir(cache_dir)
     text = _settings_text(settings)
     stat = stat_key(text, sources)

@@ -64,6 +64,9 @@ class Conversation:
     format: str  # "sharegpt" | "messages" | "alpaca"
     tools: tuple[dict, ...] = ()  # {"type": "function", "function": {"name", "description", "parameters"}}
     masked: tuple[int, ...] = ()  # indices of assistant messages the data marks as not trained (train: false, ...)
+    # A preference pair (chattune.data.pairs): messages end with the chosen final assistant message, and this is the
+    # rejected one, which continues the same prompt (messages[:-1]); None for supervised conversations.
+    rejected: dict | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------

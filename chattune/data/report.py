@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from chattune.data.encode import IGNORE_INDEX
+from chattune.data.encode import IGNORE_INDEX, kept_samples
 from chattune.data.problems import DataError
 
 
@@ -37,6 +37,8 @@ class DataReport:
     content_control_tokens: int = 0  # conversations whose text holds turn-structure tokens, encoded as plain text
     capped_texts: int = 0  # message texts so long they were cut before tokenizing (see char_cap)
     beyond_limit_turns: int = 0  # trained turns whose prompt alone fills max_length: not rendered (see PromptLimit)
+    pairs: int = 0  # preference data: pairs read (two samples each: chosen, rejected); 0 for supervised data
+    pairs_dropped: int = 0  # pairs with a side whose answer lay wholly beyond max_length (both sides dropped)
     max_length: int = 0
     length_histogram: dict[str, int] = field(default_factory=dict)  # untruncated sample lengths
     skipped_examples: list[str] = field(default_factory=list)  # the first problems of the skipped records
@@ -55,8 +57,9 @@ class DataReport:
                 setattr(self, name, getattr(self, name) + value)
 
     def format(self) -> str:
+        what = f"{self.conversations} preference pairs" if self.pairs else f"{self.conversations} conversations"
         lines = [
-            f"data: {self.conversations} conversations from {len(self.files)} file(s)"
+            f"data: {what} from {len(self.files)} file(s)"
             + (f", {self.skipped_records} invalid records skipped" if self.skipped_records else ""),
             f"  samples {self.samples} ({self.own_turn_samples} turns rendered on their own"
             + (f", {self.token_exact_samples} of them for a token-exact prompt" if self.token_exact_samples else "")
@@ -67,6 +70,9 @@ class DataReport:
             + (", at least" if self.capped_texts else "") + f"); dropped with no trained token left: "
             f"{self.dropped_no_trained}",
         ]
+        if self.pairs:
+            lines.append(f"  pairs kept {self.pairs - self.pairs_dropped} (each a chosen and a rejected sample); dropped "
+                         f"because a side's answer lies beyond {self.max_length} tokens: {self.pairs_dropped}")
         if self.dropped_untrained:
             lines.append(f"  dropped with no turn to train (every assistant turn marked untrained in the data, or by "
                          f"--train_on): {self.dropped_untrained}")
@@ -146,7 +152,8 @@ def length_histogram(lengths: Sequence[int], max_length: int) -> dict[str, int]:
 def report_of(encoded: dict[str, np.ndarray], max_length: int, conversations: int, files, skipped_records: int
             ) -> DataReport:
     length, trained = encoded["length"], encoded["trained"]
-    kept = trained > 0
+    kept = kept_samples(encoded)
+    pairs = len(length) // 2 if "paired" in encoded else 0
     untrained = ~kept & ((encoded["trained_turns"] + encoded["beyond_limit"]) == 0)  # nothing to train, at any length
     truncated = kept & (length > max_length)
     return DataReport(
@@ -158,9 +165,10 @@ def report_of(encoded: dict[str, np.ndarray], max_length: int, conversations: in
         tool_call_turns=int(encoded["tool_call_turns"].sum()),
         unrendered_reasoning=int(encoded["unrendered_reasoning"].sum()), capped_texts=int(encoded["capped"].sum()),
         beyond_limit_turns=int(encoded["beyond_limit"].sum()),
-        kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained.sum()),
+        pairs=pairs, pairs_dropped=int((~kept[0::2]).sum()) if pairs else 0,
+        kept=int(kept.sum()), tokens=int(encoded["kept_length"][kept].sum()), trained_tokens=int(trained[kept].sum()),
         truncated=int(truncated.sum()), truncated_tokens=int((length[truncated] - max_length).sum()),
-        dropped_no_trained=int((~kept & ~untrained).sum()), dropped_untrained=int(untrained.sum()),
+        dropped_no_trained=int((~(trained > 0) & ~untrained).sum()), dropped_untrained=int(untrained.sum()),
         length_histogram=length_histogram(length.tolist(), max_length),
     )
 

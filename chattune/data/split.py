@@ -61,7 +61,12 @@ def held_out_count(val_size: float | int, conversations: int) -> int:
 
 
 def conversation_record(conv: Conversation) -> dict:
-    """The conversation as a `messages` record that reads back to the same conversation."""
+    """The conversation as a `messages` record that reads back to the same conversation (a preference pair as the
+    canonical pair record, chattune.data.pairs)."""
+    if conv.rejected is not None:
+        from chattune.data.pairs import pair_record
+
+        return pair_record(conv)
     messages = [dict(m) for m in conv.messages]
     for i in conv.masked:
         messages[i]["train"] = False
@@ -108,7 +113,7 @@ class Split:
 
 
 def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str | Path | None = None,
-               skip_invalid: bool = False, main: bool = True) -> Split:
+               skip_invalid: bool = False, main: bool = True, pairs: bool = False) -> Split:
     """The train / held-out files of `data_path`, made once per content, size and seed (see the module docstring).
     `main` false: the other ranks of a node find the main process's split (or its failure) without opening a data
     file."""
@@ -129,7 +134,7 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
         raise DataError(Tally(file_problems=sources.problems).error_message(skip_invalid))
     cache = usable_cache_dir(cache_dir)
     text = f"chattune {__version__} split v2 code {code_fingerprint()}\n" + json.dumps([str(val_size), seed,
-                                                                                          skip_invalid])
+                                                                                          skip_invalid, pairs])
     stat = "split-" + stat_key(text, sources)
     if not main:
         key = read_index(cache, stat)
@@ -149,7 +154,7 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
             return _load(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache / "splits"))
         try:
-            _write_split(tmp, sources, val_size, seed, skip_invalid, key)
+            _write_split(tmp, sources, val_size, seed, skip_invalid, key, pairs)
             try:
                 os.replace(tmp, target)
             except OSError as e:  # another node, without a working lock, finished the same split first
@@ -163,7 +168,8 @@ def split_data(data_path: str, val_size: float | int, seed: int, cache_dir: str 
     return _load(target)
 
 
-def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_invalid: bool, key: str) -> None:
+def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_invalid: bool, key: str,
+                 pairs: bool = False) -> None:
     import hashlib
 
     import numpy as np
@@ -172,7 +178,7 @@ def _write_split(folder: Path, sources, val_size: float | int, seed: int, skip_i
     every, labels = folder / "all.jsonl", folder / "sources.txt"
     with open(every, "w", encoding="utf-8") as out, open(labels, "w", encoding="utf-8") as names:
         for chunk in read_sources(sources, tally):
-            validated = validate_chunk(chunk)
+            validated = validate_chunk(chunk, pairs)
             tally.add(validated)
             for conv in validated.conversations:
                 out.write(json.dumps(conversation_record(conv), ensure_ascii=False, sort_keys=True) + "\n")
@@ -272,4 +278,4 @@ def carry_held_out(source_dir: str | Path, out_dir: str | Path) -> None:
 
 def conversation_key(conv: Conversation) -> str:
     """Identity of a conversation's content (to keep held-out conversations out of another use of the same data)."""
-    return json.dumps([conv.messages, conv.tools, conv.masked], ensure_ascii=False, sort_keys=True)
+    return json.dumps([conv.messages, conv.tools, conv.masked, conv.rejected], ensure_ascii=False, sort_keys=True)

@@ -133,6 +133,27 @@ class TrainingArguments(transformers.TrainingArguments):
                           "step, nanochat-style; samples per step then vary with their lengths. Default 0: every step "
                           "holds per_device_train_batch_size x gradient_accumulation_steps x processes samples."},
     )
+    stage: Literal["sft", "dpo"] = field(
+        default="sft",
+        metadata={"help": "sft: imitate every trained assistant turn | dpo: preference optimization on pairs (a prompt "
+                          "with a chosen and a rejected final answer), with the loss --pref_loss."},
+    )
+    pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = field(
+        default="sigmoid",
+        metadata={"help": "--stage dpo: sigmoid (DPO) | ipo | simpo (reference-free, length-normalized) | orpo "
+                          "(reference-free, odds ratio + SFT on chosen)."},
+    )
+    pref_beta: float | None = field(
+        default=None,
+        metadata={"help": "--stage dpo: beta, the reward scale (default 0.1; simpo 2.0). ORPO's weight is "
+                          "--orpo_alpha."},
+    )
+    simpo_gamma: float = field(default=1.0, metadata={"help": "SimPO's target reward margin gamma (default 1.0)."})
+    orpo_alpha: float = field(default=0.1, metadata={"help": "ORPO's weight of the odds-ratio term (lambda, 0.1)."})
+    pref_sft_weight: float = field(
+        default=0.0,
+        metadata={"help": "--stage dpo: add this weight x the chosen answer's mean token NLL to every pair's loss."},
+    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={"help": "MoE models: weight of the routers' load-balancing loss added to the cross-entropy. Default: "
@@ -203,6 +224,11 @@ class TrainingArguments(transformers.TrainingArguments):
             if save == "steps":
                 self.eval_steps = self.save_steps
         super().__post_init__()
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the data is preference pairs (--stage dpo): every sample is a chosen and a rejected sequence."""
+        return self.stage == "dpo"
 
     def micro_batch_tokens(self) -> int:
         """Tokens per device micro-batch: --max_tokens_per_batch, else the padded worst case (batch x max length)."""

@@ -143,9 +143,10 @@ class StepSampler(torch.utils.data.Sampler):
     the current epoch, `per_rank` per step. `set_epoch` reshuffles (the Trainer's epoch callback calls it); the
     order is read when iteration starts."""
 
-    def __init__(self, lengths: Sequence[int], shape: StepShape, per_rank: int, rank: int) -> None:
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self.shape, self.per_rank, self.rank = shape, per_rank, rank
+    def __init__(self, lengths: Sequence[int], shape: StepShape, per_rank: int, rank: int, pairs: bool = False
+                 ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # of preference pairs: both sides (`pair_lengths`)
+        self.shape, self.per_rank, self.rank, self.pairs = shape, per_rank, rank, pairs
         self.filler = int(np.argmin(self.lengths)) if len(self.lengths) else 0
         self.epoch = 0
         self.steps = len(epoch_steps(self.lengths, shape, 0))
@@ -161,10 +162,23 @@ class StepSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for step in self.step_layout(self.epoch):
             for batch in step[self.rank]:
-                yield batch or [~self.filler]
+                batch = batch or [~self.filler]
+                yield pair_samples(batch) if self.pairs else batch
 
     def __len__(self) -> int:
         return self.steps * self.per_rank
+
+
+def pair_lengths(lengths: Sequence[int]) -> np.ndarray:
+    """Tokens of every preference pair (its samples are chosen, rejected, chosen, ...): both sides together, which is
+    what a pair costs in a micro-batch."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return lengths[0::2] + lengths[1::2]
+
+
+def pair_samples(pairs: Sequence[int]) -> list[int]:
+    """The samples of pairs, each pair's chosen then rejected side (a filler pair `~k`: both sides as fillers)."""
+    return [s for k in pairs for s in ((2 * k, 2 * k + 1) if k >= 0 else (~(2 * ~k), ~(2 * ~k + 1)))]
 
 
 class Fillable(torch.utils.data.Dataset):

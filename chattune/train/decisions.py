@@ -1,5 +1,5 @@
 """Decisions of the plan that stand on their own: the optimizer, the recompute (activation checkpointing) for the GPU
-at hand, and the MoE routers' load-balancing loss. Each returns what it chose with the reason, for
+at hand, the MoE routers' load-balancing loss, and the preference objective. Each returns what it chose with the reason, for
 `chattune.train.plan.make_plan`."""
 
 from __future__ import annotations
@@ -107,3 +107,24 @@ def plan_experts(model_args: Any, cls: ModelClass) -> Decision | None:
     if given != "auto":
         return Decision(given, "--experts_implementation")
     return Decision("grouped_mm", "transformers' grouped GEMM over all experts at once (not a loop over them)")
+
+
+def plan_objective(training_args: Any, mode: str) -> Decision | None:
+    """--stage dpo: the preference loss, and where the reference log-probs come from (the reason)."""
+    from chattune.train.preference import PrefLoss
+
+    if not getattr(training_args, "pairs", False):
+        return None
+    objective = PrefLoss.from_args(training_args)
+    if objective.reference_free:
+        return Decision(objective.describe(), "none (reference-free loss: no reference weights, no second forward)")
+    if mode != "full":
+        return Decision(objective.describe(), "the base model with the adapter disabled (no second copy of the "
+                                              "weights; one more forward without gradients per micro-batch)")
+    if zero_setup_from_config(training_args.deepspeed)[0] == 3:
+        raise ConfigError(f"--stage dpo --pref_loss {objective.kind} with full fine-tuning under ZeRO-3 needs a "
+                          "partitioned reference model, which chattune does not build yet: train LoRA (--use_lora; "
+                          "the reference is the base with the adapter disabled), use a reference-free loss "
+                          "(--pref_loss simpo or orpo), or ZeRO-2")
+    return Decision(objective.describe(), "a frozen copy of the base model (full fine-tuning: one more copy of the "
+                                          "weights in memory, one more forward without gradients)")

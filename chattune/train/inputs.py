@@ -44,7 +44,7 @@ class Data:
 
 def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, max_length: int,
                main_process_first: Any = None, main: bool = True, seed: int = 42, output_dir: str | None = None,
-               first: bool = True, overwrite: bool = False) -> Data:
+               first: bool = True, overwrite: bool = False, pairs: bool = False) -> Data:
     """Read, validate and tokenize the data in bounded memory (chattune.data.prepare). In a distributed run the main process
     of each node prepares it first; the other ranks (`main` false) then memory-map its cache without opening the
     data files. With --val_size the training data is split first (chattune.data.split) and the held-out part is the
@@ -57,7 +57,7 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
     if val_size is not None:
         with main_process_first(desc="splitting data") if main_process_first else contextlib.nullcontext():
             split = split_data(data_args.data_path, val_size, seed, data_args.data_cache_dir,
-                               data_args.skip_invalid_records, main=main)
+                               data_args.skip_invalid_records, main=main, pairs=pairs)
         if first:
             if output_dir:
                 publish(split, output_dir, overwrite)
@@ -68,7 +68,7 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
         held = replace(data_args, data_path=str(split.train), eval_data_path=str(split.val), val_size="0",
                        skip_invalid_records=False)
         try:
-            data = build_data(tokenizer, setup, held, max_length, main_process_first, main)
+            data = build_data(tokenizer, setup, held, max_length, main_process_first, main, pairs=pairs)
         except UserError as e:  # name the user's file and record, not the split's copy
             raise type(e)(split.original_place(str(e))) from None
         report = data.train.report
@@ -83,7 +83,7 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
             path, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length, template_kwargs=template_kwargs,
             cache_dir=data_args.data_cache_dir, num_proc=data_args.preprocessing_num_workers,
             skip_invalid=data_args.skip_invalid_records, train_on=data_args.train_on,
-            special_tokens_in_content=data_args.special_tokens_in_content, main=main, what=what,
+            special_tokens_in_content=data_args.special_tokens_in_content, main=main, what=what, pairs=pairs,
         )
 
     # The evaluation data first: usually small, and its problems show before the long preparation of the training data.

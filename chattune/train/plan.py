@@ -34,6 +34,7 @@ from chattune.train.decisions import (
     Decision,
     Recompute,
     plan_experts,
+    plan_objective,
     plan_optimizer,
     plan_recompute,
     plan_router_aux,
@@ -150,6 +151,7 @@ class Plan:
     router_aux_why: str = ""
     optimizer: Decision = Decision("adamw_torch", "")
     experts: Decision | None = None  # MoE: how the experts run
+    objective: Decision | None = None  # --stage dpo: the preference loss, and where its reference log-probs come from
     adapted: dict[str, Any] | None = None  # after the model is built: trainable parameters, modules trained in full
 
     def with_model(self, **facts: Any) -> Plan:
@@ -170,6 +172,8 @@ class Plan:
             "steps": b.steps, "steps_per_epoch": b.steps_per_epoch, "epochs": b.epochs,
             "loss": "standard" if self.loss.choice == "none" else f"fused linear+CE ({self.loss.choice})",
             "loss_why": self.loss.why, "logit_transform": self.logit_transform.describe(),
+            "objective": self.objective.choice if self.objective else "supervised (cross-entropy on trained tokens)",
+            "reference": self.objective.why if self.objective else None,
             "optimizer": self.optimizer.choice, "optimizer_why": self.optimizer.why,
             "experts": self.experts.choice if self.experts else None,
             "experts_why": self.experts.why if self.experts else None,
@@ -190,9 +194,10 @@ class Plan:
         p = self.to_dict()
         if p["logit_transform"] != "none":
             p["loss"] += f", logit transform {p['logit_transform']}"
-        step = (f"{p['global_batch_samples']:g} samples" if not p["tokens_per_step"]
-                else f"~{p['global_batch_samples']:g} samples (steps of ~{p['tokens_per_step']:,} tokens)")
-        cut = (f"at most {p['samples_per_micro_batch']} samples each, padded to their longest"
+        unit = "pairs" if self.objective else "samples"
+        step = (f"{p['global_batch_samples']:g} {unit}" if not p["tokens_per_step"]
+                else f"~{p['global_batch_samples']:g} {unit} (steps of ~{p['tokens_per_step']:,} tokens)")
+        cut = (f"at most {p['samples_per_micro_batch']} {unit} each, padded to their longest"
                if p["samples_per_micro_batch"] else p["batches"].split(", ", 1)[1])
         lines = [
             "plan:",
@@ -214,6 +219,7 @@ class Plan:
             f"{p['micro_batches_per_step']} micro-batch(es) per process and step, {cut}",
             f"  steps      {p['steps']} ({p['steps_per_epoch']} per epoch, {p['epochs']:g} epoch(s))"
             + (f", {p['estimated_time']}" if p["estimated_time"] else ""),
+            *([f"  objective  {p['objective']}; reference: {p['reference']}"] if self.objective else []),
             f"  loss       {p['loss']}: {p['loss_why']}",
             *([f"  routers    load-balancing loss x {p['router_aux_loss_coef']:g} ({p['router_aux_why']})"
                if p["router_aux_loss_coef"] else f"  routers    no load-balancing loss ({p['router_aux_why']})"]
@@ -269,6 +275,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         sample_boundaries=attention.packing and (cls.linear_attention or (attention.implementation or "").startswith(
             "flash_attention")),
         batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
+        objective=plan_objective(training_args, mode),
         recompute=recompute, schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
         notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
@@ -284,6 +291,7 @@ def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: 
     choose_attention(model_args.attn_implementation, training_args.packing, cls, cuda=hardware.cuda,
                      flash_problem=hardware.flash_problem)
     plan_loss(training_args, lora_args, cls, mode, hardware)
+    plan_objective(training_args, mode)
 
 
 STOP_CONTRACT = ("SIGTERM, SIGUSR1 or $CHATTUNE_STOP_FILE: a checkpoint at the end of the current step on every rank, "
@@ -326,18 +334,21 @@ def _budget(training_args: Any, shape: ModelShape | None, setup: Any, hardware: 
     """Tokens per packed micro-batch: --max_tokens_per_batch, else the largest power of two (up to 16,384) whose
     estimated peak fits in 90% of this GPU, else the padded worst case (batch x max length)."""
     given = training_args.max_tokens_per_batch
-    floor = training_args.per_device_train_batch_size * training_args.model_max_length
+    longest = training_args.model_max_length * (2 if getattr(training_args, "pairs", False) else 1)  # a pair: two
+    floor = training_args.per_device_train_batch_size * longest
     if given:
-        if given < training_args.model_max_length:
-            raise ConfigError(f"--max_tokens_per_batch {given} is below --model_max_length "
-                              f"{training_args.model_max_length}: the longest samples would fit no micro-batch")
+        if given < longest:
+            what = "twice --model_max_length (a pair holds two sequences)" if longest > training_args.model_max_length \
+                else "--model_max_length"
+            raise ConfigError(f"--max_tokens_per_batch {given} is below {what} {longest}: the longest samples would "
+                              "fit no micro-batch")
         return given
     if shape is None or not hardware.gpu_memory_gb:
         return floor
-    fits = [2**k for k in range(10, 15) if 2**k >= training_args.model_max_length and 2**k <= LARGEST_BUDGET
+    fits = [2**k for k in range(10, 15) if 2**k >= longest and 2**k <= LARGEST_BUDGET
             and estimate(shape, dataclasses.replace(setup, micro_batch_tokens=2**k))["total"] / GB
             <= 0.9 * hardware.gpu_memory_gb]
-    return max(fits + [training_args.model_max_length]) if fits else max(floor, training_args.model_max_length)
+    return max(fits + [longest]) if fits else max(floor, longest)
 
 
 def plan_batch(training_args: Any, lengths: np.ndarray, processes: int, packing: Decision, budget: int) -> Batch:
@@ -382,6 +393,9 @@ def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, ha
         return Decision("none", f"{cls.name}'s forward has no logits_to_keep (remote code)")
     liger_problem = hardware.liger_problem or ("ZeRO-3 partitions the output layer" if zero3 else None) or (
         "remote code: its output layer may not be a plain linear layer" if cls.remote_code else None)
+    if requested == "liger" and getattr(training_args, "pairs", False):
+        raise ConfigError("--fused_ce liger: preference losses need every sequence's log-prob, and Liger's fused "
+                          "kernel gives one sum; use --fused_ce auto or chunked")
     if requested == "liger":
         if liger_problem:
             raise ConfigError(f"--fused_ce liger: {liger_problem}; use --fused_ce chunked")
@@ -397,6 +411,9 @@ def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, ha
         return Decision("none", "ZeRO-3 with a frozen output layer (the chunked loss cannot re-gather it)")
     if requested == "chunked":
         return Decision("chunked", "--fused_ce chunked")
+    if getattr(training_args, "pairs", False):
+        return Decision("chunked", "chunks of the output layer, recomputed in backward (preference losses need "
+                                   "per-sequence log-probs)")
     if hardware.cuda and liger_problem is None:
         return Decision("liger", "Liger's fused kernel on CUDA")
     why = "no CUDA GPU" if not hardware.cuda else liger_problem

@@ -38,12 +38,22 @@ def run_report(trainer, clock, plan: Any, data, expert_load: dict[str, Any] | No
                               and trainer.state.global_step < trainer.state.max_steps),
         # MoE: tokens routed to each expert of each layer over this process's training, all ranks
         "expert_load": expert_load,
+        # --stage dpo: rewards, margins and reward accuracy, of the last logged window and of the held-out pairs
+        "preference": _preference(history, evals) if plan.objective is not None else None,
         "loss_path": trainer.loss.kind,  # as trained: auto falls back to "none" if the first-batch check fails
         "versions": {
             "chattune": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, **_optional_versions(),
         },
     }
+
+
+def _preference(history: list[dict], evals: list[dict]) -> dict[str, Any]:
+    last = next((h for h in reversed(history) if "rewards/margins" in h), {})
+    held = evals[-1] if evals else {}
+    return {"train": {k: v for k, v in last.items() if k.startswith(("rewards/", "logps/"))} or None,
+            "eval": {k.removeprefix("eval_"): v for k, v in held.items()
+                     if k.startswith(("eval_rewards/", "eval_logps/")) or k == "eval_pairs"} or None}
 
 
 def format_done(out: str, report: dict[str, Any]) -> str:
@@ -54,6 +64,10 @@ def format_done(out: str, report: dict[str, Any]) -> str:
                      f"{Path(report['best_checkpoint']).name}{stop})")
     elif report["eval_loss"] is not None:
         parts.append(f"eval loss {report['eval_loss']:.4f}")
+    held = (report.get("preference") or {}).get("eval")
+    if held:
+        parts.append(f"held-out reward accuracy {held['rewards/accuracies']:.1%}, margin "
+                     f"{held['rewards/margins']:.4f}")
     parts.append(f"{report['tokens_per_second']:,.0f} tokens/s")
     if report["peak_gpu_memory_gb"] is not None:
         parts.append(f"peak GPU memory {report['peak_gpu_memory_gb']} GB")

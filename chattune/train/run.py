@@ -26,7 +26,7 @@ from chattune.train.args import (
     ModelArguments,
     TrainingArguments,
 )
-from chattune.train.batches import StepSampler, sample_lengths
+from chattune.train.batches import StepSampler, pair_lengths, sample_lengths
 from chattune.train.callbacks import (
     CheckpointFilesCallback,
     EpochCallback,
@@ -62,6 +62,8 @@ from chattune.train.plan import (
     make_plan,
     trainer_arguments,
 )
+from chattune.train.pref_trainer import PreferenceTrainer, turn_off_dropout
+from chattune.train.preference import PrefLoss
 from chattune.train.report import format_done, run_report
 from chattune.train.save import (
     finish_distributed,
@@ -98,13 +100,13 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
                       main_process_first=training_args.main_process_first,
                       main=training_args.local_process_index == 0, seed=training_args.seed,
                       output_dir=training_args.output_dir, first=training_args.process_index == 0,
-                      overwrite=training_args.overwrite_output_dir)
+                      overwrite=training_args.overwrite_output_dir, pairs=training_args.pairs)
     show_data(data, tokenizer, data_args.preview_data, training_args.process_index == 0)
     if data_args.dump_tokenized:
         if training_args.process_index == 0:
             dump_tokenized(data.train, data_args.dump_tokenized)
         return None
-    plan = make_plan(model_args, data_args, training_args, lora_args, cls, sample_lengths(data.train.dataset),
+    plan = make_plan(model_args, data_args, training_args, lora_args, cls, train_lengths(data, training_args),
                      hardware, read_output_dir(training_args), has_eval=data.eval is not None,
                      transform=logit_transform(config), shape=model_shape(config, model_args.trust_remote_code))
     tidy_output_dir(plan, training_args)
@@ -115,8 +117,10 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
             raise ConfigError(problem)
     transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
     model, adapted = build_model(model_args, training_args, lora_args, plan, tokenizer, template, data, config)
+    reference = reference_model(model, plan, training_args)
     plan = plan.with_model(**adapted)
-    trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args)
+    trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args,
+                                               reference)
     trainer.base_fingerprint = fingerprint
     if training_args.process_index == 0:
         log(plan.format())
@@ -136,6 +140,26 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
 # --------------------------------------------------------------------------------------------------------------
 # Stages
 # --------------------------------------------------------------------------------------------------------------
+
+
+def train_lengths(data: Data, training_args: TrainingArguments) -> Any:
+    """What the steps are cut from: the training samples' lengths, or of preference pairs both sides' together."""
+    lengths = sample_lengths(data.train.dataset)
+    return pair_lengths(lengths) if training_args.pairs else lengths
+
+
+def reference_model(model: Any, plan: Plan, training_args: TrainingArguments) -> Any:
+    """Full fine-tuning with a loss that compares against a reference: a frozen copy of the base, in the compute
+    dtype, taken before any training (a resumed run loads its checkpoint into the policy only). None otherwise: a
+    LoRA run's reference is its base with the adapter disabled."""
+    if plan.objective is None or plan.mode != "full" or plan.objective.why.startswith("none"):
+        return None
+    import copy
+
+    from chattune.train.architecture import compute_dtype
+
+    reference = copy.deepcopy(model).requires_grad_(False).eval()
+    return reference.to(device=training_args.device, dtype=compute_dtype(training_args))
 
 
 def show_data(data: Data, tokenizer: Any, samples: int, main: bool) -> None:
@@ -191,6 +215,9 @@ def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, tem
         adapted.update(modules_to_save=modules, modules_to_save_reason=why)
         model = apply_lora(model, training_args, lora_args, modules, recompute=plan.recompute.every > 0)
         adapted["adapters"] = adapter_summary(model)
+    if plan.objective is not None and turn_off_dropout(model):
+        log("dropout off (--stage dpo): the chosen and rejected log-probs, and the policy's against the reference's, "
+            "come from the same function")
     adapted["trainable_params"], adapted["total_params"] = count_parameters(model)
     if training_args.compile_layers:
         log(f"torch.compile: {compile_decoder_layers(model)} decoder layers (compiled on first use)")
@@ -223,13 +250,16 @@ def apply_liger_kernels(model: Any, required: bool) -> None:
         log(f"liger kernels not applied: {e}")
 
 
-def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, template, data_args
+def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, template, data_args, reference: Any = None
                   ) -> tuple[ChatTrainer, ThroughputCallback, PreemptionCallback]:
     args = trainer_arguments(plan, training_args)
-    steps = StepSampler(sample_lengths(data.train.dataset), plan.batch.shape, plan.batch.micro_batches_per_step,
-                        rank=args.process_index)
+    steps = StepSampler(train_lengths(data, training_args), plan.batch.shape, plan.batch.micro_batches_per_step,
+                        rank=args.process_index, pairs=training_args.pairs)
     preemption, clock = PreemptionCallback(), ThroughputCallback()
-    trainer = ChatTrainer(
+    kind, extra = ChatTrainer, {}
+    if plan.objective is not None:
+        kind, extra = PreferenceTrainer, {"objective": PrefLoss.from_args(training_args), "ref_model": reference}
+    trainer = kind(
         model=model, args=args, train_dataset=data.train.dataset,
         eval_dataset=data.eval.dataset if data.eval else None, data_collator=padding_collator(tokenizer),
         processing_class=tokenizer,
@@ -237,7 +267,7 @@ def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, templ
                    *([EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else [])],
         loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform, plan.router_aux),
         steps=steps,
-        boundaries=plan.sample_boundaries, stop_on_save_error=args.stop_on_save_error,
+        boundaries=plan.sample_boundaries, stop_on_save_error=args.stop_on_save_error, **extra,
     )
     set_trained_stops(model, tokenizer, template)
     trainer.add_callback(CheckpointFilesCallback(

@@ -30,6 +30,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += _deepspeed_config_problems(training_args)
     problems += hf_cache_problems()
     problems += _batch_problems(data_args, training_args)
+    problems += _preference_problems(data_args, training_args)
     problems += _number_problems(training_args, lora_args)
     if not data_args.dump_tokenized:
         problems += _output_problems(training_args.output_dir)
@@ -221,6 +222,32 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
                             f"{why}; use --save_strategy steps (the default) or epoch")
     if training_args.early_stopping_patience < 0:
         problems.append(f"--early_stopping_patience {training_args.early_stopping_patience}: give 0 (off) or more")
+    return problems
+
+
+def _preference_problems(data_args: Any, training_args: Any) -> list[str]:
+    """Preference flags without --stage dpo (they would be ignored), and numbers outside their range."""
+    t = training_args
+    given = [flag for flag, value, default in (
+        ("--pref_loss", t.pref_loss, "sigmoid"), ("--pref_beta", t.pref_beta, None), ("--simpo_gamma", t.simpo_gamma, 1.0),
+        ("--orpo_alpha", t.orpo_alpha, 0.1), ("--pref_sft_weight", t.pref_sft_weight, 0.0)) if value != default]
+    if t.stage != "dpo":
+        return [f"{flag} applies to preference training only: add --stage dpo (with pairs as data)" for flag in given]
+    problems = []
+    if t.pref_beta is not None and not t.pref_beta > 0:
+        problems.append(f"--pref_beta {t.pref_beta}: beta must be above 0 (DPO uses 0.1)")
+    for flag, value in (("--simpo_gamma", t.simpo_gamma), ("--orpo_alpha", t.orpo_alpha),
+                        ("--pref_sft_weight", t.pref_sft_weight)):
+        if not value >= 0:
+            problems.append(f"{flag} {value}: give 0 or more")
+    wrong = {"--simpo_gamma": "simpo", "--orpo_alpha": "orpo"}
+    problems += [f"{flag} applies to --pref_loss {loss} only (this run uses {t.pref_loss})"
+                 for flag, loss in wrong.items() if flag in given and t.pref_loss != loss]
+    if t.pref_beta is not None and t.pref_loss == "orpo":
+        problems.append("--pref_beta: ORPO has no beta; its odds-ratio weight is --orpo_alpha")
+    if data_args.train_on != "all":
+        problems.append(f"--train_on {data_args.train_on}: a preference pair compares its final answers only; leave "
+                        "--train_on out with --stage dpo")
     return problems
 
 

@@ -1,0 +1,210 @@
+"""`PreferenceTrainer`: ChatTrainer with a preference loss (chattune.train.preference) over whole pairs.
+
+Everything that makes supervised runs exact carries over: the planned steps (pairs instead of samples), packed or
+padded micro-batches that change no number, the step's loss as a mean over the global batch (its real pairs,
+counted by the trainer over the accumulation window and every rank), staged checkpoints, signals and resume.
+
+The reference log-probs of a LoRA run come from the same model with the adapter disabled (no second copy of the
+weights); a full fine-tuning run keeps a frozen copy of the base (`ref_model`); SimPO and ORPO need none. Rewards,
+margins and reward accuracy are logged with the loss and reported for the held-out pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+
+from chattune.errors import ConfigError
+from chattune.train.batches import (
+    PackingCollator,
+    pack_bins,
+    pair_lengths,
+    pair_samples,
+    sample_lengths,
+)
+from chattune.train.loss import _out_features, base_model
+from chattune.train.preference import (
+    PairResult,
+    PrefLoss,
+    logps_from_hidden,
+    logps_from_logits,
+    pair_count,
+    pair_losses,
+    sequence_index,
+)
+from chattune.train.trainer import ChatTrainer
+
+# What the logs and the report hold per pair: summed over the logging window (and the ranks), then averaged.
+STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+         "logps/rejected")
+
+
+def pair_stats(result: PairResult) -> torch.Tensor:
+    """[pairs, then the sum of every STATS entry] over a micro-batch's real pairs."""
+    real, margin = result.real, result.chosen_reward - result.rejected_reward
+    values = [result.chosen_reward, result.rejected_reward, margin, (margin > 0).to(margin.dtype),
+              result.chosen_logps, result.rejected_logps]
+    return torch.stack([real.sum(), *((v * real).sum() for v in values)]).detach().double()
+
+
+def stats_means(totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
+    pairs = float(totals[0])
+    return {f"{prefix}{name}": (float(v) / pairs if pairs else float("nan")) for name, v in zip(STATS, totals[1:])}
+
+
+class PreferenceTrainer(ChatTrainer):
+    def __init__(self, *args, objective: PrefLoss, ref_model: Any = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.ref_model = ref_model
+        self.window_stats: torch.Tensor | None = None
+
+    # ---- the pairs a step's loss is the mean over --------------------------------------------------------------
+
+    def count_trained_tokens(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Real pairs of the global batch (this accumulation window's micro-batches, summed over all ranks)."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        count = sum(pair_count(b["labels"], b.get("position_ids")).to(device) for b in batch_samples)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        if not self.loss_checked:
+            self.check_loss(model, inputs)
+        result = self.pair_result(model, inputs, labels)
+        total = result.loss.sum()
+        if num_items_in_batch is None:  # outside the training loop: this micro-batch's own mean
+            loss = total / result.real.sum().clamp(min=1)
+        else:
+            stats = pair_stats(result)
+            self.window_stats = stats if self.window_stats is None else self.window_stats + stats
+            # DDP and DeepSpeed average gradients over ranks: this rank's share of the global sum is worth `ranks`
+            loss = total / num_items_in_batch.to(total.device).clamp(min=1) * self.accelerator.num_processes
+        return (loss, None) if return_outputs else loss
+
+    def pair_result(self, model, inputs: dict[str, Any], labels: torch.Tensor) -> PairResult:
+        index, sequences = sequence_index(labels, inputs.get("position_ids"))
+        policy = self.sequence_logps(model, inputs, labels, index, sequences)
+        reference = None
+        if not self.objective.reference_free:
+            with torch.no_grad(), self.reference_context():
+                reference = self.sequence_logps(self.ref_model or model, inputs, labels, index, sequences,
+                                                owner=self.ref_model)
+        return pair_losses(self.objective, policy, reference)
+
+    def reference_context(self):
+        """The reference model: the frozen copy where there is one, else the policy with its adapter disabled."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not hasattr(unwrapped, "disable_adapter"):
+            raise ConfigError("--stage dpo without an adapter needs a reference model (full fine-tuning keeps one)")
+        return unwrapped.disable_adapter()
+
+    def sequence_logps(self, model, inputs: dict[str, Any], labels: torch.Tensor, index: torch.Tensor,
+                       sequences: int, owner: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-prob sum, token count) of every sequence, through the run's loss path (chunked output layer from the
+        hidden states, or the model's own logits). `owner`: the module whose decoder and output layer run (the
+        reference copy), else the trained model's."""
+        if self.loss.kind == "none":
+            return logps_from_logits(model(**inputs).logits, labels, index, sequences)
+        module = base_model(owner if owner is not None else self.accelerator.unwrap_model(self.model))
+        hidden: list[torch.Tensor] = []
+        handle = module.get_decoder().register_forward_hook(
+            lambda _m, _a, out: hidden.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+        try:
+            model(**inputs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        head = module.get_output_embeddings()
+        with self.accelerator.autocast():
+            return logps_from_hidden(head, hidden[-1], labels, index, sequences, _out_features(head),
+                                     self.loss.transform)
+
+    # ---- logs ------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs carry the window's mean rewards, margins and accuracy (every rank calls log together)."""
+        if "loss" in logs and not any(k.startswith("eval_") for k in logs) and self.window_stats is not None:
+            totals = self.window_stats
+            if self.args.world_size > 1:
+                totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+            logs = {**logs, **{k: round(v, 6) for k, v in stats_means(totals).items()}}
+            self.window_stats = None
+        super().log(logs, start_time)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The mean pair loss, rewards, margins and reward accuracy over every held-out pair (summed over batches and
+        ranks, then divided once)."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ConfigError("evaluation needs --eval_data_path or --val_size")
+        start = time.time()
+        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
+        was_training = model.training
+        model.eval()
+        loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        totals = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=self.args.device)
+        with torch.no_grad():
+            for batch, real in self._eval_pair_batches(dataset):
+                batch = self.prepare_inputs(batch)
+                labels = batch.pop("labels")
+                with self.compute_loss_context_manager():
+                    result = self.pair_result(model, batch, labels)
+                if real:
+                    loss += result.loss.sum().double()
+                    totals += pair_stats(result).to(totals.device)
+        model.train(was_training)
+        if self.args.world_size > 1:
+            loss = self.accelerator.reduce(loss, reduction="sum")
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        pairs = int(totals[0].item())
+        metrics = {f"{metric_key_prefix}_loss": loss.item() / pairs if pairs else float("nan"),
+                   f"{metric_key_prefix}_pairs": pairs,
+                   **stats_means(totals, f"{metric_key_prefix}_"),
+                   f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _eval_pair_batches(self, dataset):
+        """This rank's eval micro-batches of whole pairs, each with whether it counts (short ranks repeat one that
+        does not, so every rank runs the same forwards)."""
+        lengths = pair_lengths(sample_lengths(dataset))
+        if self.steps is not None and self.steps.shape.packed:
+            groups = pack_bins(lengths.tolist(), max(self.steps.shape.budget, int(lengths.max(initial=1))))
+            collate = PackingCollator(self.boundaries)
+        else:
+            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+            size = self.args.per_device_eval_batch_size
+            groups = [order[i:i + size] for i in range(0, len(order), size)]
+            collate = self.data_collator
+        ranks, rank = self.args.world_size, self.args.process_index
+        per_rank = math.ceil(len(groups) / ranks) if groups else 0
+        mine = groups[rank::ranks]
+        for group in mine:
+            yield collate([dataset[i] for i in pair_samples(group)]), True
+        for _ in range(per_rank - len(mine)):
+            yield collate([dataset[i] for i in pair_samples(groups[0])]), False
+
+
+def turn_off_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout module's rate to 0: the chosen and rejected log-probs (and the policy's against the
+    reference's) must come from the same function, or identical answers would score differently. Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p = 0.0
+            count += 1
+    return count
