@@ -120,6 +120,21 @@ def test_peft_alone_leaves_dense_and_shared_mlps_unadapted(model_dirs, monkeypat
     assert not [n for n in names if re.search(r"(layers\.0\.mlp|shared_experts)\.(gate|up|down)_proj\.lora_A$", n)]
 
 
+@pytest.mark.parametrize("family, kept", [("deepseek_v2", True), ("qwen2", False)])
+def test_the_peft_3711_note_names_the_kept_layers_of_converted_moe_models_only(family, kept, model_dirs, capsys):
+    """peft writes all-linear as full module names for every model: the note must not fire on a dense model."""
+    from transformers import AutoModelForCausalLM
+
+    from chattune.train.args import LoraArguments
+    from chattune.train.lora import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(model_dirs(family), dtype=torch.float32)
+    training = type("T", (), {"gradient_checkpointing": False})()
+    apply_lora(model, training, LoraArguments(lora_r=RANK, lora_dropout=0.0), [])
+    note = "dense/shared-expert MLP layers of this MoE model are adapted" in capsys.readouterr().err
+    assert note == kept
+
+
 def switch_load_balancing_loss(router_logits: list[torch.Tensor], mask: torch.Tensor, top_k: int) -> torch.Tensor:
     """The Switch Transformer load-balancing loss over all MoE layers' real tokens, written here from the paper (eqs.
     4-6) as transformers applies it to Qwen-MoE: E * sum_e f_e * P_e, where f_e is the share of top-k assignments

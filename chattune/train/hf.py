@@ -251,3 +251,17 @@ def keep_linear_moe_targets() -> None:
     convert_keeping_linear_targets.keeps_linear_targets = True
     convert_keeping_linear_targets.original = convert
     conversion._convert_peft_config_moe = convert_keeping_linear_targets
+
+
+def kept_linear_moe_targets(model: Any, target_modules: Any) -> list[str]:
+    """The adapted nn.Linear layers that plain peft 0.21.2 would have moved to the fused experts (peft#3711): the
+    targets named like an expert projection, of a model type peft converts. Empty for other models (peft writes
+    all-linear as full names for every model, so a full name alone says nothing)."""
+    import peft.utils.transformers_weight_conversion as conversion
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    mapping = conversion._MOE_TARGET_MODULE_MAPPING.get(conversion._MODEL_TO_CONVERSION_PATTERN.get(model_type))
+    if not mapping:
+        return []
+    moved = {old for old, new in mapping.items() if "." not in new}
+    return sorted(t for t in target_modules or () if "." in t and t.rsplit(".", 1)[-1] in moved)

@@ -61,9 +61,10 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
         if first:
             if output_dir:
                 publish(split, output_dir, overwrite)
-            log(f"held out {split.held_out:,} of {split.conversations:,} conversations for evaluation (--val_size "
+            unit = "preference pairs" if pairs else "conversations"
+            log(f"held out {split.held_out:,} of {split.conversations:,} {unit} for evaluation (--val_size "
                 f"{data_args.val_size}, seed {seed})" + (f"; written to {output_dir}/val.jsonl" if output_dir else "")
-                + (f"; {split.copies_left_out:,} copies of held-out conversations left out of training"
+                + (f"; {split.copies_left_out:,} copies of held-out {unit} left out of training"
                    if split.copies_left_out else ""))
         held = replace(data_args, data_path=str(split.train), eval_data_path=str(split.val), val_size="0",
                        skip_invalid_records=False)

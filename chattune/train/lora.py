@@ -87,7 +87,7 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
                modules_to_save: list[str], recompute: bool = False) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from chattune.train.hf import keep_linear_moe_targets
+    from chattune.train.hf import keep_linear_moe_targets, kept_linear_moe_targets
 
     targets = lora_args.lora_target_modules
     all_linear = targets in (["all-linear"], ["all_linear"], ["all"])
@@ -126,8 +126,8 @@ def apply_lora(model: Any, training_args: TrainingArguments, lora_args: LoraArgu
         adapted = get_peft_model(model, config)
     except ValueError as e:  # e.g. a target module name that matches nothing
         raise ConfigError(f"LoRA: {e} (check --lora_target_modules)") from None
-    kept = [t for t in adapted.peft_config["default"].target_modules or () if "." in t] if all_linear else []
-    if kept:  # full names only come from keep_linear_moe_targets
+    kept = kept_linear_moe_targets(adapted.get_base_model(), adapted.peft_config["default"].target_modules)
+    if kept:
         print(f"note: {len(kept)} dense/shared-expert MLP layers of this MoE model are adapted; plain peft 0.21.2 "
               "loads the adapter without them (peft#3711): load it with chattune's tools, or merge it",
               file=sys.stderr)
