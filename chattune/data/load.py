@@ -3,6 +3,7 @@ fits in memory (calibration sets, evaluation, tests). Training streams its data 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,12 +47,23 @@ class Validated:
     formats: dict[str, int] = field(default_factory=dict)
 
 
-def validate_chunk(chunk: Chunk, pairs: bool = False) -> Validated:
-    """The chunk's records validated: as supervised conversations, or with `pairs` as preference pairs
-    (chattune.data.pairs)."""
+def chosen_or_conversation(record: object, *, file: str, where: str) -> tuple[Conversation | None, list[Problem]]:
+    """A supervised conversation, or of a preference pair its chosen conversation (the prompt's turns untrained):
+    what the deploy check and GPTQ calibration read, whichever stage trained the model."""
     from chattune.data.pairs import normalize_pair
 
-    normalize = normalize_pair if pairs else normalize_record
+    if isinstance(record, dict) and record.get("chosen") is not None and record.get("rejected") is not None:
+        conversation, problems = normalize_pair(record, file=file, where=where)
+        return (dataclasses.replace(conversation, rejected=None) if conversation else None), problems
+    return normalize_record(record, file=file, where=where)
+
+
+def validate_chunk(chunk: Chunk, pairs: bool | None = False) -> Validated:
+    """The chunk's records validated: as supervised conversations, with `pairs` as preference pairs
+    (chattune.data.pairs), with `pairs` None as either (a pair read as its chosen conversation)."""
+    from chattune.data.pairs import normalize_pair
+
+    normalize = chosen_or_conversation if pairs is None else normalize_pair if pairs else normalize_record
     out = Validated()
     try:
         records = chunk_records(chunk)
@@ -131,8 +143,8 @@ def read_sources(sources: Sources, tally: Tally) -> Iterator[Chunk]:
 
 
 def load_conversations(
-    data_path: str | os.PathLike | Sequence[str | os.PathLike], *, skip_invalid: bool = False, pairs: bool = False
-) -> LoadResult:
+    data_path: str | os.PathLike | Sequence[str | os.PathLike], *, skip_invalid: bool = False,
+    pairs: bool | None = False) -> LoadResult:
     """Read every record of every file, validate all of them, and return the normalized conversations.
 
     Raises DataError listing the problems (first MAX_SHOWN_PROBLEMS of them) when any record is invalid, unless

@@ -430,8 +430,8 @@ _MEDIA_TAGS = ("<image>", "<video>", "<audio>")
 def _not_sft(record: dict) -> str | None:
     """Data for another kind of training, which would be trained wrong as plain chat: say what it is."""
     if "chosen" in record and "rejected" in record:
-        return (f"a preference pair (`chosen`/`rejected`, DPO-style data); {_NOT_SFT}: train on the chosen "
-                "conversations as `messages`, or use a preference-optimization trainer")
+        return (f"a preference pair (`chosen`/`rejected`, DPO-style data); {_NOT_SFT}: pass --stage dpo to train "
+                "on preference pairs, or train on the chosen conversations as `messages`")
     if isinstance(record.get("label"), bool):
         return (f"KTO data (`label` marks whether the answer is one to imitate or not); {_NOT_SFT}: keep only the "
                 "records with label true (and drop the field), or use a KTO trainer")

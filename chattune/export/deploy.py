@@ -91,7 +91,7 @@ def _held_out(args: DeployArgs) -> tuple[str, list[Any]]:
         raise UserError(f"{args.run_dir} has no val.jsonl (train with --val_size to hold out conversations), and no "
                         "--data_path was given: pass the conversations to check on")
     try:
-        conversations = load_conversations(str(path)).conversations
+        conversations = load_conversations(str(path), pairs=None).conversations  # a pair: its chosen answer
     except DataError as e:
         raise UserError(str(e)) from None
     if not conversations:

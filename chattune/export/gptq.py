@@ -124,7 +124,8 @@ def build_data(args: GptqArgs, tokenizer: Any, setup: Any, template_kwargs: dict
     """Read and validate the conversations, split them, and tokenize each side with the training code."""
     from chattune.data.load import load_conversations
 
-    loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records)
+    # preference pairs calibrate with their chosen conversations
+    loaded = load_conversations(args.data_path, skip_invalid=args.skip_invalid_records, pairs=None)
     if loaded.skipped_records:
         log(f"skipped {loaded.skipped_records} invalid records (--skip_invalid_records)")
     held_out = held_out_of(args.model_name_or_path) if args.eval_samples else None
@@ -152,7 +153,7 @@ def _build_with_held_out(args: GptqArgs, loaded: Any, held_out: Path, tokenizer:
     to --eval_samples, seeded), and calibration uses the other conversations of --data_path, never one of those."""
     from chattune.data.load import load_conversations
 
-    every_held_out = load_conversations(held_out).conversations
+    every_held_out = load_conversations(held_out, pairs=None).conversations
     excluded = {conversation_key(c) for c in every_held_out}
     evaluation = every_held_out
     if len(evaluation) > args.eval_samples:

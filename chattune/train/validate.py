@@ -115,7 +115,10 @@ def _kernel_problems(model_args: Any, training_args: Any) -> list[str]:
     problems = []
     if training_args.fused_ce == "liger":
         why = liger_runs_here()
-        if why:
+        if training_args.pairs:  # the plan says so too; here before anything loads
+            problems.append("--fused_ce liger: preference losses need every sequence's log-prob, and Liger's fused "
+                            "kernel gives one sum; use --fused_ce auto or chunked")
+        elif why:
             problems.append(f"--fused_ce liger: {why}; use --fused_ce auto or chunked")
     if training_args.liger_kernels == "true" and (liger_runs_here() or not torch.cuda.is_available()):
         problems.append("--liger_kernels true needs liger-kernel on a CUDA GPU (pip install liger-kernel)")
