@@ -31,9 +31,22 @@ case "$mode" in
     lora | qlora) learning_rate=3e-4 per_device_batch=2 ;;
     *) echo "_common.sh: unknown mode '$mode'" >&2; exit 2 ;;
 esac
+epochs=5
+# Preference training (--stage dpo among the arguments): DPO's usual rates, far below SFT's (TRL's and LLaMA-Factory's
+# examples: 5e-7 full, 5e-6 LoRA), and 3 epochs; GLOBAL_BATCH then counts pairs.
+stage=sft previous=""
+for arg in "$@"; do
+    [[ "$previous" == --stage ]] && stage="$arg"
+    [[ "$arg" == --stage=* ]] && stage="${arg#*=}"
+    previous="$arg"
+done
+if [[ "$stage" == dpo ]]; then
+    learning_rate=$([[ "$mode" == full ]] && echo 5e-7 || echo 5e-6)
+    epochs=3
+fi
 hyperparameters=(
     --model_max_length 512
-    --num_train_epochs 5
+    --num_train_epochs "$epochs"
     --per_device_train_batch_size "$per_device_batch"
     --per_device_eval_batch_size 1
     --learning_rate "$learning_rate"

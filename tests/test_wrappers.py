@@ -191,6 +191,18 @@ def test_mode_defaults_give_a_global_batch_of_16_on_4_gpus(name, mode_flags, lr,
     assert processes * int(per_device) * int(accumulation) == 16
 
 
+@pytest.mark.parametrize("name, lr", [("finetune_ds.sh", "5e-7"), ("finetune_lora_ds.sh", "5e-6"),
+                                      ("finetune_qlora_single_gpu.sh", "5e-6")])
+@pytest.mark.parametrize("stage", [["--stage", "dpo"], ["--stage=dpo"]])
+def test_preference_training_gets_preference_defaults(name, lr, stage, fake_bin):
+    launcher, argv, _ = dry_run(name, "-m", "M", "-d", "pairs.jsonl", *stage, fake_bin=fake_bin, GPUS_PER_NODE=4)
+    f = flags(argv)
+    assert (f["learning_rate"], f["num_train_epochs"]) == (lr, "3")
+    assert argv[-len(stage):] == stage  # passed on to finetune.py
+    _, argv, _ = dry_run(name, "-m", "M", "-d", "pairs.jsonl", *stage, "--learning_rate", "1e-6", fake_bin=fake_bin)
+    assert flags(argv)["learning_rate"] == "1e-6"  # the user's own flag still wins
+
+
 @pytest.mark.parametrize("env, nproc", [
     ({"GPUS_PER_NODE": 3}, "3"),
     ({"GPUS_PER_NODE": 3, "CUDA_VISIBLE_DEVICES": "0,1"}, "3"),  # explicit wins

@@ -1,0 +1,80 @@
+"""--stage dpo under DeepSpeed ZeRO-3 with two CPU processes (torchrun, gloo): a plain adapter is saved, and a run
+stopped by a real SIGTERM to its processes resumes to the same adapter as a run that was never stopped."""
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import free_port
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = ROOT / "examples" / "pairs.jsonl"
+STEPS = 8
+
+
+def command(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(PAIRS), "--output_dir",
+            str(out), "--stage", "dpo", "--use_lora", "--lora_r", "8", "--template", "qwen",
+            "--deepspeed", "ds_configs/zero3.json", "--use_cpu", "True", "--max_steps", str(STEPS),
+            "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size", "2",
+            "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none", "--preview_data", "0",
+            "--data_cache_dir", str(cache), "--seed", "0"]
+
+
+def finish(model_dir: Path, out: Path, cache: Path) -> str:
+    proc = subprocess.run(command(model_dir, out, cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stderr
+
+
+def workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.slow
+def test_zero3_lora_dpo_saves_a_plain_adapter_and_resumes_identically_after_sigterm(model_dirs, tmp_path):
+    model_dir = model_dirs("qwen2")
+    cache = tmp_path / "cache"
+    whole = tmp_path / "whole"
+    finish(model_dir, whole, cache)
+    adapter = load_file(str(whole / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 7 * 2 and all(8 in t.shape for t in adapter.values())  # whole tensors, not shards
+    assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
+    report = json.loads((whole / "run_report.json").read_text())
+    assert report["plan"]["processes"] == 2 and report["preference"]["train"]["rewards/margins"] > 0
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(command(model_dir, stopped, cache), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not (stopped / "checkpoint-2").is_dir() and proc.poll() is None:
+        time.sleep(0.05)
+    assert (stopped / "checkpoint-2").is_dir(), "".join(lines)[-3000:]
+    for pid in workers_of(proc.pid):  # as a scheduler does: every process of the job gets SIGTERM
+        subprocess.run(["kill", "-TERM", str(pid)])
+    proc.wait(timeout=300)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert "stopped by signal SIGTERM: checkpoint saved" in err, err[-3000:]
+    assert not (stopped / "adapter_model.safetensors").exists()  # stopped before the end
+    assert "exitcode  : 143" in err  # rank 0 stopped on its own, with the preemption exit code
+    # the one traceback is torchrun's report that its processes stopped, not a failure of ours
+    assert err.count("Traceback") == 1 and "ChildFailedError" in err
+    resumed = finish(model_dir, stopped, cache)
+    assert "resuming from" in resumed
+    again = load_file(str(stopped / "adapter_model.safetensors"))
+    assert set(again) == set(adapter)
+    for name, tensor in adapter.items():
+        torch.testing.assert_close(again[name], tensor, rtol=1e-5, atol=1e-6)
