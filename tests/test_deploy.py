@@ -77,6 +77,43 @@ def test_the_adapter_the_merged_and_the_gptq_model_pass(artifacts, which):
         assert (gptq["eval_conversations"], gptq["calibration_conversations"]) == (8, 16)
 
 
+@pytest.mark.slow
+def test_a_dpo_run_on_the_sft_model_passes_and_so_does_its_merge(artifacts):
+    """The usual second stage: DPO (LoRA) on the merged SFT model, with held-out pairs; the deploy check reads each
+    held-out pair as its chosen conversation. The merged DPO model and its GPTQ calibration read pairs too."""
+    root = artifacts["root"]
+    pairs = root / "pairs.jsonl"
+    with pairs.open("w") as f:
+        for k in range(48):
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"What is {k} plus one?"}],
+                                "chosen": {"role": "assistant", "content": f"It is {k + 1}."},
+                                "rejected": {"role": "assistant", "content": f"It is {k + 2}."}}) + "\n")
+    run = root / "dpo"
+    proc = subprocess.run([
+        sys.executable, "finetune.py", "--model_name_or_path", str(artifacts["merged"]), "--data_path", str(pairs),
+        "--stage", "dpo", "--output_dir", str(run), "--use_lora", "--lora_r", "8", "--use_cpu", "True",
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+        "--val_size", "8", "--save_strategy", "no", "--preview_data", "0", "--data_cache_dir", str(root / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    held = json.loads((run / "run_report.json").read_text())["preference"]["eval"]
+    assert held["pairs"] == 8
+    proc = check(run)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = json.loads((run / "deploy_check.json").read_text())
+    assert report["passed"] and report["conversations"] == 8
+    merged = root / "dpo-merged"
+    assert script("merge_lora.py", "--adapter_path", run, "--output_path", merged).returncode == 0
+    proc = check(run, merged)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    gptq = root / "dpo-gptq"
+    proc = script("run_gptq.py", "--model_name_or_path", merged, "--data_path", pairs, "--out_path", gptq,
+                  "--bits", 8, "--group_size", 32, "--num_samples", 16, "--max_len", 256, "--data_cache_dir",
+                  root / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((gptq / "gptq_report.json").read_text())["eval_conversations"] == 8
+
+
 def tampered(artifacts, name: str) -> Path:
     copy = artifacts["root"] / f"tampered-{name}"
     if copy.exists():

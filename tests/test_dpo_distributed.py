@@ -2,6 +2,7 @@
 stopped by a real SIGTERM to its processes resumes to the same adapter as a run that was never stopped."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -51,6 +52,10 @@ def test_zero3_lora_dpo_saves_a_plain_adapter_and_resumes_identically_after_sigt
     assert all(t.abs().max() > 0 for k, t in adapter.items() if "lora_B" in k)
     report = json.loads((whole / "run_report.json").read_text())
     assert report["plan"]["processes"] == 2 and report["preference"]["train"]["rewards/margins"] > 0
+    logs = [h for h in json.loads((whole / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    # the adapter starts at zero: policy == reference, every pair ln 2; the mean over the global batch (both
+    # ranks' pairs: each rank's share is rescaled by the process count) is exactly that
+    assert abs(logs[0]["loss"] - math.log(2)) < 1e-6
 
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(command(model_dir, stopped, cache), cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -124,3 +124,11 @@ def test_a_pair_whose_answer_lies_beyond_the_limit_is_dropped_whole_and_counted(
     assert len(kept["lengths"]) == 4 and report.truncated >= 1
     assert "pairs kept 2" in report.format() and "dropped because a side's answer lies beyond 64 tokens: 1" in \
         report.format()
+
+
+def test_a_pair_is_kept_or_dropped_whole():
+    """Both sides share the prompt, so both keep an answer token or neither does; should a side still come out empty
+    (a template that renders one answer's prompt longer), its partner goes too: the rows stay chosen, rejected."""
+    encoded = {"trained": np.array([3, 0, 2, 2, 0, 0]), "paired": np.ones(6, bool)}
+    assert encode.kept_samples(encoded).tolist() == [False, False, True, True, False, False]
+    assert encode.kept_samples({"trained": np.array([3, 0, 2])}).tolist() == [True, False, True]
