@@ -3,7 +3,6 @@ stopped by a real SIGTERM to its processes resumes to the same adapter as a run 
 
 import json
 import math
-import signal
 import subprocess
 import sys
 import threading

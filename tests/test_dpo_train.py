@@ -112,6 +112,8 @@ def test_the_stage_and_the_data_must_agree(model_dirs, tmp_path):
     (["--stage", "dpo", "--pref_beta", "0"], "--pref_beta 0.0: beta must be above 0"),
     (["--stage", "dpo", "--train_on", "last"], "a preference pair compares its final answers only"),
     (["--stage", "dpo", "--fused_ce", "liger"], "preference losses need every sequence's log-prob"),
+    (["--stage", "dpo", "--packing", "true", "--model_max_length", "512", "--max_tokens_per_batch", "800"],
+     "below twice --model_max_length 512: the longest preference pairs"),
 ])
 def test_preference_flags_are_checked_before_anything_loads(flags, problem, model_dirs, tmp_path):
     from chattune.errors import ConfigError
@@ -120,3 +122,22 @@ def test_preference_flags_are_checked_before_anything_loads(flags, problem, mode
             str(tmp_path), "--use_cpu", "True", *flags]
     with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         run(*parse_args(argv))
+
+
+@pytest.mark.slow
+def test_packed_and_padded_runs_train_the_same_and_eval_ignores_its_batch_size(model_dirs, tmp_path):
+    model_dir = model_dirs("qwen2")
+    runs = {}
+    for name, flags in {"padded": ["--packing", "false", "--per_device_eval_batch_size", "1"],
+                        "packed": ["--packing", "true", "--max_tokens_per_batch", "1024"],
+                        "padded-eval-4": ["--packing", "false", "--per_device_eval_batch_size", "4"]}.items():
+        out = tmp_path / name
+        train(model_dir, out, "--use_lora", "--lora_r", 8, "--max_steps", 4, "--learning_rate", 2e-2, "--val_size",
+              6, "--model_max_length", 512, *flags)
+        runs[name] = (history(out), json.loads((out / "run_report.json").read_text()))
+    assert runs["packed"][1]["plan"]["batches"].startswith("packed")
+    for name in ("packed", "padded-eval-4"):
+        for mine, theirs in zip(runs[name][0], runs["padded"][0], strict=True):
+            for key in ("loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/margins"):
+                if key in theirs:
+                    assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (name, key)

@@ -200,3 +200,50 @@ def test_the_sampler_keeps_pairs_together_chosen_first():
     seen = sorted(i for b in batches for i in b if i >= 0)
     assert seen == list(range(10))
     assert pair_samples([1, ~2]) == [2, 3, ~4, ~5]
+
+
+def test_the_plan_counts_pairs_two_sequences_each_and_a_reference_copy_only_where_one_is_kept(tmp_path):
+    """LoRA DPO adds no weights, only the second sequence's activations (pair lengths: both sides); full DPO holds a
+    frozen copy of the base; the reference-free losses hold none; full DPO under ZeRO-3 is refused before loading."""
+    from dataclasses import replace
+
+    from chattune.errors import ConfigError
+    from chattune.train.architecture import ModelClass
+    from chattune.train.args import parse_args
+    from chattune.train.memory import (
+        PERSISTENT_SLACK,
+        estimate,
+        run_setup,
+        shape_from_config,
+    )
+    from chattune.train.plan import Hardware, OutputDir, make_plan
+
+    config = tf.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                            num_key_value_heads=2, vocab_size=151936)
+    shape = shape_from_config(config)
+
+    def args(*flags):
+        return parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--data_path",
+                           "examples/pairs.jsonl", "--stage", "dpo", "--model_max_length", "1024",
+                           "--per_device_train_batch_size", "2", *flags])
+
+    def plan(*flags):
+        return make_plan(*args(*flags), ModelClass("Qwen2ForCausalLM", False, proven=True), [300, 500, 120],
+                         Hardware(), OutputDir(str(tmp_path)), has_eval=False, shape=shape)
+
+    lora = plan("--use_lora")
+    assert lora.batch.peak_micro_batch_tokens == 1000  # two pairs padded to the longer: 2 x 500
+    assert "objective  DPO (sigmoid), beta 0.1; reference: the base model with the adapter disabled" in lora.format()
+    assert "batch      2 pairs" in lora.format()
+    training = args()[2]
+    assert training.micro_batch_tokens() == 2 * 2 * 1024  # padded worst case: pairs x 2 sequences x max length
+    full = run_setup(training, args()[3], "full", 1)
+    assert full.reference_copy
+    added = estimate(shape, full)["total"] - estimate(shape, replace(full, reference_copy=False))["total"]
+    assert abs(added - shape.total * full.bytes_per_weight * (1 + PERSISTENT_SLACK)) < 1
+    assert not run_setup(args("--pref_loss", "simpo")[2], args()[3], "full", 1).reference_copy
+    assert not run_setup(args("--use_lora")[2], args()[3], "lora", 1).reference_copy
+    assert plan("--pref_loss", "orpo").objective.why.startswith("none (reference-free")
+    with pytest.raises(ConfigError, match="full fine-tuning under ZeRO-3 needs a partitioned reference model"):
+        plan("--deepspeed", "ds_configs/zero3.json")
+    assert plan("--deepspeed", "ds_configs/zero3.json", "--pref_loss", "simpo").objective is not None

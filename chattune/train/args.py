@@ -231,8 +231,10 @@ class TrainingArguments(transformers.TrainingArguments):
         return self.stage == "dpo"
 
     def micro_batch_tokens(self) -> int:
-        """Tokens per device micro-batch: --max_tokens_per_batch, else the padded worst case (batch x max length)."""
-        return self.max_tokens_per_batch or self.per_device_train_batch_size * self.model_max_length
+        """Tokens per device micro-batch: --max_tokens_per_batch, else the padded worst case (batch x max length, of
+        preference pairs x 2)."""
+        sequences = self.per_device_train_batch_size * (2 if self.pairs else 1)  # a pair: chosen and rejected
+        return self.max_tokens_per_batch or sequences * self.model_max_length
 
 
 @dataclass

@@ -53,6 +53,11 @@ def plan_router_aux(training_args: Any, cls: ModelClass) -> dict[str, Any]:
         return {}
     if given is not None and given < 0:
         raise ConfigError(f"--router_aux_loss_coef {given}: must be 0 (off) or positive")
+    if getattr(training_args, "pairs", False):  # the preference losses compare answers; the routers stay as they are
+        if given:
+            raise ConfigError(f"--router_aux_loss_coef {given}: preference training (--stage dpo) adds no "
+                              "load-balancing loss; leave the flag out")
+        return {"router_aux": 0.0, "router_aux_why": "preference training adds none"}
     if given is not None:
         return {"router_aux": float(given), "router_aux_why": f"--router_aux_loss_coef {given:g}"}
     return {"router_aux": cls.router_aux, "router_aux_why": "the model config's router_aux_loss_coef"}

@@ -24,7 +24,7 @@ from chattune.train.args import (
     ModelArguments,
     TrainingArguments,
 )
-from chattune.train.batches import sample_lengths
+from chattune.train.batches import pair_lengths, sample_lengths
 from chattune.train.memory import (
     ModelShape,
     format_estimate,
@@ -95,11 +95,14 @@ def build_data(tokenizer: Any, setup: TemplateSetup, data_args: DataArguments, m
 
 
 def preview(tokenizer: Any, prepared: Prepared, n: int) -> None:
+    """The first `n` samples with their trained part marked; of preference data the first `n` pairs, both sides."""
     color = sys.stderr.isatty()
-    for i in range(min(n, len(prepared.dataset))):
+    pairs = bool(prepared.report.pairs)
+    for i in range(min(n * (2 if pairs else 1), len(prepared.dataset))):
         row = prepared.dataset[i]
         text = format_preview(tokenizer, row["input_ids"], row["labels"], color)
-        log(f"--- sample {i} (trained part in ⟦ ⟧) ---\n{text}")
+        name = f"pair {i // 2}, {'rejected' if i % 2 else 'chosen'}" if pairs else f"sample {i}"
+        log(f"--- {name} (trained part in ⟦ ⟧) ---\n{text}")
 
 
 def dump_tokenized(prepared: Prepared, path: str) -> None:
@@ -154,9 +157,10 @@ def memory_estimate(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.data_path:
         tokenizer, template = run_tokenizer(model_args, data_args, training_args)
         train = build_data(tokenizer, template, replace(data_args, eval_data_path=None),
-                           training_args.model_max_length, seed=training_args.seed).train
+                           training_args.model_max_length, seed=training_args.seed, pairs=training_args.pairs).train
         log(train.report.format())
         lengths = np.asarray(sample_lengths(train.dataset), dtype=np.int64)
+        lengths = pair_lengths(lengths) if training_args.pairs else lengths  # a pair computes both its sides
         packing = training_args.packing != "false"
         budget = training_args.micro_batch_tokens() if packing else 0
         batch = plan_batch(training_args, lengths, gpus, Decision("packed" if packing else "padded", ""), budget)

@@ -74,6 +74,7 @@ class Setup:
     lora_r: int = 64
     train_embeddings: bool = False  # LoRA with modules_to_save embed_tokens + lm_head
     bytes_per_weight: int = 2  # compute dtype: bf16/fp16 = 2, fp32 = 4
+    reference_copy: bool = False  # full-parameter DPO/IPO: a frozen copy of the base in the compute dtype
 
 
 def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShape:
@@ -174,6 +175,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
                 grads += copies * w
                 optimizer += copies * 2 * w
             step = max(step, _step_temporaries(copies / opt_shard, w, s))
+    if s.reference_copy:  # whole on every GPU (not partitioned; ZeRO-3 full DPO is refused)
+        weights += shape.total * w
     if s.offload and s.zero_stage == 3:
         weights = _layer_working_set(shape, w)  # parameters stream in from CPU one layer at a time
     elif s.zero_stage == 3:  # parameters gathered for the layers being computed (and prefetched)
@@ -353,6 +356,8 @@ def run_setup(training_args: Any, lora_args: Any, mode: str, gpus: int) -> Setup
         fused_ce=training_args.fused_ce != "none",
         lora_r=lora_args.lora_r, train_embeddings=lora_args.lora_modules_to_save not in ("auto", "none"),
         bytes_per_weight=2 if (training_args.bf16 or training_args.fp16) else 4,
+        reference_copy=bool(getattr(training_args, "pairs", False)) and mode == "full"
+        and training_args.pref_loss in ("sigmoid", "ipo"),
     )
 
 

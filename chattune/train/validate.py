@@ -199,6 +199,11 @@ def _batch_problems(data_args: Any, training_args: Any) -> list[str]:
     if training_args.packing == "true" and budget and budget < training_args.model_max_length:
         problems.append(f"--max_tokens_per_batch {budget} is below --model_max_length {training_args.model_max_length}:"
                         " the longest samples would fit no micro-batch")
+    elif training_args.packing == "true" and budget and training_args.pairs and \
+            budget < 2 * training_args.model_max_length:
+        problems.append(f"--max_tokens_per_batch {budget} is below twice --model_max_length "
+                        f"{training_args.model_max_length}: the longest preference pairs (two sequences) would fit no "
+                        "micro-batch")
     from chattune.data.split import parse_val_size
 
     try:
