@@ -85,13 +85,15 @@ step 170 full_finetune "${PYTEST[@]}" tests/test_gpu.py -k "full_finetune or def
 step 200 throughput "$PY" bench/throughput.py --runs full-1.5b,qlora-7b --steps 8 --warmup 3 --timeout 90
 # 6. MoE experts: grouped GEMM against the loop over experts
 step 90 experts "$PY" bench/experts.py --timeout 40
+# 7. LoRA DPO against TRL's DPOTrainer (pip install -r requirements-bench.txt; without trl its row says so)
+step 150 dpo "$PY" bench/dpo_vs_trl.py --shape 0.5b --steps 12 --warmup 3 --timeout 120
 
 {
     echo "chattune GPU check, $(date '+%Y-%m-%d %H:%M'), $(now) s"
     echo "| step | result | seconds | log |"
     echo "|---|---|---:|---|"
     printf '%s\n' "${rows[@]}"
-    for name in throughput experts; do
+    for name in throughput experts dpo; do
         [ -f "$OUT/$name.log" ] && { echo; grep '^|' "$OUT/$name.log" || true; }
     done
 } | tee "$OUT/table.md"

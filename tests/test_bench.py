@@ -1,6 +1,7 @@
 """The benchmarks run (smoke, tiny shapes on CPU): timing targets live in their printed tables, not in tests."""
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -140,9 +141,28 @@ def test_gpu_check_bounds_every_step_logs_each_and_says_what_it_skipped(tmp_path
     assert rows["versions"] == "passed" and "every package within our pins" in (tmp_path / "logs" /
                                                                               "versions.log").read_text()
     assert rows["cuda"].startswith("FAILED (exit 1): no CUDA GPU")
-    assert [rows[s] for s in ("kernels", "full_finetune", "throughput", "experts")] == ["skipped: no CUDA GPU"] * 4
+    assert [rows[s] for s in ("kernels", "full_finetune", "throughput", "experts", "dpo")] == \
+        ["skipped: no CUDA GPU"] * 5
     late = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "late")], capture_output=True, text=True,
                           cwd=ROOT, env={**env, "DEADLINE": "-100"}, timeout=120)
     assert late.returncode == 1 and "| versions | skipped: no time left (DEADLINE=-100) |" in late.stdout
     assert "| kernels | skipped: no time left" in late.stdout  # not blamed on the GPU it never probed
     assert not (tmp_path / "late" / "versions.log").exists()
+
+
+@pytest.mark.slow
+def test_dpo_bench_runs_each_side_in_its_own_process_and_says_when_trl_is_missing():
+    """CPU smoke run (no timing value): chattune's side trains and times its steps; TRL, absent here, gets a row
+    saying so. On a GPU: python bench/dpo_vs_trl.py --shape 0.5b (test_gpu.py)."""
+    import importlib.util
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dpo_vs_trl.py"), "--tiny"], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in proc.stdout.splitlines() if line.startswith("| "))}
+    assert float(rows["chattune"][1]) > 0 and float(rows["chattune"][3].replace(",", "")) > 0
+    if importlib.util.find_spec("trl") is None:
+        assert rows["trl"][4] == "trl not installed (pip install trl)"
+    else:
+        assert float(rows["trl"][1]) > 0

@@ -287,3 +287,23 @@ def test_cuda_qlora_on_a_gptq_base(model_dirs, tmp_path):
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert len(adapter) == 2 * 7 * 2 and all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     assert len(set(losses(out))) > 1
+
+
+def test_cuda_lora_dpo_packed_with_flex_trains_as_padded(model_dirs, tmp_path):
+    """--stage dpo on CUDA (fp32, so the two paths compare closely): the default packed path (flex_attention, the
+    chunked log-probs) logs the losses and rewards of a padded sdpa run, step by step."""
+    pairs = ROOT / "examples" / "pairs.jsonl"
+    logs = {}
+    for name, flags in {"packed": ["--packing", "true", "--attn_implementation", "flex_attention"],
+                        "padded": ["--packing", "false", "--attn_implementation", "sdpa"]}.items():
+        out = tmp_path / name
+        proc = cli(model_dirs("qwen2"), out, "--stage", "dpo", "--data_path", pairs, "--template", "qwen",
+                   "--use_lora", "--lora_r", 8, "--max_steps", 4, "--learning_rate", 1e-2,
+                   "--per_device_train_batch_size", 2, "--model_max_length", 512, *flags)
+        assert "objective  DPO (sigmoid)" in proc.stderr
+        logs[name] = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                      if "rewards/margins" in h]
+    assert len(logs["packed"]) == len(logs["padded"]) == 4
+    for packed, padded in zip(logs["packed"], logs["padded"], strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert packed[key] == pytest.approx(padded[key], rel=1e-3, abs=1e-4), key
