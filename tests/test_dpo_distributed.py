@@ -82,3 +82,28 @@ def test_zero3_lora_dpo_saves_a_plain_adapter_and_resumes_identically_after_sigt
     assert set(again) == set(adapter)
     for name, tensor in adapter.items():
         torch.testing.assert_close(again[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_full_dpo_keeps_a_partitioned_reference_of_the_base(model_dirs, tmp_path):
+    """Full fine-tuning under ZeRO-3: the reference is the base loaded again, partitioned like the policy and run by
+    an inference-only engine. At the first step policy == reference, so the loss is exactly ln 2; then the policy
+    learns against it and the result is saved whole."""
+    model_dir = model_dirs("qwen2")
+    out = tmp_path / "full"
+    cmd = command(model_dir, out, tmp_path / "cache")
+    at = cmd.index("--use_lora")
+    del cmd[at:at + 3]  # --use_lora --lora_r 8: full fine-tuning
+    cmd[cmd.index("--learning_rate") + 1] = "1e-3"
+    cmd[cmd.index("--max_steps") + 1] = "4"
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["plan"]["reference"].startswith("a frozen copy of the base model, partitioned like the policy")
+    logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "rewards/margins" in h]
+    assert abs(logs[0]["loss"] - math.log(2)) < 1e-6 and abs(logs[0]["rewards/margins"]) < 1e-6
+    assert logs[-1]["rewards/margins"] > 0
+    base = load_file(str(model_dir / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(saved[name].shape == tensor.shape for name, tensor in base.items())  # whole, not shards
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])

@@ -127,9 +127,7 @@ def plan_objective(training_args: Any, mode: str) -> Decision | None:
         return Decision(objective.describe(), "the base model with the adapter disabled (no second copy of the "
                                               "weights; one more forward without gradients per micro-batch)")
     if zero_setup_from_config(training_args.deepspeed)[0] == 3:
-        raise ConfigError(f"--stage dpo --pref_loss {objective.kind} with full fine-tuning under ZeRO-3 needs a "
-                          "partitioned reference model, which chattune does not build yet: train LoRA (--use_lora; "
-                          "the reference is the base with the adapter disabled), use a reference-free loss "
-                          "(--pref_loss simpo or orpo), or ZeRO-2")
+        return Decision(objective.describe(), "a frozen copy of the base model, partitioned like the policy (ZeRO-3; "
+                                              "one more forward without gradients)")
     return Decision(objective.describe(), "a frozen copy of the base model (full fine-tuning: one more copy of the "
                                           "weights in memory, one more forward without gradients)")

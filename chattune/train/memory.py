@@ -175,8 +175,8 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
                 grads += copies * w
                 optimizer += copies * 2 * w
             step = max(step, _step_temporaries(copies / opt_shard, w, s))
-    if s.reference_copy:  # whole on every GPU (not partitioned; ZeRO-3 full DPO is refused)
-        weights += shape.total * w
+    if s.reference_copy:  # compute dtype; partitioned under ZeRO-3, else whole on every GPU
+        weights += shape.total * w / shard
     if s.offload and s.zero_stage == 3:
         weights = _layer_working_set(shape, w)  # parameters stream in from CPU one layer at a time
     elif s.zero_stage == 3:  # parameters gathered for the layers being computed (and prefetched)

@@ -97,9 +97,37 @@ class PreferenceTrainer(ChatTrainer):
         reference = None
         if not self.objective.reference_free:
             with torch.no_grad(), self.reference_context():
-                reference = self.sequence_logps(self.ref_model or model, inputs, labels, index, sequences,
-                                                owner=self.ref_model)
+                frozen = self.reference_model()
+                reference = self.sequence_logps(frozen or model, inputs, labels, index, sequences,
+                                                owner=getattr(frozen, "module", frozen))
         return pair_losses(self.objective, policy, reference)
+
+    def reference_model(self) -> Any:
+        """The frozen reference copy, ready to run: under ZeRO-3 wrapped (once, on first use, when every rank gets
+        here together) in an inference-only DeepSpeed engine, which gathers its partitioned weights layer by layer
+        as the policy's engine does; elsewhere the plain module, on this rank's device."""
+        if self.ref_model is None or not self.is_deepspeed_enabled or hasattr(self.ref_model, "module"):
+            return self.ref_model
+        if not any(hasattr(p, "ds_id") for p in self.ref_model.parameters()):
+            return self.ref_model  # ZeRO-2: a whole copy
+        import copy
+
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        hidden = base_model(self.ref_model).config.get_text_config().hidden_size
+        zero = config.setdefault("zero_optimization", {})
+        # what the Trainer fills in for the policy's engine ("auto"), sized as it does from the hidden size
+        for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", 0.9 * hidden * hidden),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = int(value)
+        config = {k: v for k, v in config.items() if v != "auto"}
+        self.ref_model, *_ = deepspeed.initialize(model=self.ref_model, config=config)
+        self.ref_model.eval()
+        return self.ref_model
 
     def reference_context(self):
         """The reference model: the frozen copy where there is one, else the policy with its adapter disabled."""
@@ -126,6 +154,7 @@ class PreferenceTrainer(ChatTrainer):
         finally:
             handle.remove()
         head = module.get_output_embeddings()
+        # (a frozen ZeRO-3 reference: calling its output layer gathers it; no backward recomputes the chunks)
         with self.accelerator.autocast():
             return logps_from_hidden(head, hidden[-1], labels, index, sequences, _out_features(head),
                                      self.loss.transform)

@@ -117,7 +117,8 @@ def _run(model_args: ModelArguments, data_args: DataArguments, training_args: Tr
             raise ConfigError(problem)
     transformers.set_seed(training_args.seed)  # before the adapter is created: its init must follow --seed
     model, adapted = build_model(model_args, training_args, lora_args, plan, tokenizer, template, data, config)
-    reference = reference_model(model, plan, training_args)
+    reference = reference_model(model, plan, training_args,
+                                lambda: build_reference(model_args, training_args, lora_args, plan, tokenizer, config))
     plan = plan.with_model(**adapted)
     trainer, clock, preemption = build_trainer(model, plan, training_args, tokenizer, data, template, data_args,
                                                reference)
@@ -148,18 +149,31 @@ def train_lengths(data: Data, training_args: TrainingArguments) -> Any:
     return pair_lengths(lengths) if training_args.pairs else lengths
 
 
-def reference_model(model: Any, plan: Plan, training_args: TrainingArguments) -> Any:
+def reference_model(model: Any, plan: Plan, training_args: TrainingArguments, load: Any) -> Any:
     """Full fine-tuning with a loss that compares against a reference: a frozen copy of the base, in the compute
-    dtype, taken before any training (a resumed run loads its checkpoint into the policy only). None otherwise: a
-    LoRA run's reference is its base with the adapter disabled."""
+    dtype, taken before any training (a resumed run loads its checkpoint into the policy only); under ZeRO-3 loaded
+    again (`load`), partitioned like the policy. None otherwise: a LoRA run's reference is its base with the adapter
+    disabled."""
     if plan.objective is None or plan.mode != "full" or plan.objective.why.startswith("none"):
         return None
     import copy
 
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     from chattune.train.architecture import compute_dtype
 
+    if is_deepspeed_zero3_enabled():  # a partitioned model cannot be copied; the engine places it (PreferenceTrainer)
+        return load().requires_grad_(False).eval()
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     return reference.to(device=training_args.device, dtype=compute_dtype(training_args))
+
+
+def build_reference(model_args, training_args, lora_args, plan: Plan, tokenizer, config: Any) -> Any:
+    """The base loaded again as the policy was (the same seed before it: new token rows start the same)."""
+    transformers.set_seed(training_args.seed)
+    reference = load_model(model_args, training_args, lora_args, config, plan)
+    resize_for_new_tokens(reference, tokenizer)
+    return reference
 
 
 def show_data(data: Data, tokenizer: Any, samples: int, main: bool) -> None:
