@@ -50,6 +50,7 @@ def test_lora_dpo_starts_at_ln_2_learns_the_preference_and_reports_it(model_dirs
     assert held["pairs"] == 6 and 0 <= held["rewards/accuracies"] <= 1
     assert held["rewards/margins"] == pytest.approx(held["rewards/chosen"] - held["rewards/rejected"], abs=1e-6)
     assert report["data"]["pairs"] == 20 and report["data"]["kept"] == 40
+    assert (out / "loss.png").stat().st_size > 0
     # the held-out pairs are written as canonical pair records, which read back as pairs
     records = [json.loads(line) for line in (out / "val.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(set(r) >= {"prompt", "chosen", "rejected"} for r in records)
@@ -141,3 +142,21 @@ def test_packed_and_padded_runs_train_the_same_and_eval_ignores_its_batch_size(m
             for key in ("loss", "rewards/margins", "rewards/accuracies", "eval_loss", "eval_rewards/margins"):
                 if key in theirs:
                     assert mine[key] == pytest.approx(theirs[key], abs=2e-5), (name, key)
+
+
+@pytest.mark.slow
+def test_qwen35_dpo_packed_equals_padded_on_its_own_template(model_dirs, tmp_path):
+    """Today's Qwen (a vision-language checkpoint, Gated DeltaNet layers, its XML tool-call template): LoRA DPO runs
+    on the checkpoint's text path, and packed rows (linear attention restarted at every sequence) train as padded."""
+    runs = {}
+    for packing in ("true", "false"):
+        out = tmp_path / packing
+        argv = ["--model_name_or_path", str(model_dirs("qwen3_5")), "--data_path", str(PAIRS), "--output_dir",
+                str(out), "--stage", "dpo", "--use_lora", "--lora_r", "8", "--max_steps", "4",
+                "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--use_cpu", "True", "--report_to",
+                "none", "--logging_steps", "1", "--save_strategy", "no", "--preview_data", "0", "--data_cache_dir",
+                str(tmp_path / "cache"), "--packing", packing, "--model_max_length", "1024"]
+        run(*parse_args(argv))
+        runs[packing] = [h["loss"] for h in history(out) if "rewards/margins" in h]
+    assert runs["true"][0] == pytest.approx(math.log(2), abs=1e-6) and runs["true"][-1] < runs["true"][0]
+    assert runs["true"] == pytest.approx(runs["false"], abs=1e-5)
