@@ -113,6 +113,8 @@ def test_the_stage_and_the_data_must_agree(model_dirs, tmp_path):
     (["--stage", "dpo", "--pref_beta", "0"], "--pref_beta 0.0: beta must be above 0"),
     (["--stage", "dpo", "--train_on", "last"], "a preference pair compares its final answers only"),
     (["--stage", "dpo", "--fused_ce", "liger"], "preference losses need every sequence's log-prob"),
+    (["--stage", "dpo", "--use_lora", "--lora_weight_path", "."],
+     "the reference would be the base without that adapter, not the model preference training starts from"),
     (["--stage", "dpo", "--packing", "true", "--model_max_length", "512", "--max_tokens_per_batch", "800"],
      "below twice --model_max_length 512: the longest preference pairs"),
 ])

@@ -31,6 +31,7 @@ def validate(model_args: Any, data_args: Any, training_args: Any, lora_args: Any
     problems += hf_cache_problems()
     problems += _batch_problems(data_args, training_args)
     problems += _preference_problems(data_args, training_args)
+    problems += _continued_adapter_problems(training_args, lora_args)
     problems += _number_problems(training_args, lora_args)
     if not data_args.dump_tokenized:
         problems += _output_problems(training_args.output_dir)
@@ -257,6 +258,17 @@ def _preference_problems(data_args: Any, training_args: Any) -> list[str]:
         problems.append(f"--train_on {data_args.train_on}: a preference pair compares its final answers only; leave "
                         "--train_on out with --stage dpo")
     return problems
+
+
+def _continued_adapter_problems(training_args: Any, lora_args: Any) -> list[str]:
+    """DPO/IPO continuing an adapter (an SFT one): its reference would be the base with the adapter disabled, not
+    the model the preference training starts from."""
+    if training_args.stage != "dpo" or not lora_args.lora_weight_path or training_args.pref_loss in ("simpo", "orpo"):
+        return []
+    return [f"--lora_weight_path with --stage dpo --pref_loss {training_args.pref_loss}: the reference would be the "
+            "base without that adapter, not the model preference training starts from. Merge the adapter first "
+            "(python merge_lora.py --adapter_path ADAPTER --output_path MERGED) and train on the merged model, or use "
+            "a reference-free loss (--pref_loss simpo or orpo)"]
 
 
 def _number_problems(training_args: Any, lora_args: Any) -> list[str]:
