@@ -12,20 +12,11 @@ margins and reward accuracy are logged with the loss and reported for the held-o
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from typing import Any
 
 import torch
 
 from chattune.errors import ConfigError
-from chattune.train.batches import (
-    PackingCollator,
-    pack_bins,
-    pair_lengths,
-    pair_samples,
-    sample_lengths,
-)
 from chattune.train.loss import _out_features, base_model
 from chattune.train.preference import (
     PairResult,
@@ -57,6 +48,8 @@ def stats_means(totals: torch.Tensor, prefix: str = "") -> dict[str, float]:
 
 
 class PreferenceTrainer(ChatTrainer):
+    pairs = True
+
     def __init__(self, *args, objective: PrefLoss, ref_model: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -171,61 +164,18 @@ class PreferenceTrainer(ChatTrainer):
             self.window_stats = None
         super().log(logs, start_time)
 
-    # ---- evaluation ------------------------------------------------------------------------------------------
+    # ---- evaluation (ChatTrainer.evaluate over whole pairs) ----------------------------------------------------
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The mean pair loss, rewards, margins and reward accuracy over every held-out pair (summed over batches and
-        ranks, then divided once)."""
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ConfigError("evaluation needs --eval_data_path or --val_size")
-        start = time.time()
-        model = self.model_wrapped if self.is_deepspeed_enabled else self.model
-        was_training = model.training
-        model.eval()
-        loss = torch.zeros((), dtype=torch.float64, device=self.args.device)
-        totals = torch.zeros(len(STATS) + 1, dtype=torch.float64, device=self.args.device)
-        with torch.no_grad():
-            for batch, real in self._eval_pair_batches(dataset):
-                batch = self.prepare_inputs(batch)
-                labels = batch.pop("labels")
-                with self.compute_loss_context_manager():
-                    result = self.pair_result(model, batch, labels)
-                if real:
-                    loss += result.loss.sum().double()
-                    totals += pair_stats(result).to(totals.device)
-        model.train(was_training)
-        if self.args.world_size > 1:
-            loss = self.accelerator.reduce(loss, reduction="sum")
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        pairs = int(totals[0].item())
-        metrics = {f"{metric_key_prefix}_loss": loss.item() / pairs if pairs else float("nan"),
-                   f"{metric_key_prefix}_pairs": pairs,
-                   **stats_means(totals, f"{metric_key_prefix}_"),
-                   f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+    def eval_sums(self, model, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """[summed pair loss, real pairs, then the sum of every STATS entry] of one eval batch."""
+        result = self.pair_result(model, batch, labels)
+        return torch.cat([result.loss.sum().double()[None], pair_stats(result).to(result.loss.device)])
 
-    def _eval_pair_batches(self, dataset):
-        """This rank's eval micro-batches of whole pairs, each with whether it counts (short ranks repeat one that
-        does not, so every rank runs the same forwards)."""
-        lengths = pair_lengths(sample_lengths(dataset))
-        if self.steps is not None and self.steps.shape.packed:
-            groups = pack_bins(lengths.tolist(), max(self.steps.shape.budget, int(lengths.max(initial=1))))
-            collate = PackingCollator(self.boundaries)
-        else:
-            order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-            size = self.args.per_device_eval_batch_size
-            groups = [order[i:i + size] for i in range(0, len(order), size)]
-            collate = self.data_collator
-        ranks, rank = self.args.world_size, self.args.process_index
-        per_rank = math.ceil(len(groups) / ranks) if groups else 0
-        mine = groups[rank::ranks]
-        for group in mine:
-            yield collate([dataset[i] for i in pair_samples(group)]), True
-        for _ in range(per_rank - len(mine)):
-            yield collate([dataset[i] for i in pair_samples(groups[0])]), False
+    def eval_metrics(self, totals: torch.Tensor, prefix: str) -> dict[str, float]:
+        """The mean pair loss, rewards, margins and reward accuracy over every held-out pair."""
+        pairs = int(totals[1].item())
+        return {f"{prefix}_loss": totals[0].item() / pairs if pairs else float("nan"), f"{prefix}_pairs": pairs,
+                **stats_means(totals[1:], f"{prefix}_")}
 
 
 def turn_off_dropout(model: torch.nn.Module) -> int:

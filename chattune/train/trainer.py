@@ -27,6 +27,8 @@ from chattune.train.batches import (
     PaddingCollator,
     StepSampler,
     pack_bins,
+    pair_lengths,
+    pair_samples,
     sample_lengths,
 )
 from chattune.train.hf import HfTrainer
@@ -67,6 +69,8 @@ class ChatTrainer(HfTrainer):
     Everything else (optimizer, schedule, DeepSpeed, checkpoints, logging, callbacks) is the stock Trainer; the
     private hooks it overrides are in chattune.train.hf.
     """
+
+    pairs = False  # the data is preference pairs (PreferenceTrainer): two samples in a row make one unit
 
     def __init__(self, *args, loss: LossSetup, steps: StepSampler | None = None, boundaries: bool = False,
                  stop_on_save_error: bool = False, **kwargs):
@@ -220,44 +224,49 @@ class ChatTrainer(HfTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Mean cross-entropy over every trained token of the eval set (summed over batches and ranks, then divided
-        once), through the training loss path, so it depends neither on the eval batch size nor on packing."""
+        once), through the training loss path, so it depends neither on the eval batch size nor on packing. What a
+        batch adds (`eval_sums`) and the metrics of the sums (`eval_metrics`) belong to the loss (PreferenceTrainer:
+        pairs)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
-            raise ConfigError("evaluation needs --eval_data_path")
+            raise ConfigError("evaluation needs --eval_data_path or --val_size")
         start = time.time()
         model = self.model_wrapped if self.is_deepspeed_enabled else self.model
         was_training = model.training
         model.eval()
-        device = self.args.device
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = torch.zeros((), dtype=torch.int64, device=device)
+        totals = None
         with torch.no_grad():
             for batch, real in self._eval_batches(dataset):
                 batch = self.prepare_inputs(batch)
                 labels = batch.pop("labels")
                 with self.compute_loss_context_manager():
-                    loss_sum = self.loss_sum(model, batch, labels)
-                if real:
-                    total += loss_sum.double()
-                    count += trained_token_count(labels)
+                    sums = self.eval_sums(model, batch, labels)
+                sums = sums if real else torch.zeros_like(sums)
+                totals = sums if totals is None else totals + sums
         model.train(was_training)
         if self.args.world_size > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-            count = self.accelerator.reduce(count, reduction="sum")
-        tokens = int(count.item())
-        metrics = {
-            f"{metric_key_prefix}_loss": total.item() / tokens if tokens else float("nan"),
-            f"{metric_key_prefix}_tokens": tokens,
-            f"{metric_key_prefix}_runtime": round(time.time() - start, 4),
-        }
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        metrics = {**self.eval_metrics(totals, metric_key_prefix),
+                   f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def eval_sums(self, model, batch: dict[str, Any], labels: torch.Tensor) -> torch.Tensor:
+        """[summed cross-entropy, trained tokens] of one eval batch (float64: exact counts, no rounding of sums)."""
+        loss_sum = self.loss_sum(model, batch, labels)
+        return torch.stack([loss_sum.double(), trained_token_count(labels).double()])
+
+    def eval_metrics(self, totals: torch.Tensor, prefix: str) -> dict[str, float]:
+        tokens = int(totals[1].item())
+        return {f"{prefix}_loss": totals[0].item() / tokens if tokens else float("nan"), f"{prefix}_tokens": tokens}
+
     def _eval_batches(self, dataset):
         """This rank's eval batches, each with whether it counts. Every rank runs the same number of forwards (ZeRO-3
-        gathers weights collectively), so short ranks repeat a batch that is not counted."""
+        gathers weights collectively), so short ranks repeat a batch that is not counted. Of preference data
+        (`pairs`) the batches hold whole pairs, each pair's two samples in a row."""
         lengths = sample_lengths(dataset)
+        lengths = pair_lengths(lengths).tolist() if self.pairs else lengths
         if self.steps is not None and self.steps.shape.packed:  # packed rows of the training budget (a longer eval sample gets a row of its own)
             groups = pack_bins(lengths, max(self.steps.shape.budget, max(lengths, default=1)))
             collate = PackingCollator(self.boundaries)
@@ -269,10 +278,11 @@ class ChatTrainer(HfTrainer):
         ranks, rank = self.args.world_size, self.args.process_index
         per_rank = math.ceil(len(groups) / ranks) if groups else 0
         mine = groups[rank::ranks]
+        samples = pair_samples if self.pairs else list
         for group in mine:
-            yield collate([dataset[i] for i in group]), True
+            yield collate([dataset[i] for i in samples(group)]), True
         for _ in range(per_rank - len(mine)):
-            yield collate([dataset[i] for i in groups[0]]), False
+            yield collate([dataset[i] for i in samples(groups[0])]), False
 
     # ---- checkpoints: staged, then committed in one rename ------------------------------------------------------
 
