@@ -4,9 +4,11 @@ With a 152k vocabulary the fp32 logits of a 4096-token micro-batch take 2.5 GB, 
 weights. The fused paths compute the loss from the final hidden states instead:
 
 * `liger`: Liger's fused linear + cross-entropy Triton kernel (CUDA; on CPU under `TRITON_INTERPRET=1`).
-* `chunked`: the output layer and cross-entropy over chunks of trained positions, each chunk recomputed in backward
-  (activation checkpointing), so at most one chunk of logits is alive. Positions with label -100 are skipped
-  entirely, which also saves their output-layer matmul. Works everywhere (CPU, ZeRO-3, PEFT-wrapped heads).
+* `chunked`: the output layer and cross-entropy over chunks of trained positions, so at most one chunk of logits is
+  alive. Each chunk's gradients are formed in the forward (Liger's scheme, in torch; a trained output layer's summed
+  in fp32); where the weight is not a plain readable nn.Linear (ZeRO-3 partitions it, a LoRA-adapted head) each
+  chunk is recomputed in backward through the module instead. Positions with label -100 are skipped entirely, which
+  also saves their output-layer matmul. Works everywhere (CPU, ZeRO-3, PEFT-wrapped heads).
 * `none`: the model's own logits (its forward applies whatever it applies), cross-entropy on them.
 
 A fused path must reproduce what the model's forward does to the output layer's result before the loss
@@ -120,10 +122,83 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(transform.apply(lm_head(h).float()), y, reduction="sum")
 
 
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy sum of transform(h W^T + b) over chunks of positions, each chunk's gradients formed in the
+    forward while its logits are alive (Liger's scheme, in torch): the output layer is read twice per chunk in all
+    (logits, then both gradients) where a checkpointed chunk reads it three times (forward, recompute, backward),
+    and the weight's gradient is summed over the chunks in fp32, not in a bf16 weight's own dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                step: int, transform: LogitTransform, dtype: torch.dtype) -> torch.Tensor:
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], step):
+                hc, yc = h[start:start + step].to(dtype), y[start:start + step]
+                raw = torch.addmm(b, hc, w.t()) if b is not None else hc @ w.t()
+                z = raw.float() * transform.scale if transform.scale != 1.0 else raw.float()
+                capped = torch.tanh(z / transform.softcap) if transform.softcap is not None else None
+                if capped is not None:
+                    z = capped * transform.softcap
+                lse = torch.logsumexp(z, dim=-1)
+                total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum()
+                if not (want_h or want_w or want_b):
+                    continue
+                g = torch.exp(z.sub_(lse[:, None]))  # d loss / d transformed logits: softmax - one-hot
+                g[torch.arange(yc.shape[0], device=g.device), yc] -= 1
+                if capped is not None:
+                    g *= 1 - capped * capped
+                if transform.scale != 1.0:
+                    g *= transform.scale
+                g = g.to(dtype)
+                if want_h:
+                    grad_h[start:start + step] = g @ w
+                if want_w:
+                    grad_w += (g.t() @ hc).float()
+                if want_b:
+                    grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_out.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        if scaled[1] is not None:
+            scaled[1] = scaled[1].to(ctx.dtypes[0])
+        if scaled[2] is not None:
+            scaled[2] = scaled[2].to(ctx.dtypes[1])
+        return scaled[0], scaled[1], scaled[2], None, None, None, None
+
+
+def _eager_linear(lm_head: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output layer's nn.Linear where its weight can be read directly; None under ZeRO-3 (a partitioned weight is
+    gathered only by the module's own forward) or for a wrapped layer (a LoRA-adapted head)."""
+    try:
+        linear = _plain_linear(lm_head)
+    except TypeError:
+        return None
+    return None if hasattr(linear.weight, "ds_id") else linear
+
+
 def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor, vocab_size: int,
                      transform: LogitTransform = LogitTransform()) -> torch.Tensor:
-    total = None
     step = chunk_tokens(vocab_size)
+    linear = _eager_linear(lm_head)
+    if linear is not None:
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else \
+            linear.weight.dtype
+        return _ChunkedCrossEntropy.apply(h, linear.weight, linear.bias, y, step, transform, dtype)
+    # Checkpointed chunks through the module's own forward: ZeRO-3 gathers the weight there, in forward and again in
+    # the recompute, and an adapted head runs its adapters.
+    total = None
     for start in range(0, h.shape[0], step):
         stop = start + step
         part = checkpoint(_chunk_loss_sum, lm_head, h[start:stop], y[start:stop], transform, use_reentrant=False)
@@ -132,14 +207,16 @@ def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
 
 
 def _plain_linear(lm_head: torch.nn.Module) -> torch.nn.Linear:
-    """The nn.Linear that holds the output weight (a peft ModulesToSaveWrapper keeps it as the active copy)."""
+    """The nn.Linear whose weight the output layer's forward uses: itself, or a peft ModulesToSaveWrapper's active
+    trained copy (its original while adapters are disabled)."""
     if isinstance(lm_head, torch.nn.Linear):
         return lm_head
-    active = getattr(lm_head, "modules_to_save", None)
-    if active is not None and getattr(lm_head, "active_adapter", None) in active:
-        return active[lm_head.active_adapter]
-    original = getattr(lm_head, "original_module", None)
-    if isinstance(original, torch.nn.Linear):
+    copies, original = getattr(lm_head, "modules_to_save", None), getattr(lm_head, "original_module", None)
+    active = list(getattr(lm_head, "active_adapters", None) or [])
+    if copies is not None and not getattr(lm_head, "disable_adapters", False) and len(active) == 1 and \
+            active[0] in copies and isinstance(copies[active[0]], torch.nn.Linear):
+        return copies[active[0]]
+    if copies is not None and isinstance(original, torch.nn.Linear):
         return original
     raise TypeError(f"Liger's fused loss needs a plain nn.Linear output layer, not {type(lm_head).__name__}")
 

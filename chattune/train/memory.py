@@ -226,11 +226,15 @@ def recomputed_layers(layers: int, s: Setup) -> int:
 def _logits(shape: ModelShape, s: Setup) -> float:
     """bf16 logits + their fp32 copy + log-softmax kept for backward, and the gradient being formed: LOGIT_BYTES
     per vocabulary entry per token. A fused loss holds one chunk of logits instead: Liger's kernel (the CUDA default)
-    one bf16 buffer, its gradient written in place (FUSED_LOGIT_BYTES)."""
+    one bf16 buffer, its gradient written in place (FUSED_LOGIT_BYTES). Both fused paths form the gradients in the
+    forward: the hidden states' (bf16) until backward, and a trained output layer's summed in fp32."""
     from chattune.train.loss import chunk_tokens
 
     if s.fused_ce:
-        return min(s.micro_batch_tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * FUSED_LOGIT_BYTES
+        chunk = min(s.micro_batch_tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * FUSED_LOGIT_BYTES
+        head_trained = s.mode == "full" or s.train_embeddings
+        return chunk + s.micro_batch_tokens * shape.hidden_size * 2 + (
+            shape.vocab_size * shape.hidden_size * 4 if head_trained else 0)
     return s.micro_batch_tokens * shape.vocab_size * LOGIT_BYTES
 
 

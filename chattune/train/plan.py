@@ -417,7 +417,7 @@ def plan_loss(training_args: Any, lora_args: Any, cls: ModelClass, mode: str, ha
     if hardware.cuda and liger_problem is None:
         return Decision("liger", "Liger's fused kernel on CUDA")
     why = "no CUDA GPU" if not hardware.cuda else liger_problem
-    return Decision("chunked", f"chunks of the output layer, recomputed in backward (Liger's kernel: {why})")
+    return Decision("chunked", f"chunks of the output layer, gradients formed in the forward (Liger's kernel: {why})")
 
 
 def _every(steps: float) -> str:
