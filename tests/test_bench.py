@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.throughput import SidePlan, Suite, last_error_line, plan_side, table_row
+from bench.throughput import (
+    COLUMNS,
+    SidePlan,
+    Suite,
+    last_error_line,
+    plan_side,
+    table_row,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +29,7 @@ def run_throughput(*flags: str) -> subprocess.CompletedProcess:
 def table_rows(stdout: str) -> dict[str, list[str]]:
     rows = {}
     for line in stdout.splitlines():
-        if line.startswith(("| baseline", "| chattune")):
+        if line.startswith(("| baseline", "| anchor", "| chattune")):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells
     return rows
@@ -33,17 +40,23 @@ def test_throughput_bench_runs_each_side_in_its_own_process():
     proc = run_throughput("--steps", "3", "--warmup", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
-    assert set(rows) == {"baseline", "chattune"}, proc.stdout
-    # side | attention | loss | Liger kernels | real tokens/s | MFU | peak GB | first loss | last loss
-    assert rows["baseline"][1:4] == ["sdpa", "logits + CE", "no"]  # Qwen's recipe: no Liger patch in its process
-    assert rows["chattune"][1:3] == ["sdpa", "chunked"]  # CPU: sdpa on packed rows, chunked loss
+    assert set(rows) == {"baseline", "anchor", "chattune"}, proc.stdout
+    # side | tokens/micro-batch | recompute | attention | loss | Liger kernels | real tokens/s | MFU | allocated GB |
+    # reserved GB | estimate GB | first loss | last loss
+    assert rows["baseline"][1:6] == ["padded", "all layers", "sdpa", "logits + CE", "no"]  # Qwen's recipe, no Liger
+    assert rows["anchor"][1:5] == ["1,024", "all layers", "sdpa", "chunked"]  # the anchors' budget (tiny: 1,024)
+    assert rows["chattune"][1:5] == ["512", "off", "sdpa", "chunked"]  # CPU: no GPU memory to plan for or save
     for cells in rows.values():
-        assert float(cells[4].replace(",", "")) > 0  # real tokens/s measured
-        assert math.isfinite(float(cells[7])) and math.isfinite(float(cells[8]))
-    pids = re.search(r"processes: baseline pid (\d+), chattune pid (\d+)", proc.stdout)
-    assert pids and pids[1] != pids[2], proc.stdout
+        assert float(cells[6].replace(",", "")) > 0  # real tokens/s measured
+        assert float(cells[10]) > 0  # the planner's estimate beside it
+        assert math.isfinite(float(cells[11])) and math.isfinite(float(cells[12]))
+    # the same samples in every optimizer step: the same losses
+    assert rows["baseline"][11] == rows["anchor"][11] == rows["chattune"][11]
+    pids = re.search(r"processes: baseline pid (\d+), anchor pid (\d+), chattune pid (\d+)", proc.stdout)
+    assert pids and len({pids[1], pids[2], pids[3]}) == 3, proc.stdout
     assert ("baseline: 2 sample(s) per micro-batch (Qwen's per_device_train_batch_size) padded to 256, 8 micro-batches "
             "per optimizer step") in proc.stdout
+    assert "anchor: packed micro-batches of <= 1024 tokens, " in proc.stdout
     assert "chattune: packed micro-batches of <= 512 tokens, " in proc.stdout
 
 
@@ -52,27 +65,68 @@ def test_throughput_bench_reports_a_side_past_its_timeout_and_goes_on():
     proc = run_throughput("--steps", "3", "--warmup", "1", "--timeout", "1")
     assert proc.returncode == 1
     rows = table_rows(proc.stdout)
-    assert rows["baseline"][1] == rows["chattune"][1] == "timed out after 1 s"
-    assert "speed-up: n/a (a side did not finish)" in proc.stdout
+    assert rows["baseline"][3] == rows["anchor"][3] == rows["chattune"][3] == "timed out after 1 s"
+    assert "speed-up: n/a (the baseline did not finish)" in proc.stdout
 
 
-def test_sides_get_the_same_micro_batch_budget_and_real_tokens_per_step():
-    suite = Suite("t", "lora", "tiny", max_length=512, batch_size=2)
-    lengths = [100] * 32  # 10 per 1024-token bin: bins of 10, 10, 10, 2 samples
-    assert plan_side(suite, "baseline", lengths, cuda=True) == SidePlan(
-        "baseline", "sdpa", "none", liger=False, packed_tokens=0, accumulation=8, real_tokens_per_step=1600.0)
-    assert plan_side(suite, "chattune", lengths, cuda=True) == SidePlan(
-        "chattune", "flex_attention", "auto", liger=True, packed_tokens=1024, accumulation=2,
-        real_tokens_per_step=1600.0)
+def test_throughput_bench_starts_no_side_past_its_deadline():
+    proc = run_throughput("--steps", "3", "--warmup", "1", "--deadline", "5")
+    assert proc.returncode == 1
+    rows = table_rows(proc.stdout)
+    assert [rows[s][3] for s in ("baseline", "anchor", "chattune")] == ["skipped: --deadline 5 s reached"] * 3
+    assert "lora-7b: baseline ..." not in proc.stderr  # no child started
+
+
+def test_sides_get_the_same_samples_per_step_and_their_budgets():
+    suite = Suite("t", "lora", "tiny", max_length=512, batch_size=2, anchor_tokens=2048)
+    lengths = [100] * 32  # 16 per step: 10 per 1024-token bin (bins of 10, 6), all 16 in one 2048-token bin
+    baseline = plan_side(suite, "baseline", lengths, cuda=True, gpu_memory_gb=80)
+    assert (baseline.side, baseline.attention, baseline.fused_ce, baseline.liger, baseline.packed_tokens,
+            baseline.accumulation, baseline.real_tokens_per_step, baseline.recompute_every) == (
+        "baseline", "sdpa", "none", False, 0, 8, 1600.0, 1)
+    anchor = plan_side(suite, "anchor", lengths, cuda=True, gpu_memory_gb=80)
+    assert (anchor.attention, anchor.fused_ce, anchor.liger, anchor.packed_tokens, anchor.accumulation,
+            anchor.real_tokens_per_step, anchor.recompute_every, anchor.optim) == (
+        "flex_attention", "auto", True, 2048, 1, 1600.0, 1, "adamw_torch")
+    ours = plan_side(suite, "chattune", lengths, cuda=True, gpu_memory_gb=80)
+    # a tiny model on an 80 GB GPU: the planner's largest budget, no recompute, fused AdamW
+    assert (ours.packed_tokens, ours.accumulation, ours.recompute_every, ours.optim) == (
+        16384, 1, 0, "adamw_torch_fused")
     assert plan_side(suite, "chattune", lengths, cuda=False).attention == "sdpa"
+    small = plan_side(suite, "chattune", lengths, cuda=False)  # no GPU: the padded worst case, no recompute
+    assert (small.packed_tokens, small.accumulation, small.recompute_every, small.optim) == (
+        1024, 2, 0, "adamw_torch")
+
+
+def test_real_suites_use_the_anchor_budgets_and_the_planner_on_an_80gb_gpu():
+    from bench.throughput import (
+        SUITES,
+        model_shape,
+        planner_setup,
+        sample_count,
+        synthetic_lengths,
+    )
+    from chattune.train.memory import GB, estimate
+
+    assert [SUITES[n].anchor_tokens for n in ("full-1.5b", "lora-7b", "qlora-7b")] == [8192, 4096, 4096]
+    suite = SUITES["qlora-7b"]
+    lengths = synthetic_lengths(sample_count(4), suite)
+    ours = plan_side(suite, "chattune", lengths, cuda=True, gpu_memory_gb=79.2)
+    # the largest budget whose estimate fits 90% of the GPU, with the least recompute that fits
+    assert ours.estimate_gb <= 0.9 * 79.2
+    assert ours.estimate_gb == pytest.approx(estimate(model_shape(suite), planner_setup(
+        suite, ours.packed_tokens, ours.recompute_every, ours.offload, True, True))["total"] / GB)
+    assert "planned for this machine (79 GB GPU)" in ours.why
 
 
 def test_failed_side_row_keeps_the_table_shape():
     stderr = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: a | b\n\n"
     assert last_error_line(stderr, 1) == "ValueError: a | b"
     assert last_error_line("", -9) == "exit code -9, nothing on stderr"
-    row = table_row({"side": "baseline", "error": "failed: ValueError: a | b"}, flops_per_token=1.0)
-    assert row == "| baseline | failed: ValueError: a / b | | | | | | | |"
+    plan = SidePlan("baseline", "sdpa", "none", liger=False, packed_tokens=0, accumulation=8, real_tokens_per_step=1.0)
+    row = table_row({"side": "baseline", "error": "failed: ValueError: a | b"}, plan, flops_per_token=1.0)
+    assert row == "| baseline | padded | all layers | failed: ValueError: a / b |" + "  |" * 9
+    assert row.count("|") == len(COLUMNS) + 1
 
 
 @pytest.mark.slow
@@ -105,10 +159,11 @@ def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
                            "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
-    assert rows["chattune"][1] == "sdpa" and rows["baseline"][3] == rows["chattune"][3] == "no"
-    first, last = {s: float(r[7]) for s, r in rows.items()}, {s: float(r[8]) for s, r in rows.items()}
-    assert first["baseline"] == pytest.approx(first["chattune"], rel=1e-4)
-    assert last["baseline"] == pytest.approx(last["chattune"], rel=1e-3)
+    assert rows["chattune"][3] == "sdpa" and rows["baseline"][5] == rows["chattune"][5] == "no"
+    first, last = {s: float(r[11]) for s, r in rows.items()}, {s: float(r[12]) for s, r in rows.items()}
+    for side in ("anchor", "chattune"):
+        assert first["baseline"] == pytest.approx(first[side], rel=1e-4)
+        assert last["baseline"] == pytest.approx(last[side], rel=1e-3)
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         notes.append("decoder layers compiled (torch.compile per layer, --compile_layers): the first steps are slow")
     packing = Decision("packed" if attention.packing else "padded", _packing_why(training_args.packing, attention))
     setup = run_setup(training_args, lora_args, mode, hardware.processes)
-    budget = _budget(training_args, shape, setup, hardware) if attention.packing else 0
+    budget = plan_budget(training_args, shape, setup, hardware) if attention.packing else 0
     batch = plan_batch(training_args, lengths, hardware.processes, packing, budget)
     setup = dataclasses.replace(setup, micro_batch_tokens=max(batch.peak_micro_batch_tokens, 1))
     recompute = plan_recompute(training_args, shape, setup, hardware.gpu_memory_gb, hardware.cuda)
@@ -330,7 +330,7 @@ def _attention_why(model_args: Any, attention: Any, cls: ModelClass) -> str:
         attention.implementation, "no CUDA attention kernel that skips masked blocks here")
 
 
-def _budget(training_args: Any, shape: ModelShape | None, setup: Any, hardware: Hardware) -> int:
+def plan_budget(training_args: Any, shape: ModelShape | None, setup: Any, hardware: Hardware) -> int:
     """Tokens per packed micro-batch: --max_tokens_per_batch, else the largest power of two (up to 16,384) whose
     estimated peak fits in 90% of this GPU, else the padded worst case (batch x max length)."""
     given = training_args.max_tokens_per_batch
