@@ -110,3 +110,20 @@ def test_adapted_or_disabled_wrapper_uses_the_weight_its_forward_uses(small_chun
         with torch.no_grad():
             want = F.cross_entropy(wrapper(h).float(), y, reduction="sum")
             torch.testing.assert_close(chunked_loss_sum(wrapper, h, y, V), want, rtol=1e-5, atol=1e-4)
+
+
+def test_output_layer_matmuls_training_and_evaluation(small_chunks):
+    """Training runs three output-layer matmuls per chunk (logits, the hidden states' and the weight's gradients) where
+    a chunk recomputed in backward runs four; evaluation runs one."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(5)
+    head = torch.nn.Linear(H, V, bias=False)
+    h, y = torch.randn(N, H, requires_grad=True), torch.randint(0, V, (N,))
+    one = 2 * N * H * V  # one (N x H) @ (H x V) matmul
+    with FlopCounterMode(display=False) as train:
+        chunked_loss_sum(head, h, y, V).backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as evaluation:
+        chunked_loss_sum(head, h, y, V)
+    assert train.get_total_flops() == 3 * one
+    assert evaluation.get_total_flops() == one

@@ -130,8 +130,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                step: int, transform: LogitTransform, dtype: torch.dtype) -> torch.Tensor:
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+                step: int, transform: LogitTransform, dtype: torch.dtype, grads: bool) -> torch.Tensor:
+        # needs_input_grad says what requires grad even under no_grad (evaluation): `grads` is the grad mode outside
+        want_h, want_w, want_b = (grads and need for need in ctx.needs_input_grad[:3])
         w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
         grad_h = torch.empty_like(h) if want_h else None
@@ -175,7 +176,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             scaled[1] = scaled[1].to(ctx.dtypes[0])
         if scaled[2] is not None:
             scaled[2] = scaled[2].to(ctx.dtypes[1])
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None
 
 
 def _eager_linear(lm_head: torch.nn.Module) -> torch.nn.Linear | None:
@@ -195,7 +196,8 @@ def chunked_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
     if linear is not None:
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else \
             linear.weight.dtype
-        return _ChunkedCrossEntropy.apply(h, linear.weight, linear.bias, y, step, transform, dtype)
+        return _ChunkedCrossEntropy.apply(h, linear.weight, linear.bias, y, step, transform, dtype,
+                                          torch.is_grad_enabled())
     # Checkpointed chunks through the module's own forward: ZeRO-3 gathers the weight there, in forward and again in
     # the recompute, and an adapted head runs its adapters.
     total = None
