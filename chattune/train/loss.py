@@ -124,9 +124,9 @@ def _chunk_loss_sum(lm_head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor,
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy sum of transform(h W^T + b) over chunks of positions, each chunk's gradients formed in the
-    forward while its logits are alive (Liger's scheme, in torch): the output layer is read twice per chunk in all
-    (logits, then both gradients) where a checkpointed chunk reads it three times (forward, recompute, backward),
-    and the weight's gradient is summed over the chunks in fp32, not in a bf16 weight's own dtype."""
+    forward while its logits are alive (Liger's scheme, in torch): three matmuls per chunk (the logits, the hidden
+    states' and the weight's gradients; two with a frozen output layer) where a chunk recomputed in backward runs
+    four (three), and the weight's gradient is summed over the chunks in fp32, not in a bf16 weight's own dtype."""
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
