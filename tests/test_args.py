@@ -288,3 +288,23 @@ def test_the_plan_recomputes_only_what_the_gpu_needs_and_a_given_flag_wins(tmp_p
                                  "examples/sharegpt.json"]), ModelClass("Qwen2ForCausalLM", False, proven=True),
                     [300], Hardware(), OutputDir(str(tmp_path)), has_eval=False)
     assert cpu.recompute.every == 0 and "no CUDA GPU" in cpu.recompute.decision.why
+
+
+def test_torch_varlen_plans_packed_rows_that_carry_their_sample_boundaries(tmp_path):
+    from chattune.train.architecture import ModelClass
+    from chattune.train.plan import Hardware, OutputDir, make_plan
+
+    def plan(*flags, **hardware):
+        args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--data_path",
+                           "examples/sharegpt.json", *flags])
+        return make_plan(*args, ModelClass("Qwen2ForCausalLM", False, proven=True, flash=True, flex=True),
+                         [300, 120], Hardware(cuda=True, **hardware), OutputDir(str(tmp_path)), has_eval=False)
+
+    varlen = plan("--attn_implementation", "torch_varlen", varlen_problem=None)
+    assert (varlen.attention.choice, varlen.batch.shape.packed, varlen.sample_boundaries) == ("torch_varlen", True, True)
+    assert varlen.attention.why == "--attn_implementation torch_varlen"
+    flex = plan(varlen_problem=None)  # auto keeps flex_attention, which finds the boundaries from position_ids
+    assert (flex.attention.choice, flex.sample_boundaries) == ("flex_attention", False)
+    with pytest.raises(ConfigError, match="torch_varlen: torch 2.9 has no torch.nn.attention.varlen"):
+        plan("--attn_implementation", "torch_varlen",
+             varlen_problem="torch 2.9 has no torch.nn.attention.varlen (torch 2.10 or newer has)")

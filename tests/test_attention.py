@@ -44,6 +44,21 @@ def test_auto_decision_asks_the_model_class(cls, cuda, flash_problem, expected):
         assert any("padded" in note for note in choice.notes)
 
 
+def test_torch_varlen_is_opt_in_packed_and_refused_where_it_cannot_run():
+    """torch's varlen attention: chosen only when asked (auto stays flash-attn / flex until a GPU run shows it
+    pays), always on packed rows, refused with the reason where it cannot run."""
+    assert choose_attention("auto", "auto", NATIVE, cuda=True, flash_problem="x", varlen_problem=None
+                            ).implementation == "flex_attention"
+    asked = choose_attention("torch_varlen", "auto", NATIVE, cuda=True, flash_problem="x", varlen_problem=None)
+    assert (asked.implementation, asked.packing) == ("torch_varlen", True)
+    with pytest.raises(ConfigError, match="torch_varlen: no CUDA GPU"):
+        choose_attention("torch_varlen", "auto", NATIVE, cuda=False, flash_problem="x")
+    with pytest.raises(ConfigError, match="torch_varlen attends within packed rows: drop --packing false"):
+        choose_attention("torch_varlen", "false", NATIVE, cuda=True, flash_problem="x", varlen_problem=None)
+    with pytest.raises(ConfigError, match="BloomForCausalLM does not support it"):
+        choose_attention("torch_varlen", "auto", OLD_STYLE, cuda=True, flash_problem="x", varlen_problem=None)
+
+
 def test_explicit_packing_or_kernel_the_class_cannot_honour_is_an_error():
     with pytest.raises(ConfigError, match="QWenLMHeadModel cannot train on packed rows .*remote.*--packing false"):
         choose_attention("auto", "true", REMOTE, cuda=True, flash_problem=None)
@@ -201,3 +216,78 @@ def test_flex_attention_with_fp32_master_weights_under_bf16_autocast(model_dirs)
     assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen)
     error = (out["flex_attention"] - out["sdpa"]).norm() / out["sdpa"].norm()
     assert error < 1e-2  # bf16 rounding in different kernels
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch's varlen attention (--attn_implementation torch_varlen): its kernel is CUDA-only; here a reference kernel with
+# its signature (per-sample causal sdpa) stands in, so what is ours is tested on CPU: the layout in and out, GQA,
+# the scale, the sliding window, the boundaries from the collator, and that transformers builds no mask that would
+# mix samples. tests/test_gpu.py runs the real kernel against sdpa.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """varlen_attn's contract, computed per sample with sdpa: (tokens, heads, dim) in and out."""
+    assert q.dim() == k.dim() == 3 and cu_q.dtype == cu_k.dtype == torch.int32
+    assert enable_gqa == (q.shape[1] != k.shape[1])
+    out = torch.empty_like(q)
+    bounds = cu_q.tolist()
+    assert max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    for a, b in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        n = b - a
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        keep = (j <= i) if window_size[1] == 0 else torch.ones(n, n, dtype=torch.bool)
+        if window_size[0] >= 0:
+            keep &= i - j <= window_size[0]
+        o = torch.nn.functional.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=keep, scale=scale,
+                                                             enable_gqa=enable_gqa)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    from chattune.train import varlen
+
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs)
+        return reference_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(varlen, "_kernel", lambda: kernel)
+    varlen.register()
+    return calls
+
+
+@pytest.mark.parametrize("sliding_window", [None, 16])
+def test_torch_varlen_keeps_packed_samples_apart_and_equals_each_alone(model_dirs, varlen_on_cpu, sliding_window):
+    config = AutoConfig.from_pretrained(model_dirs("qwen2"), use_cache=False)
+    if sliding_window:  # every layer a sliding-window one
+        config.use_sliding_window, config.sliding_window = True, sliding_window
+        config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    m, ref = (AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), config=config, dtype=torch.float32,
+                                                   attn_implementation=attn).eval() for attn in ("torch_varlen", "eager"))
+    assert m.config.num_key_value_heads < m.config.num_attention_heads  # GQA
+    parts = samples(lengths=(40, 70, 18), seed=3)
+    batch = PackingCollator(boundaries=True)(parts)
+    with torch.no_grad():
+        packed = m(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        start = 0
+        for part in parts:
+            n = len(part["input_ids"])
+            alone = ref(input_ids=torch.tensor([part["input_ids"]])).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    assert len(varlen_on_cpu) == m.config.num_hidden_layers
+    head_dim = m.config.hidden_size // m.config.num_attention_heads
+    assert all(c["window_size"] == window and c["scale"] == head_dim ** -0.5 for c in varlen_on_cpu)
+
+
+def test_torch_varlen_without_boundaries_says_what_to_do(model_dirs, varlen_on_cpu):
+    m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.float32,
+                                             attn_implementation="torch_varlen").eval()
+    with pytest.raises(ConfigError, match="attends within packed rows.*--packing true"):
+        m(input_ids=torch.tensor([[5, 6, 7]]))

@@ -112,13 +112,19 @@ def test_samples_in_a_packed_row_cannot_see_each_other(model, attn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2", "sdpa"])
+@pytest.mark.parametrize("attn", ["flex_attention", "flash_attention_2", "sdpa", "torch_varlen"])
 @torch.no_grad()
 def test_packed_isolation_and_equality_on_cuda(model_dirs, attn):
     import importlib.util
 
+    from chattune.train import varlen
+
     if attn.startswith("flash") and not importlib.util.find_spec("flash_attn"):
         pytest.skip("flash-attn not installed")
+    if attn == "torch_varlen":
+        if varlen.varlen_problem(True):
+            pytest.skip(varlen.varlen_problem(True))
+        varlen.register()
     m = AutoModelForCausalLM.from_pretrained(model_dirs("qwen2"), dtype=torch.bfloat16, attn_implementation=attn)
     m = m.cuda().eval()
     m.config.use_cache = False
@@ -130,7 +136,7 @@ def test_packed_isolation_and_equality_on_cuda(model_dirs, attn):
         batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items() if k != "labels"}
         return m(**batch).logits[0].float()
 
-    collate = PackingCollator(boundaries=attn.startswith("flash"))
+    collate = PackingCollator(boundaries=attn.startswith(("flash", "torch_varlen")))
     a, b = run(collate(samples)), run(collate(changed))
     torch.testing.assert_close(a[110:], b[110:])
     padded = m(input_ids=PaddingCollator(0)(samples)["input_ids"].cuda(),

@@ -30,7 +30,7 @@ def mode_of(training_args: TrainingArguments, lora_args: LoraArguments) -> str:
     return "lora" if training_args.use_lora else "full"
 
 
-ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "torch_varlen")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class AttentionChoice:
 
 
 def choose_attention(requested_attn: str, requested_packing: str, cls: ModelClass, *, cuda: bool,
-                     flash_problem: str | None) -> AttentionChoice:
+                     flash_problem: str | None, varlen_problem: str | None = "no CUDA GPU") -> AttentionChoice:
     """Attention implementation and packing, from the flags and what the model class declares (pure: tests call it
     with a pretended CUDA device).
 
@@ -202,13 +202,18 @@ def choose_attention(requested_attn: str, requested_packing: str, cls: ModelClas
         else:
             notes.append(f"{cls.name} runs its own (remote) code: its attention, padded batches")
         return AttentionChoice(None if requested_attn == "auto" else requested_attn, False, tuple(notes))
+    # torch_varlen takes the sample boundaries as flash-attention's kwargs: classes that support flash-attention
     supported = {"sdpa": cls.sdpa, "eager": True, "flash_attention_2": cls.flash, "flash_attention_3": cls.flash,
-                 "flex_attention": cls.flex}
+                 "flex_attention": cls.flex, "torch_varlen": cls.flash and cls.packs}
     if requested_attn != "auto":
         if not supported[requested_attn]:
             raise ConfigError(f"--attn_implementation {requested_attn}: {cls.name} does not support it; use auto")
         if requested_attn.startswith("flash") and flash_problem:
             raise ConfigError(f"--attn_implementation {requested_attn}: {flash_problem}")
+        if requested_attn == "torch_varlen" and varlen_problem:
+            raise ConfigError(f"--attn_implementation torch_varlen: {varlen_problem}")
+        if requested_attn == "torch_varlen" and requested_packing == "false":
+            raise ConfigError("--attn_implementation torch_varlen attends within packed rows: drop --packing false")
         attn = requested_attn
     elif cuda and cls.flash and flash_problem is None:
         attn = "flash_attention_2"
@@ -218,7 +223,8 @@ def choose_attention(requested_attn: str, requested_packing: str, cls: ModelClas
         attn = "sdpa" if cls.sdpa else "eager"
     # Linear-attention layers cost the same per token packed or padded; packing removes their padding, whatever the
     # full-attention layers' kernel does with the rest.
-    skips_blocks = cuda and (attn in ("flash_attention_2", "flash_attention_3", "flex_attention") or cls.linear_attention)
+    skips_blocks = cuda and (attn in ("flash_attention_2", "flash_attention_3", "flex_attention", "torch_varlen")
+                             or cls.linear_attention)
     if requested_packing == "auto":
         packing = skips_blocks and cls.packs
         if not packing:

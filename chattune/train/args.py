@@ -26,11 +26,11 @@ class ModelArguments:
         metadata={"help": "Run the model's own code (Qwen-7B-Chat, ChatGLM need it; Qwen's script always sets it)."},
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3",
-                                 "flex_attention"] = field(
+                                 "flex_attention", "torch_varlen"] = field(
         default="auto",
         metadata={"help": "auto: flash_attention_2 where it runs (CUDA, Ampere+, bf16/fp16) and the model supports it, "
                           "else flex_attention for packed batches on CUDA, else sdpa. Remote-code models use their "
-                          "own."},
+                          "own. torch_varlen: torch's own flash kernels for packed rows (CUDA, torch 2.10+; opt-in)."},
     )
     experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = field(
         default="auto",

@@ -77,6 +77,10 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
         kwargs["experts_implementation"] = plan.experts.choice
     if plan.attention.choice == "flex_attention":
         use_common_dtype_in_flex_attention()
+    if plan.attention.choice == "torch_varlen":
+        from chattune.train.varlen import register
+
+        register()
     quant = _quantization_config(config, lora_args, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant

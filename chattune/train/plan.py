@@ -64,6 +64,7 @@ class Hardware:
     gpu_name: str | None = None
     gpu_memory_gb: float = 0.0  # of one GPU; 0 when unknown
     flash_problem: str | None = "no CUDA GPU"  # why flash-attention cannot run, None when it can
+    varlen_problem: str | None = "no CUDA GPU"  # why torch's varlen attention cannot run, None when it can
     liger_problem: str | None = "no CUDA GPU"  # why Liger's kernels cannot run, None when they can
     linear_attention_problem: str | None = "no CUDA GPU"  # why Gated DeltaNet kernels cannot run, None when they can
     processes: int = 1
@@ -74,12 +75,14 @@ class Hardware:
         import torch
 
         from chattune.train.architecture import flash_attn_problem
+        from chattune.train.varlen import varlen_problem
 
         cuda = torch.cuda.is_available() and not training_args.use_cpu
         props = torch.cuda.get_device_properties(0) if cuda else None
         return cls(cuda=cuda, gpu_name=props.name if props else None,
                    gpu_memory_gb=props.total_memory / GB if props else 0.0,
                    flash_problem=flash_attn_problem(compute_dtype(training_args)) if cuda else "no CUDA GPU",
+                   varlen_problem=varlen_problem(cuda),
                    liger_problem=liger_runs_here(), linear_attention_problem=kernel_problem(cuda),
                    processes=training_args.world_size,
                    rank=training_args.process_index)
@@ -250,7 +253,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
     lengths = np.asarray(lengths, dtype=np.int64)
     mode = _mode(model_args, training_args, lora_args, cls)
     attention = choose_attention(model_args.attn_implementation, training_args.packing, cls, cuda=hardware.cuda,
-                                 flash_problem=hardware.flash_problem)
+                                 flash_problem=hardware.flash_problem, varlen_problem=hardware.varlen_problem)
     notes = list(attention.notes) + ([f"{cls.quantized} base: LoRA on its quantized linear layers"]
                                      if cls.quantized else [])
     if cls.linear_attention and hardware.linear_attention_problem:
@@ -273,7 +276,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         processes=hardware.processes, deepspeed=training_args.deepspeed or None,
         attention=Decision(attention.implementation or "the model's own", _attention_why(model_args, attention, cls)),
         sample_boundaries=attention.packing and (cls.linear_attention or (attention.implementation or "").startswith(
-            "flash_attention")),
+            ("flash_attention", "torch_varlen"))),
         batch=batch, loss=plan_loss(training_args, lora_args, cls, mode, hardware), logit_transform=transform,
         objective=plan_objective(training_args, mode),
         recompute=recompute, schedule=plan_schedule(training_args, has_eval),
@@ -289,7 +292,7 @@ def check_model_flags(model_args: Any, training_args: Any, lora_args: Any, cls: 
     combination that cannot run is refused in seconds); make_plan takes them again, with the data."""
     mode = _mode(model_args, training_args, lora_args, cls)
     choose_attention(model_args.attn_implementation, training_args.packing, cls, cuda=hardware.cuda,
-                     flash_problem=hardware.flash_problem)
+                     flash_problem=hardware.flash_problem, varlen_problem=hardware.varlen_problem)
     plan_loss(training_args, lora_args, cls, mode, hardware)
     plan_objective(training_args, mode)
 
