@@ -1,5 +1,6 @@
 """run_gptq.py: GPTQ 4/8-bit from a model or an adapter dir, calibrated on the user's conversations, reloaded as is."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -272,3 +273,40 @@ def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_
     others = [c for i, c in enumerate(every) if i not in (1, 5, 11)]
     assert sorted(map(tuple, data.calibration.input_ids)) == ids(others)
     assert not set(map(tuple, data.eval.input_ids)) & set(map(tuple, data.calibration.input_ids))
+
+
+def test_pairs_calibrate_and_are_evaluated_on_their_chosen_conversations(model_dirs, tmp_path):
+    """After DPO (finetune.py --stage dpo --val_size), merge and GPTQ carry held-out pairs: run_gptq.py measures
+    perplexity on their chosen conversations and calibrates on the chosen side of the other pairs, never a rejected
+    answer and never a held-out pair."""
+    import shutil
+
+    from chattune.data.load import load_conversations
+    from chattune.data.prepare import prepare_dataset
+    from chattune.data.split import conversation_record
+    from chattune.data.tokenizer import prepare_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {k} plus one?"}],
+        "chosen": {"role": "assistant", "content": f"It is {k + 1}."},
+        "rejected": {"role": "assistant", "content": f"It is {k + 2}, I think."}}) + "\n" for k in range(20)))
+    model = tmp_path / "merged"
+    shutil.copytree(model_dirs("qwen2"), model)
+    every = load_conversations(pairs, pairs=True).conversations
+    held = [every[i] for i in (0, 7, 19)]
+    (model / "val.jsonl").write_text("".join(json.dumps(conversation_record(c)) + "\n" for c in held))
+    tokenizer, setup = prepare_tokenizer(str(model), "auto")
+    args = gptq.GptqArgs(str(model), str(pairs), str(tmp_path / "out"), num_samples=128, eval_samples=32,
+                         max_len=512, data_cache_dir=str(tmp_path / "cache"))
+    data = gptq.build_data(args, tokenizer, setup, {})
+    assert (data.eval.conversations, data.calibration.conversations) == (3, len(every) - 3)
+
+    def ids(conversations):  # the chosen conversation of each pair, as SFT would train it
+        chosen = [dataclasses.replace(c, rejected=None) for c in conversations]
+        prepared = prepare_dataset(chosen, tokenizer, stop_tokens=setup.stop_tokens, max_length=512,
+                                   cache_dir=tmp_path / "cache").dataset
+        return sorted(map(tuple, prepared["input_ids"]))
+
+    assert sorted(map(tuple, data.eval.input_ids)) == ids(held)
+    assert sorted(map(tuple, data.calibration.input_ids)) == ids([c for i, c in enumerate(every) if i not in (0, 7, 19)])
