@@ -358,7 +358,9 @@ def run_checks(args: DeployArgs) -> tuple[list[Check], dict[str, Any]]:
             artifact_loss, tokens = engine.loss(samples, "loss of the artifact")
             checks.append(check_quality(artifact_loss if reference_loss is None else reference_loss, artifact_loss,
                                         tokens, engine.quantized, args))
-        checks.append(check_parse(conversations, load_tokenizer(artifact_path)))
+        # the artifact's own tokenizer: transformers' engine has it loaded already (loading Qwen's takes seconds)
+        artifact_tokenizer = engine.tokenizer if engine.name == "transformers" else load_tokenizer(artifact_path)
+        checks.append(check_parse(conversations, artifact_tokenizer))
     finally:
         engine.close()
     return checks, _report(args, artifact_path, data_path, conversations, checks)
