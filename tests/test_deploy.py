@@ -18,8 +18,32 @@ def script(name, *args):
                           cwd=ROOT, timeout=600)
 
 
+def check_args(run, artifact=None, *extra) -> list[str]:
+    return [str(a) for a in ("--run_dir", run, *(["--model_path", artifact] if artifact else []), *extra)]
+
+
+def check_cli(run, artifact=None, *extra):
+    """check_deploy.py as a user runs it: its own process."""
+    return script("check_deploy.py", *check_args(run, artifact, *extra))
+
+
 def check(run, artifact=None, *extra):
-    return script("check_deploy.py", "--run_dir", run, *(["--model_path", artifact] if artifact else []), *extra)
+    """check_deploy.py's main() in this process, with its exit code and output as check_cli returns them: the same
+    code without the seconds each new interpreter spends importing torch, transformers and peft (the CLI entry itself
+    is run by check_cli in the tests of the shipped artifacts, of bad input, and of vLLM)."""
+    import contextlib
+    import io
+
+    import check_deploy
+
+    args = check_args(run, artifact, *extra)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = check_deploy.main(args)
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(["check_deploy.py", *args], code, out.getvalue(), err.getvalue())
 
 
 def write_data(path: Path) -> Path:
@@ -57,7 +81,7 @@ def artifacts(model_dirs, tmp_path_factory):
 @pytest.mark.parametrize("which", ["run", "merged", "gptq"])
 def test_the_adapter_the_merged_and_the_gptq_model_pass(artifacts, which):
     artifact = artifacts[which]
-    proc = check(artifacts["run"], artifact if which != "run" else None)
+    proc = (check_cli if which == "run" else check)(artifacts["run"], artifact if which != "run" else None)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     for name in ("prompt", "stop", "quality"):
         assert f"PASS  {name}" in proc.stdout
@@ -162,7 +186,7 @@ def test_a_scaled_weight_fails_the_quality_check(artifacts):
 
 @pytest.mark.slow
 def test_bad_input_is_exit_2(artifacts, tmp_path):
-    proc = check(tmp_path)
+    proc = check_cli(tmp_path)
     assert proc.returncode == 2 and "no val.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     (tmp_path / "val.jsonl").write_text((artifacts["run"] / "val.jsonl").read_text())
     proc = check(tmp_path)
@@ -328,7 +352,7 @@ def test_vllm_engine_passes_the_adapter_the_merged_and_the_gptq_model(artifacts,
     and its loss (prompt logprobs) matches the trained model's."""
     pytest.importorskip("vllm", reason="vLLM is not installed on this GPU machine")
     report_path = artifacts["root"] / f"vllm-{which}.json"
-    proc = check(artifacts["run"], artifacts[which] if which != "run" else None, "--engine", "vllm",
+    proc = check_cli(artifacts["run"], artifacts[which] if which != "run" else None, "--engine", "vllm",
                  "--report_path", report_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     report = json.loads(report_path.read_text())
@@ -354,7 +378,7 @@ def test_vllm_engine_fails_a_changed_template_and_a_removed_stop(artifacts):
     tokenizer_config.write_text(tokenizer_config.read_text().replace('"eos_token": "<|im_end|>"',
                                                                      '"eos_token": "<|endoftext|>"'))
     assert '"eos_token": "<|endoftext|>"' in tokenizer_config.read_text()
-    proc = check(artifacts["run"], artifact, "--engine", "vllm")
+    proc = check_cli(artifacts["run"], artifact, "--engine", "vllm")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-4000:]
     assert "FAIL  prompt" in proc.stdout and "FAIL  stop" in proc.stdout and "PASS  quality" in proc.stdout
 

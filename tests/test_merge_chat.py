@@ -109,11 +109,13 @@ def test_chat_answers_a_batch_for_every_model_kind(model_dirs, adapters, tmp_pat
                        '{"messages": [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"},'
                        ' {"role": "user", "content": "C"}]}\n')
     answers = {}
+    import chat  # its main() in this process (the CLI entry runs below, and in the merge script's own process above)
+
     for kind, args in {"adapter dir": [adapter], "base + adapter": [model_dirs("qwen2"), "--adapter_path", adapter],
                        "merged": [merged]}.items():
         out = tmp_path / f"{kind}.jsonl"
-        script("chat.py", "--model_name_or_path", *args, "--input_file", prompts, "--output_file", out,
-               "--max_new_tokens", 6)
+        assert chat.main(["--model_name_or_path", *map(str, args), "--input_file", str(prompts), "--output_file",
+                          str(out), "--max_new_tokens", "6"]) == 0
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["prompt"] for r in rows] == ["Hi", "C"] and all(isinstance(r["response"], str) for r in rows)
         answers[kind] = rows
