@@ -43,9 +43,12 @@ def test_the_whole_mapping_proves_as_shipped():
 
 
 def test_gated_deltanet_leaks_without_its_boundaries():
-    """The proof is not vacuous: the stock Gated DeltaNet layers (torch path) let samples see each other."""
+    """The proof is not vacuous: the Gated DeltaNet layers (torch path) let samples see each other unless they get
+    the boundaries, which only our replacement of the library's torch fallbacks reads (installed here, not left to
+    whichever test ran before in this process)."""
     cls = transformers.Qwen3_5ForCausalLM
     config = packing_proof.tiny_config(cls)
+    assert install_packed_linear_attention(config.model_type)
     assert packing_proof.isolation_error(cls, config, boundaries=False) > 1e-2
     assert packing_proof.isolation_error(cls, config, boundaries=True) <= packing_proof.TOLERANCE
 
