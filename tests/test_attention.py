@@ -150,6 +150,17 @@ def test_loss_on_one_packed_sample_gives_zero_gradient_to_the_others(model, attn
     model.set_attn_implementation("sdpa")
 
 
+@torch.no_grad()
+def assert_each_sample_as_alone(packed, parts, model):
+    """The logits of each sample's span of a packed row equal `model`'s on that sample run on its own."""
+    start = 0
+    for part in parts:
+        n = len(part["input_ids"])
+        alone = model(input_ids=torch.tensor([part["input_ids"]])).logits[0]
+        torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-4)
+        start += n
+
+
 @pytest.fixture
 def static_flex_compiles():
     """Each flex_attention test compiles its own kernels for static shapes: on CPU, torch 2.13's inductor fails to
@@ -176,12 +187,7 @@ def test_flex_attention_forward_on_cpu_isolates_packed_samples(model_dirs):
     assert find_packed_sequence_indices(batch["position_ids"]).tolist() == [[0] * 40 + [1] * 70 + [2] * 18]
     with torch.no_grad():
         packed = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        start = 0
-        for part in parts:
-            n = len(part["input_ids"])
-            alone = m(input_ids=torch.tensor([part["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-4)
-            start += n
+    assert_each_sample_as_alone(packed, parts, m)
 
 
 @pytest.mark.usefixtures("static_flex_compiles")
@@ -274,12 +280,7 @@ def test_torch_varlen_keeps_packed_samples_apart_and_equals_each_alone(model_dir
     batch = PackingCollator(boundaries=True)(parts)
     with torch.no_grad():
         packed = m(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
-        start = 0
-        for part in parts:
-            n = len(part["input_ids"])
-            alone = ref(input_ids=torch.tensor([part["input_ids"]])).logits[0]
-            torch.testing.assert_close(packed[start:start + n], alone, rtol=1e-4, atol=1e-4)
-            start += n
+    assert_each_sample_as_alone(packed, parts, ref)
     window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     assert len(varlen_on_cpu) == m.config.num_hidden_layers
     head_dim = m.config.hidden_size // m.config.num_attention_heads

@@ -249,7 +249,6 @@ def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_
     import shutil
 
     from chattune.data.load import load_conversations
-    from chattune.data.prepare import prepare_dataset
     from chattune.data.split import conversation_record
     from chattune.data.tokenizer import prepare_tokenizer
 
@@ -265,9 +264,7 @@ def test_a_model_carrying_held_out_conversations_is_evaluated_on_them_and_never_
     assert (data.eval.conversations, data.calibration.conversations) == (3, 10)
 
     def ids(conversations):
-        prepared = prepare_dataset(conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=256,
-                                   cache_dir=tmp_path / "cache").dataset
-        return sorted(map(tuple, prepared["input_ids"]))
+        return prepared_ids(conversations, tokenizer, setup, 256, tmp_path / "cache")
 
     assert sorted(map(tuple, data.eval.input_ids)) == ids(held)
     others = [c for i, c in enumerate(every) if i not in (1, 5, 11)]
@@ -282,7 +279,6 @@ def test_pairs_calibrate_and_are_evaluated_on_their_chosen_conversations(model_d
     import shutil
 
     from chattune.data.load import load_conversations
-    from chattune.data.prepare import prepare_dataset
     from chattune.data.split import conversation_record
     from chattune.data.tokenizer import prepare_tokenizer
 
@@ -304,9 +300,16 @@ def test_pairs_calibrate_and_are_evaluated_on_their_chosen_conversations(model_d
 
     def ids(conversations):  # the chosen conversation of each pair, as SFT would train it
         chosen = [dataclasses.replace(c, rejected=None) for c in conversations]
-        prepared = prepare_dataset(chosen, tokenizer, stop_tokens=setup.stop_tokens, max_length=512,
-                                   cache_dir=tmp_path / "cache").dataset
-        return sorted(map(tuple, prepared["input_ids"]))
+        return prepared_ids(chosen, tokenizer, setup, 512, tmp_path / "cache")
 
     assert sorted(map(tuple, data.eval.input_ids)) == ids(held)
     assert sorted(map(tuple, data.calibration.input_ids)) == ids([c for i, c in enumerate(every) if i not in (0, 7, 19)])
+
+
+def prepared_ids(conversations, tokenizer, setup, max_length, cache):
+    """The sorted input ids of the conversations as the training pipeline prepares them."""
+    from chattune.data.prepare import prepare_dataset
+
+    prepared = prepare_dataset(conversations, tokenizer, stop_tokens=setup.stop_tokens, max_length=max_length,
+                               cache_dir=cache).dataset
+    return sorted(map(tuple, prepared["input_ids"]))
