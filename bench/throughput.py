@@ -200,7 +200,7 @@ def planner_setup(suite: Suite, tokens: int, every: int, offload: bool, fused: b
     return with_recompute(setup, every, offload)
 
 
-def planned_defaults(suite: Suite, cuda: bool, gpu_memory_gb: float) -> tuple[int, int, bool, str, str]:
+def planned_defaults(suite: Suite, shape: Any, cuda: bool, gpu_memory_gb: float) -> tuple[int, int, bool, str, str]:
     """(budget, recompute every, offload, optimizer, why) as a real run plans them for this GPU: chattune.train.plan's
     own functions on the suite's shape and flags (nothing passed for the budget, the recompute or the optimizer)."""
     from types import SimpleNamespace
@@ -213,7 +213,6 @@ def planned_defaults(suite: Suite, cuda: bool, gpu_memory_gb: float) -> tuple[in
                             gradient_checkpointing=None, activation_checkpointing_kwargs=None,
                             optim="auto", optim_requested="auto", deepspeed=None)
     hardware = Hardware(cuda=cuda, gpu_memory_gb=gpu_memory_gb if cuda else 0.0)
-    shape = model_shape(suite)
     floor = suite.batch_size * suite.max_length
     budget = plan_budget(flags, shape, planner_setup(suite, floor, 1, False, True, cuda), hardware)
     recompute = plan_recompute(flags, shape, planner_setup(suite, budget, 1, False, True, cuda), gpu_memory_gb, cuda)
@@ -243,7 +242,7 @@ def plan_side(suite: Suite, side: str, lengths: list[int], cuda: bool, gpu_memor
     if side == "anchor":
         budget, every, offload, optim, why = suite.anchor_tokens, 1, False, "adamw_torch", "DESIGN.md's anchor budget"
     else:
-        budget, every, offload, optim, why = planned_defaults(suite, cuda, gpu_memory_gb)
+        budget, every, offload, optim, why = planned_defaults(suite, shape, cuda, gpu_memory_gb)
     budget = max(budget, suite.max_length)
     accumulation = micro_batches_per_step(np.asarray(lengths), step_shape(suite, budget), 1)
     attention = "flex_attention" if cuda and suite.arch == "qwen2" else "sdpa"  # no flex for Qwen3.5 in 5.23
