@@ -11,6 +11,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
+# every test here runs in one test process (pytest -n 2 --dist loadgroup), so `artifacts` (a training run, its merge
+# and its GPTQ model: over a minute) is built once
+pytestmark = pytest.mark.xdist_group("deploy")
 
 
 def script(name, *args):
