@@ -18,6 +18,8 @@ from chattune.export.gptq import quantized_linear_count
 from chattune.export.samples import Samples, perplexity, split_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
+# one test process (pytest -n 2 --dist loadgroup): `adapter`, a LoRA training run, is built once
+pytestmark = pytest.mark.xdist_group("gptq")
 DATA = ROOT / "examples" / "sharegpt.json"  # 13 conversations
 GROUP_SIZE = 32  # the tiny models are 64 wide: the default 128 does not divide their layers
 # Relative L2 error of the logits against the float model, measured on the tiny random qwen2 (gptqmodel 7.6.0, CPU):

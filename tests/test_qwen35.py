@@ -16,6 +16,8 @@ from chattune.train.layout import PROCESSOR_FILES, layout_problems, weight_files
 from chattune.train.run import run
 
 ROOT = Path(__file__).resolve().parents[1]
+# one test process (pytest -n 2 --dist loadgroup): `lora_run`, a LoRA run of the tiny Qwen3.5, is built once
+pytestmark = pytest.mark.xdist_group("qwen35")
 DATA = ROOT / "examples" / "messages.jsonl"
 
 
