@@ -26,8 +26,9 @@ def test_uses_it(built, i):
 
 
 def test_an_xdist_group_runs_in_one_process_and_builds_its_module_fixture_once(tmp_path):
-    """pytest.ini's --dist loadgroup keeps test_deploy.py's tests in one process; pytest 9.2 with pytest-xdist 3.8
-    spreads them over both and builds the fixture twice (pytest-xdist#1386: requirements-test.txt pins pytest)."""
+    """pytest.ini's --dist loadgroup keeps each grouped module (test_deploy, test_gptq, test_qwen35) in one process;
+    pytest 9.2 with pytest-xdist 3.8 spreads them over both and builds each fixture twice (pytest-xdist#1386:
+    requirements-test.txt pins pytest)."""
     (tmp_path / "test_grouped.py").write_text(GROUPED)
     (tmp_path / "test_other.py").write_text("import pytest\n\n@pytest.mark.parametrize('i', range(8))\n"
                                             "def test_other(i):\n    pass\n")
