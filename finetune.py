@@ -25,5 +25,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """One process of a multi-process run ends without the interpreter's shutdown: its files are written and the
+    process group is gone (finish_distributed), but a gloo rank still sometimes aborted while shutting down
+    ("terminate called without an active exception", exit -6, torch 2.13; see pytorch#179291), and torchrun then
+    reported a failed run whose result was complete. atexit handlers still run and output is flushed."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import atexit
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
