@@ -32,10 +32,12 @@ class ModelArguments:
                           "else flex_attention for packed batches on CUDA, else sdpa. Remote-code models use their "
                           "own. torch_varlen: torch's own flash kernels for packed rows (CUDA, torch 2.10+; opt-in)."},
     )
-    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager"] = field(
+    experts_implementation: Literal["auto", "grouped_mm", "batched_mm", "eager", "nf4"] = field(
         default="auto",
-        metadata={"help": "MoE models: how the experts run. auto: grouped_mm (transformers' grouped GEMM over all "
-                          "experts at once) | batched_mm | eager (a loop over the experts)."},
+        metadata={"help": "MoE models: how the experts run. auto: nf4 under --q_lora, else grouped_mm (transformers' "
+                          "grouped GEMM over all experts at once) | batched_mm | eager (a loop over the experts) | nf4 "
+                          "(Q-LoRA: experts stored in 4 bits, dequantized one at a time). Naming another under --q_lora "
+                          "keeps the experts in bf16."},
     )
 
 

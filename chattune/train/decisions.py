@@ -100,18 +100,29 @@ def plan_recompute(training_args: Any, shape: ModelShape | None, setup: Setup, g
     return Recompute(Decision(recompute_words(every, offload), why), every, offload)
 
 
-def plan_experts(model_args: Any, cls: ModelClass) -> Decision | None:
-    """How an MoE model's experts run: --experts_implementation, else transformers' grouped GEMM (one kernel over all
-    experts and their tokens, instead of a Python loop over the experts). None for a model without fused experts."""
+def plan_experts(model_args: Any, cls: ModelClass, mode: str = "lora", zero_stage: int = 0) -> Decision | None:
+    """How an MoE model's experts run: --experts_implementation, else under Q-LoRA 4-bit stacks (nf4,
+    chattune.train.experts4bit), else transformers' grouped GEMM (one kernel over all experts and their tokens,
+    instead of a Python loop over the experts). None for a model without fused experts."""
     given = model_args.experts_implementation
     if not cls.experts:
         if given != "auto":
             raise ConfigError(f"--experts_implementation {given}: {cls.name} has no fused MoE experts whose "
                               "implementation can be chosen; leave the flag out")
         return None
+    nf4 = mode == "qlora" and not cls.quantized and zero_stage != 3
+    if given == "nf4" and not nf4:
+        raise ConfigError("--experts_implementation nf4 stores the experts in 4 bits, for --q_lora on a float base "
+                          "without ZeRO-3; leave the flag out")
+    if given == "nf4" or (given == "auto" and nf4):
+        return Decision("nf4", "Q-LoRA: the fused experts are stored in 4 bits (bitsandbytes quantizes only nn.Linear) "
+                        "and dequantized one expert at a time")
+    bf16 = " (the experts stay in bf16)" if nf4 else ""
     if given != "auto":
-        return Decision(given, "--experts_implementation")
-    return Decision("grouped_mm", "transformers' grouped GEMM over all experts at once (not a loop over them)")
+        return Decision(given, f"--experts_implementation{bf16}")
+    if mode == "qlora" and not cls.quantized:  # ZeRO-3 partitions each stack over the ranks
+        bf16 = " (ZeRO-3: the experts stay in bf16, partitioned; 4-bit experts need whole stacks)"
+    return Decision("grouped_mm", f"transformers' grouped GEMM over all experts at once (not a loop over them){bf16}")
 
 
 def plan_objective(training_args: Any, mode: str) -> Decision | None:

@@ -53,6 +53,15 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("peft.utils.transformers_weight_conversion._convert_peft_config_moe", ("peft_config", "model"),
      "on MoE models converted from transformers v4 it moves gate/up/down_proj targets to the fused experts, so dense "
      "and shared-expert MLPs go unadapted (peft#3711): wrapped to keep the ones naming nn.Linear layers"),
+    ("transformers.core_model_loading.set_param_for_module",
+     ("model", "target_name", "param_value", "loading_info", "hf_quantizer"),
+     "Q-LoRA on MoE: wrapped while loading, so that each fused expert stack is quantized to 4 bits as it is set "
+     "(chattune.train.experts4bit; core_model_loading.py L1426)"),
+    ("transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS", (),
+     "the 4-bit experts' forward registered as experts implementation \"nf4\" (integrations/moe.py L546)"),
+    ("peft.tuners.lora.layer.ParamWrapper.get_delta_factors", ("self", "adapter_name"),
+     "4-bit experts apply peft's adapter per expert from its low-rank factors (lora/layer.py L2525); the "
+     "wrapper's own forward, which adds the delta to the whole stack, is bypassed"),
     *DATA_SURFACE,  # chat templating, used by data preparation (chattune/data/hf.py, which data/ may import)
 )
 

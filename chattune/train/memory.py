@@ -32,6 +32,7 @@ FUSED_LOGIT_BYTES = 2  # per vocabulary entry and token of one chunk of Liger's 
 LOGIT_BYTES = 8  # per vocabulary entry and token without a fused loss (bf16 logits, fp32 log-softmax), fitted
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/zero3.json
 DEEPSPEED_SUB_GROUP = 1e9  # sub_group_size of the ZeRO configs
+NF4_EXPERT_BYTES = 4.5 / 8  # per weight of a 4-bit fused expert stack (chattune.train.experts4bit.BITS_PER_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class Setup:
     train_embeddings: bool = False  # LoRA with modules_to_save embed_tokens + lm_head
     bytes_per_weight: int = 2  # compute dtype: bf16/fp16 = 2, fp32 = 4
     reference_copy: bool = False  # full-parameter DPO/IPO: a frozen copy of the base in the compute dtype
+    nf4_experts: bool | None = None  # Q-LoRA: fused experts in 4 bits (experts4bit); None: as Q-LoRA does by default
 
 
 def shape_from_config(config: Any, trust_remote_code: bool = False) -> ModelShape:
@@ -158,7 +160,11 @@ def estimate(shape: ModelShape, s: Setup) -> dict[str, float]:
         step = _step_temporaries(trainable / opt_shard, 4, s)
     else:
         frozen_linear = shape.linear_params * (0.5 + 1 / 64 + 1 / 256) if s.mode == "qlora" else shape.linear_params * w
-        weights = (frozen_linear + (shape.embedding_params + shape.other_params) * w) / shard
+        # fused 3-D expert stacks (not nn.Linear): NF4 codes + an fp32 scale per 64 values under Q-LoRA (experts4bit)
+        fused = shape.routed_expert_params - shape.routed_in_linear
+        four_bit = s.mode == "qlora" and s.nf4_experts is not False and s.zero_stage != 3
+        frozen_fused = fused * (NF4_EXPERT_BYTES if four_bit else w)
+        weights = (frozen_linear + frozen_fused + (shape.embedding_params + shape.other_params - fused) * w) / shard
         adapters = shape.lora_params_per_rank * s.lora_r  # fp32 (peft casts adapters up), Adam moments in fp32
         weights += adapters * 4 / shard
         grads = adapters * 4 / opt_shard

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from chattune.errors import ConfigError
+from chattune.train import experts4bit
 from chattune.train.architecture import compute_dtype, existing_quantization, load_class
 from chattune.train.hf import (
     install_packed_linear_attention,
@@ -90,13 +93,23 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
         kwargs["device_map"] = {"": training_args.device}
     if is_deepspeed_zero3_enabled():
         _attach_deepspeed_comm()
+    four_bit_experts = plan.experts is not None and plan.experts.choice == experts4bit.IMPLEMENTATION
+    if four_bit_experts:
+        experts4bit.register()
+    while_loading = [0]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), (experts4bit.quantizing_experts_while_loading(while_loading)
+                                         if four_bit_experts else contextlib.nullcontext()):
             # the GPTQ loading attributes above replace the checkpoint's on purpose (transformers warns every time)
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = load_class(config).from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load the model {model_args.model_name_or_path!r}: {e}") from None
+    if four_bit_experts:
+        late = experts4bit.quantize_experts(model)
+        if late:
+            print(f"note: {late} MoE expert stacks were quantized to 4 bits after loading, not while loading (this "
+                  "transformers loads another way): the load needed their bf16 size", file=sys.stderr)
     model.config.use_cache = False  # training: a KV cache wastes memory and breaks packed-sequence detection
     model.config.get_text_config().use_cache = False
     for p in non_text_parameters(model):
@@ -149,6 +162,10 @@ def count_parameters(model: Any) -> tuple[int, int]:
             n = n * 2 * p.element_size()
         total += n
         trainable += n if p.requires_grad else 0
+    for module in model.modules():  # 4-bit MoE expert stacks (chattune.train.experts4bit): their codes are buffers
+        total += sum(getattr(module, f"{name}_nf4").shape[0] * torch.Size(shape).numel()
+                     for name, (shape, _) in getattr(module, "nf4_stacks", {}).items()
+                     if name not in module._parameters)  # after experts4bit.finish: no placeholder counts them
     for module in model.modules():  # GPTQ weights are int32 buffers, 32 / bits values each
         qweight = getattr(module, "qweight", None)
         if torch.is_tensor(qweight) and getattr(module, "bits", None):

@@ -263,6 +263,8 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         notes.append("decoder layers compiled (torch.compile per layer, --compile_layers): the first steps are slow")
     packing = Decision("packed" if attention.packing else "padded", _packing_why(training_args.packing, attention))
     setup = run_setup(training_args, lora_args, mode, hardware.processes)
+    experts = plan_experts(model_args, cls, mode, setup.zero_stage)
+    setup = dataclasses.replace(setup, nf4_experts=experts is not None and experts.choice == "nf4")
     budget = plan_budget(training_args, shape, setup, hardware) if attention.packing else 0
     batch = plan_batch(training_args, lengths, hardware.processes, packing, budget)
     setup = dataclasses.replace(setup, micro_batch_tokens=max(batch.peak_micro_batch_tokens, 1))
@@ -282,7 +284,7 @@ def make_plan(model_args: Any, data_args: Any, training_args: Any, lora_args: An
         recompute=recompute, schedule=plan_schedule(training_args, has_eval),
         resume=plan_resume(training_args, output), stop=STOP_CONTRACT, memory_gb=memory_gb, time=time,
         notes=tuple(notes + ([disk] if disk else [])), **plan_router_aux(training_args, cls),
-        optimizer=plan_optimizer(training_args, hardware), experts=plan_experts(model_args, cls),
+        optimizer=plan_optimizer(training_args, hardware), experts=experts,
     )
 
 

@@ -19,7 +19,7 @@ from transformers import EarlyStoppingCallback
 
 from chattune.cli import log
 from chattune.errors import ConfigError
-from chattune.train import checkpoints
+from chattune.train import checkpoints, experts4bit
 from chattune.train.args import (
     DataArguments,
     LoraArguments,
@@ -229,6 +229,8 @@ def build_model(model_args, training_args, lora_args, plan: Plan, tokenizer, tem
         adapted.update(modules_to_save=modules, modules_to_save_reason=why)
         model = apply_lora(model, training_args, lora_args, modules, recompute=plan.recompute.every > 0)
         adapted["adapters"] = adapter_summary(model)
+    if plan.experts is not None and plan.experts.choice == experts4bit.IMPLEMENTATION:
+        experts4bit.finish(model)  # after the adapter: it found the 4-bit stacks by their placeholders
     if plan.objective is not None and turn_off_dropout(model):
         log("dropout off (--stage dpo): the chosen and rejected log-probs, and the policy's against the reference's, "
             "come from the same function")
