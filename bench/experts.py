@@ -1,9 +1,10 @@
-"""MoE experts: transformers' grouped GEMM (what the plan picks) against batched_mm and the loop over experts (eager).
+"""MoE experts: transformers' grouped GEMM (what the plan picks) against batched_mm and the loop over experts (eager),
+and Q-LoRA's 4-bit experts (nf4: chattune.train.experts4bit, a loop dequantizing one expert at a time).
 
 One sparse MoE block of a real config (default Qwen3.6-35B-A3B's: hidden 2048, 256 experts of 512, top-8), random
 weights, forward and backward of a micro-batch of tokens, each implementation timed in its own process on the same
 inputs. Prints ms per forward+backward, the speed-up over eager, the peak memory, and the largest output difference
-against eager (the implementations must agree).
+against eager (the implementations must agree; nf4's weights are the 4-bit ones, so it differs by quantization).
 
     python bench/experts.py                 # CUDA, bf16
     python bench/experts.py --tiny          # a smoke run on CPU (no timing value)
@@ -16,8 +17,11 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # chattune, for the nf4 row
+
+IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager", "nf4")
 
 
 def one(args: argparse.Namespace) -> dict:
@@ -39,6 +43,11 @@ def one(args: argparse.Namespace) -> dict:
     block = Qwen3_5MoeSparseMoeBlock(config).to(device=device, dtype=dtype)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
+    if args.implementation == "nf4":
+        from chattune.train import experts4bit
+
+        experts4bit.register()
+        experts4bit.quantize_experts(block)
     x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype, generator=None, requires_grad=True)
 
     def step():
@@ -120,6 +129,7 @@ def main() -> None:
         peak = f"{result['peak_gb']:.2f}" if result["peak_gb"] is not None else "-"
         diff = ((outputs[implementation] - outputs["eager"]).abs().max().item() if "eager" in outputs else None)
         diff_text = f"{diff:.2e}" if diff is not None else "-"
+        note = note or ("4-bit weights (quantization error)" if implementation == "nf4" else "")
         print(f"| {implementation} | {result['ms']:.1f} | {speed} | {peak} | {diff_text} | {note} |")
 
 

@@ -174,9 +174,11 @@ def test_experts_bench_times_each_implementation_and_they_agree():
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in proc.stdout.splitlines() if line.startswith("| ")
                                           and not line.startswith(("| implementation", "|---")))}
-    assert set(rows) == {"grouped_mm", "batched_mm", "eager"}, proc.stdout
+    assert set(rows) == {"grouped_mm", "batched_mm", "eager", "nf4"}, proc.stdout
+    nf4 = rows.pop("nf4")
     for cells in rows.values():
         assert float(cells[1]) > 0 and float(cells[4]) < 1e-5  # timed; the same output as the loop over experts
+    assert float(nf4[1]) > 0 and 0 < float(nf4[4]) < 1e-2  # the 4-bit experts: close, not equal (quantized)
 
 
 def test_gpu_check_bounds_every_step_logs_each_and_says_what_it_skipped(tmp_path):
