@@ -77,15 +77,17 @@ step 60 cuda "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print(
 case "${rows[-1]}" in *"| passed |"*) cuda=yes ;; *FAILED*|*"timed out"*) cuda=no ;; esac
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q -m gpu)
-# 3. kernels against references: packed flex/sdpa isolation, Qwen2.5 head layouts, Liger vs chunked vs own loss
-step 150 kernels "${PYTEST[@]}" tests/test_gpu.py tests/test_packing.py -k "isolation or head_layouts or liger_and_chunked"
+# 3. kernels against references: packed flex/sdpa isolation, Qwen2.5 head layouts, Liger vs chunked vs own loss,
+#    Q-LoRA's 4-bit MoE experts (bitsandbytes' CUDA kernels against its CPU code)
+step 150 kernels "${PYTEST[@]}" tests/test_gpu.py tests/test_packing.py tests/test_moe_4bit.py \
+    -k "isolation or head_layouts or liger_and_chunked or 4bit_experts_on_cuda"
 # 4. finetune.py end to end on CUDA: full fine-tuning two steps against a reference, then the default path
 step 170 full_finetune "${PYTEST[@]}" tests/test_gpu.py -k "full_finetune or default_cuda_path"
 # 5. two throughput suites against Qwen's recipe (the anchors' budget, this GPU's defaults), each side in its own
 #    process; --deadline ends the table inside the step's limit (a late side gets a "skipped" row, the rest print)
 step 200 throughput "$PY" bench/throughput.py --runs full-1.5b,qlora-7b --steps 8 --warmup 3 --timeout 80 --deadline 185
-# 6. MoE experts: grouped GEMM against the loop over experts
-step 90 experts "$PY" bench/experts.py --timeout 40
+# 6. MoE experts: grouped GEMM against the loop over experts, and Q-LoRA's 4-bit experts
+step 120 experts "$PY" bench/experts.py --timeout 40
 # 7. LoRA DPO against TRL's DPOTrainer (pip install -r requirements-bench.txt; without trl its row says so)
 step 150 dpo "$PY" bench/dpo_vs_trl.py --shape 0.5b --steps 12 --warmup 3 --timeout 120
 
