@@ -380,6 +380,26 @@ def test_eval_runs_with_every_checkpoint_by_default(model_dirs, tmp_path):
     assert json.loads((out / "run_report.json").read_text())["plan"]["evaluation"].startswith("every 2 steps")
 
 
+def test_a_loss_that_is_not_a_number_ends_the_run_at_that_step_and_saves_nothing_of_it(model_dirs, tmp_path, capsys):
+    """A learning rate of 1e30: step 1 trains, its update overflows the weights, step 2's loss is nan. The run
+    logs nan (the stock Trainer logged the window's earlier mean: 0 here, and went on), stops at step 2 without
+    saving or evaluating it, and ends with an error naming the step and the last good checkpoint."""
+    from chattune.train import checkpoints
+    from chattune.train.trainer import Diverged
+
+    out = tmp_path / "diverged"
+    with pytest.raises(Diverged, match=r"became nan or inf at step 2.*checkpoint-1 \(step 1\)") as raised:
+        train(model_dirs("qwen2"), out, "--learning_rate", 1e30, "--max_steps", 4, "--save_strategy", "steps",
+              "--save_steps", 1, "--eval_data_path", DATA, "--eval_steps", 1)
+    assert "--learning_rate" in str(raised.value)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    assert checkpoints.problem(str(out / "checkpoint-1")) is None
+    assert not (out / "model.safetensors").exists() and not (out / "run_report.json").exists()
+    logged = "".join(capsys.readouterr())
+    assert "'loss': 'nan'" in logged and "'eval_loss'" in logged  # step 1 evaluated, step 2 not (one eval only)
+    assert logged.count("'eval_loss'") == 1
+
+
 def test_a_second_ctrl_c_stops_at_once():
     from chattune.train.callbacks import PreemptionCallback
 

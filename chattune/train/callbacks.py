@@ -1,5 +1,5 @@
-"""Trainer callbacks: preemption (signals, a stop file), the run's clock, per-epoch reshuffling of packed bins, the
-loss plot."""
+"""Trainer callbacks: preemption (signals, a stop file), the run's clock, per-epoch reshuffling of packed bins, a
+loss that is not a number, the loss plot."""
 
 from __future__ import annotations
 
@@ -110,6 +110,28 @@ class EpochCallback(TrainerCallback):
 
 
 LOSS_PLOT = "loss.png"
+
+
+class DivergenceCallback(TrainerCallback):
+    """Ends the run at the end of the first optimizer step whose loss was nan or inf on any rank, before that step is
+    saved or evaluated: its update made the weights not numbers too, and every later step would be wasted. `step`
+    and `value` say where, for the error the run ends with (run.train)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.step: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.trainer.take_nonfinite()
+        if flag is None:
+            return
+        flag = flag.float()
+        if args.world_size > 1:  # every rank stops at the same step (the others' gradients are nan too by now)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item():
+            self.step = state.global_step
+            control.should_training_stop = True
+            control.should_save = control.should_evaluate = False
 
 
 def plot_loss(log_history: list[dict], path: str | os.PathLike) -> bool:

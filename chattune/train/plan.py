@@ -471,6 +471,9 @@ def trainer_arguments(plan: Plan, training_args: Any) -> Any:
         label_names=["labels"],  # a PeftModel hides the signature Trainer infers label names from
         gradient_accumulation_steps=plan.batch.micro_batches_per_step, optim=plan.optimizer.choice,
         eval_strategy=plan.schedule.eval_strategy, do_eval=plan.schedule.eval_strategy != "no",
+        # a nan/inf loss is logged as what it is and ends the run (callbacks.DivergenceCallback); the stock filter logs
+        # the window's earlier mean instead (0 when every step is nan), and reads each micro-batch's loss on the host
+        logging_nan_inf_filter=False,
     )
     if plan.schedule.eval_steps is not None:
         changes["eval_steps"] = plan.schedule.eval_steps

@@ -73,7 +73,7 @@ from chattune.train.save import (
     write_run_files,
 )
 from chattune.train.signals import RunSignals
-from chattune.train.trainer import ChatTrainer, LossSetup, padding_collator
+from chattune.train.trainer import ChatTrainer, Diverged, LossSetup, padding_collator
 
 
 def run(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
@@ -300,6 +300,8 @@ def train(trainer: ChatTrainer, plan: Plan, preemption: PreemptionCallback, sign
         signals.finished_training = True  # before the run's own handlers are back: no gap without one
     finally:
         preemption.restore_handlers()
+    if trainer.divergence.step is not None:
+        raise Diverged(trainer.divergence.step, trainer.args.output_dir)
     if preemption.stopped_early:
         stop_preempted(trainer, preemption)
     if preemption.signal and trainer.is_world_process_zero():

@@ -31,6 +31,7 @@ from chattune.train.batches import (
     pair_samples,
     sample_lengths,
 )
+from chattune.train.callbacks import DivergenceCallback
 from chattune.train.hf import HfTrainer
 from chattune.train.loss import (
     LogitTransform,
@@ -53,6 +54,20 @@ class LossSetup:
 
 class LossMismatch(ConfigError):
     """The fused loss differs from the model's own loss on real inputs."""
+
+
+class Diverged(UserError):
+    """The training loss became nan or inf (DivergenceCallback stopped the run before saving that step)."""
+
+    def __init__(self, step: int, output_dir: str) -> None:
+        last = checkpoints.committed(output_dir)
+        where = (f"the last checkpoint before it is {last[-1][1]} (step {last[-1][0]})" if last
+                 else "no checkpoint was saved before it")
+        super().__init__(
+            f"the training loss became nan or inf at step {step}: that step's update left the weights not numbers, so "
+            f"the run stopped there and saved nothing of it ({where}). Usual causes: a learning rate too high for this "
+            "model (--learning_rate), fp16 overflow (--bf16 True on Ampere or newer), or a base model whose weights "
+            "are already not finite (its own logits on any input show it)")
 
 
 class SaveError(UserError):
@@ -84,6 +99,9 @@ class ChatTrainer(HfTrainer):
         self.loss_checked = loss.kind == "none"
         self._hidden: list[torch.Tensor] = []
         self.expert_load: torch.Tensor | None = None  # MoE: tokens routed to each expert, per layer, on this rank
+        self.nonfinite: torch.Tensor | None = None  # a nan/inf micro-batch loss in the current optimizer step
+        self.divergence = DivergenceCallback(self)
+        self.add_callback(self.divergence)
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -107,6 +125,18 @@ class ChatTrainer(HfTrainer):
         if self.args.world_size > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return count
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # kept on the device and read once per optimizer step (callbacks.DivergenceCallback): no sync per micro-batch
+        bad = ~torch.isfinite(loss.detach())
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        return loss
+
+    def take_nonfinite(self) -> torch.Tensor | None:
+        """Whether a micro-batch's loss was nan or inf since the last call (a device tensor), and reset."""
+        flag, self.nonfinite = self.nonfinite, None
+        return flag
 
     # ---- loss ------------------------------------------------------------------------------------------------
 
