@@ -152,6 +152,8 @@ def memory_estimate(model_args: ModelArguments, data_args: DataArguments, traini
     config, cls = read_model(model_args, training_args)
     gpus = training_args.estimate_gpus or training_args.world_size
     setup = run_setup(training_args, lora_args, mode_of(training_args, lora_args), gpus)
+    if model_args.experts_implementation not in ("auto", "nf4"):  # named under --q_lora: the experts stay in bf16
+        setup = replace(setup, nf4_experts=False)
     shape = shape_from_config(config, trust_remote_code=model_args.trust_remote_code)
     summary, epochs = None, training_args.num_train_epochs
     if data_args.data_path:
