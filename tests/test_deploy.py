@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.xdist_group("deploy")
 
 
 def script(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+    return forkrun.script(name, *args, rc=None)
 
 
 def check_args(run, artifact=None, *extra) -> list[str]:

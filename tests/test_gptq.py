@@ -3,10 +3,9 @@
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -35,10 +34,7 @@ HELD_OUT = [{"role": "user", "content": "Name the largest planet and one of its 
 
 
 def script(name, *args, rc=0):
-    proc = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, check=False)
-    assert proc.returncode == rc, proc.stderr[-3000:]
-    return proc
+    return forkrun.script(name, *args, rc=rc)
 
 
 def quantize(model, out, bits, cache):

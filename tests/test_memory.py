@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import forkrun
 import pytest
 from published_profiles import (
     QWEN1,
@@ -140,19 +141,13 @@ def test_verdicts_and_cheapest_changes(qwen7b):
 
 @pytest.mark.slow
 def test_cli_estimate_memory_needs_no_weights(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
 
     QWEN25_7B.save_pretrained(tmp_path)  # config only: no weights exist
 
     def estimate_memory(*flags):
-        proc = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(tmp_path), "--output_dir",
-                               str(tmp_path / "o"), "--estimate_memory", "--use_lora", "--q_lora", "--bf16", "True",
-                               "--model_max_length", "4096", "--per_device_train_batch_size", "1", *flags],
-                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc
+        return forkrun.script("finetune.py", "--model_name_or_path", tmp_path, "--output_dir", tmp_path / "o",
+                              "--estimate_memory", "--use_lora", "--q_lora", "--bf16", "True", "--model_max_length",
+                              "4096", "--per_device_train_batch_size", "1", *flags, timeout=300)
 
     proc = estimate_memory("--gradient_checkpointing", "False")
     assert "7.62B parameters, qlora, 1 GPU(s)" in proc.stdout
@@ -171,20 +166,14 @@ def test_cli_estimate_memory_needs_no_weights(tmp_path):
 def test_cli_estimate_with_data_uses_its_lengths(tmp_path):
     """--estimate_memory --data_path: the activations come from the largest real micro-batch, not the flags' worst
     case, and the time is given per epoch of the data."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from fixtures import build_model
 
     model = build_model("qwen2", tmp_path / "m")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model), "--output_dir",
-                           str(tmp_path / "o"), "--estimate_memory", "--use_lora", "--data_path",
-                           "examples/sharegpt.json", "--packing", "false", "--per_device_train_batch_size", "2",
-                           "--num_train_epochs", "2", "--data_cache_dir", str(tmp_path / "cache")],
-                          capture_output=True, text=True, cwd=root, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = forkrun.script("finetune.py", "--model_name_or_path", model, "--output_dir", tmp_path / "o",
+                          "--estimate_memory", "--use_lora", "--data_path", "examples/sharegpt.json", "--packing",
+                          "false", "--per_device_train_batch_size", "2", "--num_train_epochs", "2", "--data_cache_dir",
+                          tmp_path / "cache", timeout=300)
     assert "data: 13 conversations" in proc.stderr  # the report of the prepared data
     longest = max(len(row["input_ids"]) for row in _rows(tmp_path / "cache"))
     assert f"{2 * longest} tokens per micro-batch" in proc.stdout  # batch 2 x the longest sample, not 2 x 8192

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,10 +21,7 @@ DATA = ROOT / "examples" / "sharegpt.json"
 
 
 def script(name, *args, rc=0):
-    proc = subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert proc.returncode == rc, proc.stderr[-3000:]
-    return proc
+    return forkrun.script(name, *args, rc=rc)
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """The data stage end to end: files -> validated conversations -> tokens/labels, report, cache, and the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 from transformers import AutoTokenizer
 
@@ -18,10 +17,7 @@ EXAMPLES = ROOT / "examples"
 
 
 def run_cli(*args, check_rc=0):
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
-    assert proc.returncode == check_rc, proc.stderr[-3000:]
-    return proc
+    return forkrun.script("finetune.py", *args, rc=check_rc)
 
 
 def raw_to_messages(record):

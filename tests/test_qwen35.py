@@ -3,10 +3,10 @@ in its own layout. Tiny random Qwen3_5ForConditionalGeneration checkpoints (dens
 `mtp.*` tensors written into the file, the published Qwen3.5 template (tests/fixtures.py)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 from safetensors import safe_open
@@ -74,9 +74,7 @@ def test_the_checkpoint_class_is_trained_and_the_adapter_loads_into_it(lora_run)
 def test_merge_keeps_the_checkpoints_layout_vision_tower_and_mtp_head(lora_run, tmp_path):
     base, adapter, _ = lora_run
     merged = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(adapter), "--output_path",
-                           str(merged)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = forkrun.script("merge_lora.py", "--adapter_path", adapter, "--output_path", merged)
     assert "tensors of the base that transformers does not load, e.g. mtp." in proc.stderr
     config, base_config = (json.loads((p / "config.json").read_text()) for p in (merged, base))
     for key in ("architectures", "model_type"):
@@ -120,8 +118,7 @@ def test_the_deploy_check_names_what_a_merge_lost(lora_run, tmp_path):
 
     base, adapter, _ = lora_run
     merged = tmp_path / "merged"
-    subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(adapter), "--output_path", str(merged)],
-                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    forkrun.script("merge_lora.py", "--adapter_path", adapter, "--output_path", merged)
     assert check_layout(str(merged), str(adapter)).passed
     assert check_layout(str(adapter), str(adapter)).passed  # every adapter module matches the checkpoint's class
     index = json.loads((merged / "model.safetensors.index.json").read_text())

@@ -1,10 +1,9 @@
 """Agent data and what gets trained: tool calls rendered by the template, per-turn choice, reasoning, refusals."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 
 from chattune.data.chat_templates import BUILTIN_TEMPLATES
@@ -241,9 +240,9 @@ def test_tool_calls_are_trained_and_tool_results_masked(model_dirs, tmp_path, te
 @pytest.mark.slow
 def test_a_template_that_cannot_render_tools_is_refused_naming_the_record(model_dirs, tmp_path):
     """The fixture's Qwen2 template renders no tools: training would teach calls to functions never shown."""
-    proc = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", str(model_dirs("qwen2")),
-                           "--data_path", str(TOOLS), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
-                           "--data_cache_dir", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT)
+    proc = forkrun.script("finetune.py", "--model_name_or_path", model_dirs("qwen2"), "--data_path", TOOLS,
+                          "--output_dir", tmp_path / "out", "--use_cpu", "True", "--data_cache_dir", tmp_path / "cache",
+                          rc=None)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{TOOLS}: line 1: the record declares tools (get_weather), but the chat template does not render them" \
         in proc.stderr

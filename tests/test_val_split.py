@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 from safetensors.torch import load_file
 
@@ -163,9 +164,7 @@ def test_early_stopping_keeps_the_best_checkpoint_and_evaluates_on_the_held_out_
         assert held_out_of(folder) == out / "val.jsonl"
     merged = tmp_path / "from-checkpoint"
     if mode == "lora":  # the user's path: merge_lora.py on a checkpoint folder
-        proc = subprocess.run([sys.executable, "merge_lora.py", "--adapter_path", str(best), "--output_path",
-                               str(merged)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        forkrun.script("merge_lora.py", "--adapter_path", best, "--output_path", merged)
         assert run_info(str(merged))["stop_tokens"] == run_info(str(out))["stop_tokens"]
         assert (json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
                 == json.loads((out / "generation_config.json").read_text())["eos_token_id"])
