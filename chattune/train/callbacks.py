@@ -115,7 +115,7 @@ LOSS_PLOT = "loss.png"
 class DivergenceCallback(TrainerCallback):
     """Ends the run at the end of the first optimizer step whose loss was nan or inf on any rank, before that step is
     saved or evaluated: its update made the weights not numbers too, and every later step would be wasted. `step`
-    and `value` say where, for the error the run ends with (run.train)."""
+    says where, for the error the run ends with (run.train)."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer

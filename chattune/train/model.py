@@ -96,9 +96,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
     four_bit_experts = plan.experts is not None and plan.experts.choice == experts4bit.IMPLEMENTATION
     if four_bit_experts:
         experts4bit.register()
-    while_loading = [0]
     try:
-        with warnings.catch_warnings(), (experts4bit.quantizing_experts_while_loading(while_loading)
+        with warnings.catch_warnings(), (experts4bit.quantizing_experts_while_loading()
                                          if four_bit_experts else contextlib.nullcontext()):
             # the GPTQ loading attributes above replace the checkpoint's on purpose (transformers warns every time)
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
