@@ -1,7 +1,7 @@
 """Q-LoRA on fused MoE experts: the 3-D expert stacks (`mlp.experts.gate_up_proj`, `down_proj`) stored in 4 bits.
 
 bitsandbytes quantizes nn.Linear layers only, so under Q-LoRA an MoE model's fused experts, most of its weights,
-stayed in bf16 (Qwen3.6-35B-A3B: about 65 GB of its 70). Here each stack is quantized to NF4 as it is loaded, one
+stayed in bf16 (Qwen3.5/3.6-35B-A3B: 64 GB of its 69). Here each stack is quantized to NF4 as it is loaded, one
 stack at a time (blocks of 64 values with an fp32 scale each: 4.5 bits per weight, 0.28x of bf16), so the bf16 model
 never has to fit. The experts' forward (`nf4_experts_forward`, registered with transformers as the experts
 implementation "nf4") dequantizes one expert at a time, in the forward and again in the backward, never the stack.
