@@ -100,8 +100,9 @@ def test_a_changed_import_time_variable_gets_a_real_process(tmp_path):
 
     script = tmp_path / "pid.py"
     script.write_text("import os; print(os.getppid())")
-    server = forkrun._start()
-    forked = forkrun.run([str(script)], cwd=tmp_path)
-    own = forkrun.run([str(script)], cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="0"))
-    assert server and int(forked.stdout) != os.getpid()  # the server's child
+    forkrun._start()
+    started = forkrun._server["env"]  # (other tests may have changed os.environ since the server started)
+    forked = forkrun.run([str(script)], cwd=tmp_path, env=started)
+    own = forkrun.run([str(script)], cwd=tmp_path, env=dict(started, HF_HUB_OFFLINE="0"))
+    assert int(forked.stdout) == forkrun._server["process"].pid  # the server's child
     assert int(own.stdout) == os.getpid()  # this test process's own child
