@@ -16,7 +16,7 @@ from chattune.export.merge import merge_adapter, model_loader
 from chattune.train import experts4bit
 
 
-def load(path, quantize_experts: bool, dtype=torch.float32):
+def load(path, quantize_experts: bool, dtype=torch.float32, device="cpu"):
     """The base as Q-LoRA loads it (bitsandbytes NF4 linear layers), with or without 4-bit experts."""
     from transformers import BitsAndBytesConfig
 
@@ -24,7 +24,7 @@ def load(path, quantize_experts: bool, dtype=torch.float32):
                              bnb_4bit_quant_storage=dtype)
     experts4bit.register()
     counted = [0]
-    kwargs = dict(dtype=dtype, quantization_config=bnb, device_map={"": "cpu"},
+    kwargs = dict(dtype=dtype, quantization_config=bnb, device_map={"": device},
                   experts_implementation="nf4" if quantize_experts else "eager")
     loader = model_loader(str(path), False)
     if quantize_experts:
@@ -193,15 +193,9 @@ def test_4bit_experts_on_cuda_match_the_cpu_path(model_dirs):
     path = model_dirs("qwen3_moe")
     ids = torch.randint(0, 2000, (1, 16), generator=torch.Generator().manual_seed(2))
     cpu, _ = load(path, quantize_experts=True)
-    experts4bit.finish(cpu)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                             bnb_4bit_quant_storage=torch.float32)
-    with experts4bit.quantizing_experts_while_loading():
-        cuda = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=bnb,
-                                                    device_map={"": "cuda"}, experts_implementation="nf4")
-    experts4bit.finish(cuda)
+    cuda, _ = load(path, quantize_experts=True, device="cuda")
+    for model in (cpu, cuda):
+        experts4bit.finish(model)
     with torch.no_grad():
         torch.testing.assert_close(cuda(input_ids=ids.cuda()).logits.cpu(), cpu(input_ids=ids).logits,
                                    rtol=1e-3, atol=1e-3)

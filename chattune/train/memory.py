@@ -20,6 +20,7 @@ from typing import Any
 
 from chattune.train.architecture import config_count, routed_expert_count
 from chattune.train.checkpoints import size_text
+from chattune.train.experts4bit import BITS_PER_WEIGHT
 
 GB = 2**30
 CARDS = (24, 40, 80)
@@ -32,7 +33,7 @@ FUSED_LOGIT_BYTES = 2  # per vocabulary entry and token of one chunk of Liger's 
 LOGIT_BYTES = 8  # per vocabulary entry and token without a fused loss (bf16 logits, fp32 log-softmax), fitted
 ZERO3_MAX_LIVE_PARAMETERS = 1e9  # stage3_max_live_parameters of ds_configs/zero3.json
 DEEPSPEED_SUB_GROUP = 1e9  # sub_group_size of the ZeRO configs
-NF4_EXPERT_BYTES = 4.5 / 8  # per weight of a 4-bit fused expert stack (chattune.train.experts4bit.BITS_PER_WEIGHT)
+NF4_EXPERT_BYTES = BITS_PER_WEIGHT / 8  # per weight of a 4-bit fused expert stack (chattune.train.experts4bit)
 
 
 @dataclass(frozen=True)
