@@ -6,14 +6,22 @@ a child for each run. The child runs the script as `python script.py ARGS` would
 environment, its own stdout and stderr, its exit code, the atexit handlers. Nothing of chattune is imported by the
 server, so what chattune does at import (its warning filters, CHATTUNE_* variables) happens in each child.
 
-What a fork cannot give falls back to a real process: an environment that differs from the server's in a variable the
-preloaded libraries read while importing (HF_*, TRANSFORMERS_*, TORCH*, ...). Tests of the process itself (signals,
-a kill, output printed while importing) start real processes themselves.
+`torchrun` does the same for a multi-process run: N forked ranks with the variables torchrun gives its workers (RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...), their output in one stream, and torchrun's rule when one fails: the
+others get SIGTERM, then SIGKILL after a grace period. Tests of torchrun itself (a SIGTERM to the job, the wrappers
+and job scripts) start the real torchrun.
+
+A run whose environment differs in a variable the preloaded libraries read while importing (HF_*, TRANSFORMERS_*,
+TORCH*, ...) gets a server started with that environment (libraries also set such variables in the test process as
+they go, TORCHINDUCTOR_CACHE_DIR on first use: the next run then needs a new server, once); past `MAX_SERVERS`, a
+real process. Tests of the process itself (signals, a kill, output printed while importing) start real processes
+themselves.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -31,7 +39,9 @@ PRELOAD = ("torch", "transformers", "transformers.trainer", "peft", "accelerate"
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "CUDA", "OMP_", "MKL", "DS_",
                    "DEEPSPEED", "ACCELERATE", "TOKENIZERS", "PYTHON", "LD_", "TRITON", "BNB", "BITSANDBYTES")
 
-_server: dict = {}
+MAX_SERVERS = 3  # per test process (each holds ~600 MB)
+
+_servers: dict[tuple, dict] = {}  # by the import-time part of the environment: path, process, env
 
 
 def script(name: str, *args, rc: int | None = 0, env: dict | None = None, timeout: int = 600
@@ -46,48 +56,85 @@ def script(name: str, *args, rc: int | None = 0, env: dict | None = None, timeou
 def run(argv: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ if env is None else env)
     command = [sys.executable, *argv]
-    if not _forkable(env):
+    server = _server_for(env)
+    if server is None:
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    path = _start()
+    return _request(server, command, {"argv": argv, "cwd": str(cwd), "env": env}, timeout)
+
+
+def torchrun(argv: list[str], nproc: int = 2, cwd: Path = ROOT, env: dict | None = None,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node nproc --master_port PORT argv` on one node, its ranks forked, on a free port (a
+    second try only if another process took it before rank 0 bound it). The exit code is the first failed rank's
+    (torchrun's own is 1 then), or 0."""
+    env, argv = dict(os.environ if env is None else env), [str(a) for a in argv]
+    for _ in range(2):
+        port = _free_port()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                   str(port), *argv]
+        server = _server_for(env)
+        if server is not None:
+            proc = _request(server, command, {"argv": argv, "cwd": str(cwd), "env": env, "ranks": nproc,
+                                              "port": port}, timeout)
+        else:
+            proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if "Address already in use" not in proc.stderr:
+            break
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _request(server: dict, command: list[str], request: dict, timeout: int) -> subprocess.CompletedProcess:
+    path = server["path"]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
         with socket.socket(socket.AF_UNIX) as conn:
             conn.connect(path)
-            conn.sendall(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "out": out, "err": err}).encode()
-                         + b"\n")
+            conn.sendall(json.dumps({**request, "out": out, "err": err}).encode() + b"\n")
             replies = conn.makefile("r")
-            pid = json.loads(replies.readline())["pid"]
+            pids = json.loads(replies.readline())["pids"]
             conn.settimeout(timeout)
             try:
                 code = json.loads(replies.readline())["code"]
             except TimeoutError:
-                os.kill(pid, signal.SIGKILL)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired(command, timeout) from None
         return subprocess.CompletedProcess(command, code, Path(out).read_text(errors="replace"),
                                            Path(err).read_text(errors="replace"))
 
 
-def _forkable(env: dict) -> bool:
-    started = _server.get("env", os.environ)
-    keys = {k for k in set(env) | set(started) if k.startswith(IMPORT_TIME_ENV)}
-    return all(env.get(k) == started.get(k) for k in keys)
+def server_key(env: dict) -> tuple:
+    """The part of an environment a fork cannot change: the variables read while the libraries are imported."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)))
 
 
-def _start() -> str:
-    if "path" in _server and _server["process"].poll() is None:
-        return _server["path"]
+def _server_for(env: dict) -> dict | None:
+    """The running server for this environment, started if needed; None past MAX_SERVERS."""
+    key = server_key(env)
+    server = _servers.get(key)
+    if server is not None and server["process"].poll() is None:
+        return server
+    if server is None and len(_servers) >= MAX_SERVERS:
+        return None
     folder = tempfile.mkdtemp(prefix="forkrun-")
     path = os.path.join(folder, "socket")
-    process = subprocess.Popen([sys.executable, __file__, "--serve", path], cwd=ROOT, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, __file__, "--serve", path], cwd=ROOT, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not os.path.exists(path):
         if process.poll() is not None or time.time() > deadline:
             raise RuntimeError(f"the fork server did not start (exit {process.poll()})")
         time.sleep(0.05)
-    _server.update(path=path, process=process, env=dict(os.environ))
+    server = _servers[key] = {"path": path, "process": process, "env": dict(env)}
     atexit.register(process.kill)
-    return path
+    return server
 
 
 def serve(path: str) -> None:
@@ -107,33 +154,76 @@ def serve(path: str) -> None:
         request = json.loads(conn.makefile("r").readline())
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            listener.close()
-            conn.close()
-            _child(request)
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        _, status = os.waitpid(pid, 0)
+        ranks = request.get("ranks")
+        pids = []
+        for rank in range(ranks or 1):
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                _child(request, _rank_env(rank, ranks, request["port"]) if ranks else {})
+            pids.append(pid)
+        conn.sendall(json.dumps({"pids": pids}).encode() + b"\n")
+        code = _wait(pids)
         try:
-            conn.sendall(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+            conn.sendall(json.dumps({"code": code}).encode() + b"\n")
         except OSError:  # the test gave up on it (timeout)
             pass
         conn.close()
 
 
-def _child(request: dict) -> None:
+def _rank_env(rank: int, world: int, port: int) -> dict:
+    """What torchrun's agent sets for each worker of a one-node run (OMP_NUM_THREADS only where it is not set)."""
+    same = {"WORLD_SIZE": world, "LOCAL_WORLD_SIZE": world, "GROUP_RANK": 0, "GROUP_WORLD_SIZE": 1,
+            "ROLE_NAME": "default", "ROLE_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "TORCHELASTIC_RESTART_COUNT": 0, "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_RUN_ID": "none"}
+    return {k: str(v) for k, v in {**same, "RANK": rank, "LOCAL_RANK": rank, "ROLE_RANK": rank}.items()}
+
+
+def _wait(pids: list[int], grace: float = 5.0) -> int:
+    """Wait for every child; once one fails, the others get SIGTERM and, after `grace` seconds, SIGKILL (torchrun's
+    shutdown). The first failure's exit code, else 0."""
+    code, waiting, deadline = 0, set(pids), None
+    while waiting:
+        pid, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+        if pid == 0:
+            if time.time() > deadline:
+                for other in waiting:
+                    os.kill(other, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.05)
+            continue
+        waiting.discard(pid)
+        exit_code = os.waitstatus_to_exitcode(status)
+        if exit_code != 0 and code == 0:
+            code = exit_code
+            for other in waiting:
+                os.kill(other, signal.SIGTERM)
+            deadline = time.time() + grace
+    return code
+
+
+def _child(request: dict, rank_env: dict) -> None:
     """`python argv[0] argv[1:]`, in this forked process; never returns."""
     import atexit as child_atexit
     import runpy
     import traceback
 
+    # the ranks of one run write to one stream, as torchrun's workers inherit its stdout and stderr
+    mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if rank_env else os.O_TRUNC)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-    os.dup2(os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+    os.dup2(os.open(request["out"], mode), 1)
+    os.dup2(os.open(request["err"], mode), 2)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ.update(rank_env)
+    if rank_env and "OMP_NUM_THREADS" not in request["env"]:  # torchrun's default for several workers per node
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
     os.chdir(request["cwd"])
     script = os.path.abspath(request["argv"][0])
     sys.argv = [request["argv"][0], *request["argv"][1:]]

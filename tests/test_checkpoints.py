@@ -9,9 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
-from fixtures import free_port
 
 from chattune.errors import ConfigError
 from chattune.train import checkpoints
@@ -164,13 +164,11 @@ def test_kill_during_a_save_leaves_no_visible_checkpoint(model_dirs, tmp_path):
     out = tmp_path / "run"
     script = tmp_path / "die.py"
     script.write_text(DIE_DURING_SAVE.format(root=str(ROOT), step=4, rank=0))
-    proc = subprocess.run([sys.executable, str(script), *argv(model_dirs("qwen2"), out, "--max_steps", 6)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = forkrun.run([str(script), *argv(model_dirs("qwen2"), out, "--max_steps", 6)])
     assert proc.returncode == 137
     assert [s for s, _ in checkpoints.committed(str(out))] == [2]  # step 4's partial save is not a checkpoint
     assert (out / checkpoints.STAGING / "checkpoint-4" / "optimizer.pt").exists()  # it was cut after the optimizer
-    proc = subprocess.run([sys.executable, "finetune.py", *argv(model_dirs("qwen2"), out, "--max_steps", 6)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = forkrun.run(["finetune.py", *argv(model_dirs("qwen2"), out, "--max_steps", 6)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "an unfinished checkpoint save of an earlier run" in proc.stderr
     assert f"resuming from {out / 'checkpoint-2'}" in proc.stderr
@@ -263,16 +261,10 @@ def test_two_rank_zero3_checkpoint_is_all_or_nothing(model_dirs, tmp_path):
     args = argv(model_dirs("qwen2"), out, "--max_steps", 3, "--save_steps", 1, "--deepspeed",
                 "ds_configs/zero3.json", "--per_device_train_batch_size", 2)
 
-    def torchrun(program):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), program, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                              env={**os.environ, "TORCHELASTIC_SHUTDOWN_TIMEOUT": "5"})
-
-    assert torchrun(str(script)).returncode != 0
+    assert forkrun.torchrun([str(script), *args]).returncode != 0  # rank 0 is stopped as torchrun stops it
     assert [s for s, _ in checkpoints.committed(str(out))] == [1]
     assert checkpoints.problem(str(out / "checkpoint-1")) is None
-    proc = torchrun("finetune.py")
+    proc = forkrun.torchrun(["finetune.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stderr and sorted(losses(out)) == [1, 2, 3]
 

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
-from fixtures import free_port
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +58,7 @@ def train(model_dir: Path, out: Path, stage: int, mode: str, cache: Path) -> Non
     ]
     if mode == "lora":
         args += ["--use_lora", "--lora_r", str(LORA_R)]
-    for _ in range(2):  # a second try only if another process took the free port before torchrun bound it
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(free_port())]
-        proc = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if "Address already in use" not in proc.stderr:
-            break
+    proc = forkrun.torchrun(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -169,9 +164,7 @@ def test_zero3_early_stopping_saves_the_best_checkpoint(mode, model_dirs, tmp_pa
         "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0", "--val_size", "0.25",
         "--early_stopping_patience", "2", "--learning_rate", "0.3" if mode == "lora" else "0.1",
     ] + (["--use_lora", "--lora_r", str(LORA_R)] if mode == "lora" else [])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]
-    proc = subprocess.run(torchrun + args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = forkrun.torchrun(args, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stderr.count("held out 3 of 13 conversations") == 1  # logged (and copied) by process 0 only
     state = json.loads((out / "trainer_state.json").read_text())

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 from fixtures import free_port
@@ -19,9 +20,8 @@ PAIRS = ROOT / "examples" / "pairs.jsonl"
 STEPS = 8
 
 
-def command(model_dir: Path, out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            "finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(PAIRS), "--output_dir",
+def args(model_dir: Path, out: Path, cache: Path) -> list[str]:
+    return ["finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(PAIRS), "--output_dir",
             str(out), "--stage", "dpo", "--use_lora", "--lora_r", "8", "--template", "qwen",
             "--deepspeed", "ds_configs/zero3.json", "--use_cpu", "True", "--max_steps", str(STEPS),
             "--save_strategy", "steps", "--save_steps", "2", "--per_device_train_batch_size", "2",
@@ -30,7 +30,7 @@ def command(model_dir: Path, out: Path, cache: Path) -> list[str]:
 
 
 def finish(model_dir: Path, out: Path, cache: Path) -> str:
-    proc = subprocess.run(command(model_dir, out, cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = forkrun.torchrun(args(model_dir, out, cache))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 
@@ -57,7 +57,9 @@ def test_zero3_lora_dpo_saves_a_plain_adapter_and_resumes_identically_after_sigt
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-6
 
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen(command(model_dir, stopped, cache), cwd=ROOT, stdout=subprocess.DEVNULL,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]  # the real one: the job gets SIGTERM
+    proc = subprocess.Popen(torchrun + args(model_dir, stopped, cache), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
@@ -91,12 +93,12 @@ def test_zero3_full_dpo_keeps_a_partitioned_reference_of_the_base(model_dirs, tm
     learns against it and the result is saved whole."""
     model_dir = model_dirs("qwen2")
     out = tmp_path / "full"
-    cmd = command(model_dir, out, tmp_path / "cache")
+    cmd = args(model_dir, out, tmp_path / "cache")
     at = cmd.index("--use_lora")
     del cmd[at:at + 3]  # --use_lora --lora_r 8: full fine-tuning
     cmd[cmd.index("--learning_rate") + 1] = "1e-3"
     cmd[cmd.index("--max_steps") + 1] = "4"
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = forkrun.torchrun(cmd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "run_report.json").read_text())
     assert report["plan"]["reference"].startswith("a frozen copy of the base model, partitioned like the policy")

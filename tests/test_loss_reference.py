@@ -10,14 +10,12 @@ a model class that tells transformers it accepts no loss kwargs.
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -127,12 +125,7 @@ def test_two_ranks_with_accumulation_equal_reference(model_dirs, data, tmp_path,
                                       "--per_device_eval_batch_size", 3)]
     if deepspeed:
         args += ["--deepspeed", deepspeed]
-    for _ in range(2):  # a second try only if another process took the free port before torchrun bound it
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        if "Address already in use" not in proc.stderr:
-            break
+    proc = forkrun.torchrun(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check_step(model_dir, out, ref_loss, ref_grads)
     eval_loss = json.loads((out / "run_report.json").read_text())["eval_loss"]

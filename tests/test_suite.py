@@ -87,22 +87,87 @@ def test_forked_scripts_run_as_real_processes_do(tmp_path, how, args):
     real = subprocess.run([sys.executable, str(script), how, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     forked = forkrun.run([str(script), how, *args], cwd=tmp_path, env=env)
-    assert forkrun._server.get("path")  # it really went through the server
+    assert forkrun.server_key(env) in forkrun._servers  # it really went through a server
     assert (forked.returncode, forked.stdout) == (real.returncode, real.stdout)
     assert forked.stderr.splitlines()[0] == real.stderr.splitlines()[0] == "to stderr"
     assert forked.stderr.splitlines()[-1] == real.stderr.splitlines()[-1]  # the message, or the exception's line
     assert json.loads(forked.stdout.splitlines()[0])["probe"] == "seen"
 
 
-def test_a_changed_import_time_variable_gets_a_real_process(tmp_path):
-    """A variable the preloaded libraries read while importing (HF_HUB_OFFLINE, ...) cannot change in a fork."""
+def test_a_changed_import_time_variable_gets_a_server_of_its_own(tmp_path, monkeypatch):
+    """A variable the preloaded libraries read while importing (HF_HUB_OFFLINE, ...) cannot change in a fork: a run
+    with another value is forked from a server started with it; past MAX_SERVERS it gets a real process."""
     import forkrun
 
     script = tmp_path / "pid.py"
-    script.write_text("import os; print(os.getppid())")
-    forkrun._start()
-    started = forkrun._server["env"]  # (other tests may have changed os.environ since the server started)
-    forked = forkrun.run([str(script)], cwd=tmp_path, env=started)
-    own = forkrun.run([str(script)], cwd=tmp_path, env=dict(started, HF_HUB_OFFLINE="0"))
-    assert int(forked.stdout) == forkrun._server["process"].pid  # the server's child
-    assert int(own.stdout) == os.getpid()  # this test process's own child
+    script.write_text("import os, huggingface_hub.constants as c; print(os.getppid(), c.HF_HUB_OFFLINE)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    other = dict(env, HF_HUB_OFFLINE="0")
+
+    def parent(env):
+        pid, offline = forkrun.run([str(script)], cwd=tmp_path, env=env).stdout.split()
+        return int(pid), offline
+
+    assert parent(env) == (forkrun._servers[forkrun.server_key(env)]["process"].pid, "True")
+    assert parent(other) == (forkrun._servers[forkrun.server_key(other)]["process"].pid, "False")
+    monkeypatch.setattr(forkrun, "MAX_SERVERS", len(forkrun._servers))
+    assert parent(dict(env, HF_HUB_OFFLINE="false")) == (os.getpid(), "False")  # this test process's own child
+
+
+RANKS_PROBE = '''
+import json, os, sys, time
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.tensor([dist.get_rank() + 1])
+dist.all_reduce(total)
+keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+        "ROLE_WORLD_SIZE", "MASTER_PORT", "OMP_NUM_THREADS")
+line = json.dumps({"env": {k: os.environ.get(k) for k in keys}, "sum": int(total), "threads": torch.get_num_threads(),
+                   "argv": sys.argv[1:]})
+os.write(1, (line + "\\n").encode())  # one write: the ranks share the stream
+if sys.argv[1] == "fail":
+    if dist.get_rank() == 1:
+        os._exit(5)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: (os.write(2, b"rank 0 got SIGTERM\\n"), os._exit(143)))
+    time.sleep(120)  # rank 0 waits: the launcher must stop it, with a SIGTERM first
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("how", ["end", "fail"])
+def test_forked_ranks_run_as_torchrun_runs_them(tmp_path, how):
+    """forkrun.torchrun gives each rank what torchrun's agent gives it (the variables, one stream of output, a process
+    group), and stops the others when one fails, as torchrun does."""
+    import time
+
+    import forkrun
+    from fixtures import free_port
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_PROBE)
+    env = dict(os.environ)
+    port = free_port()
+    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), str(script), how], cwd=tmp_path, env=dict(env, TORCHELASTIC_SHUTDOWN_TIMEOUT="5"),
+                          capture_output=True, text=True, timeout=300)
+    started = time.time()
+    forked = forkrun.torchrun([str(script), how], cwd=tmp_path, env=env)
+    took = time.time() - started
+    assert forkrun.server_key(env) in forkrun._servers
+
+    def ranks(proc):
+        seen = sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda r: r["env"]["RANK"])
+        for r in seen:
+            r["env"].pop("MASTER_PORT")
+        return seen
+
+    assert ranks(forked) == ranks(real) and len(ranks(real)) == 2
+    assert ranks(real)[0]["sum"] == 3 and ranks(real)[0]["env"]["WORLD_SIZE"] == "2"
+    if how == "end":
+        assert real.returncode == forked.returncode == 0
+    else:
+        assert real.returncode != 0 and forked.returncode == 5
+        assert took < 60  # rank 0 was stopped, not waited for
+        assert "rank 0 got SIGTERM" in real.stderr and "rank 0 got SIGTERM" in forked.stderr
