@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 
 from bench.throughput import (
@@ -22,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_throughput(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--runs", "lora-7b", *flags],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return forkrun.run(["bench/throughput.py", "--tiny", "--runs", "lora-7b", *flags], timeout=300)
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
@@ -155,8 +155,8 @@ def test_read_speed_bench_runs():
 def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
     """The Qwen3.5 (Gated DeltaNet) row on CPU: packed against padded, the same samples per optimizer step, so the
     same losses (the row's timing value is on a GPU)."""
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--tiny", "--runs", "lora-qwen3.5", "--steps", "3",
-                           "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = forkrun.run(["bench/throughput.py", "--tiny", "--runs", "lora-qwen3.5", "--steps", "3", "--warmup", "1"],
+                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = table_rows(proc.stdout)
     assert rows["chattune"][3] == "sdpa" and rows["baseline"][5] == rows["chattune"][5] == "no"
@@ -168,8 +168,7 @@ def test_qwen35_row_packs_the_same_steps_as_the_padded_baseline():
 
 @pytest.mark.slow
 def test_experts_bench_times_each_implementation_and_they_agree():
-    proc = subprocess.run([sys.executable, "bench/experts.py", "--tiny"], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+    proc = forkrun.run(["bench/experts.py", "--tiny"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
                                           for line in proc.stdout.splitlines() if line.startswith("| ")
@@ -213,8 +212,8 @@ def test_dpo_bench_runs_each_side_in_its_own_process_and_says_when_trl_is_missin
     saying so. On a GPU: python bench/dpo_vs_trl.py --shape 0.5b (test_gpu.py)."""
     import importlib.util
 
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "dpo_vs_trl.py"), "--tiny"], capture_output=True,
-                          text=True, timeout=900, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = forkrun.run([str(ROOT / "bench" / "dpo_vs_trl.py"), "--tiny"], timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
                                           for line in proc.stdout.splitlines() if line.startswith("| "))}

@@ -63,12 +63,11 @@ def artifacts(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     data = write_data(root / "data.jsonl")
     run = root / "run"
-    proc = subprocess.run([
-        sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(data),
+    proc = forkrun.run([
+        "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path", str(data),
         "--output_dir", str(run), "--use_lora", "--lora_r", "16", "--use_cpu", "True", "--num_train_epochs", "8",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--val_size", "8", "--save_strategy", "no",
-        "--preview_data", "0", "--data_cache_dir", str(root / "cache")], cwd=ROOT, capture_output=True, text=True,
-        timeout=600)
+        "--preview_data", "0", "--data_cache_dir", str(root / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     merged = root / "merged"
     assert script("merge_lora.py", "--adapter_path", run, "--output_path", merged).returncode == 0
@@ -117,12 +116,11 @@ def test_a_dpo_run_on_the_sft_model_passes_and_so_does_its_merge(artifacts):
                                 "chosen": {"role": "assistant", "content": f"It is {k + 1}."},
                                 "rejected": {"role": "assistant", "content": f"It is {k + 2}."}}) + "\n")
     run = root / "dpo"
-    proc = subprocess.run([
-        sys.executable, "finetune.py", "--model_name_or_path", str(artifacts["merged"]), "--data_path", str(pairs),
+    proc = forkrun.run([
+        "finetune.py", "--model_name_or_path", str(artifacts["merged"]), "--data_path", str(pairs),
         "--stage", "dpo", "--output_dir", str(run), "--use_lora", "--lora_r", "8", "--use_cpu", "True",
         "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-        "--val_size", "8", "--save_strategy", "no", "--preview_data", "0", "--data_cache_dir", str(root / "cache")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        "--val_size", "8", "--save_strategy", "no", "--preview_data", "0", "--data_cache_dir", str(root / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     held = json.loads((run / "run_report.json").read_text())["preference"]["eval"]
     assert held["pairs"] == 8
@@ -204,11 +202,11 @@ def test_template_variables_of_training_are_baked_into_the_saved_template(model_
     the '<think>\\n\\n</think>' prompt training used; the deploy check's prompt check confirms it."""
     data = write_data(tmp_path / "data.jsonl")
     run = tmp_path / "run"
-    proc = subprocess.run([
-        sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen3")), "--data_path", str(data),
+    proc = forkrun.run([
+        "finetune.py", "--model_name_or_path", str(model_dirs("qwen3")), "--data_path", str(data),
         "--output_dir", str(run), "--use_lora", "--use_cpu", "True", "--max_steps", "1", "--val_size", "4",
         "--template_kwargs", '{"enable_thinking": false}', "--save_strategy", "no", "--preview_data", "0",
-        "--data_cache_dir", str(tmp_path / "cache")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        "--data_cache_dir", str(tmp_path / "cache")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     from transformers import AutoTokenizer
 

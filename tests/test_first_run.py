@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 
 from chattune.hub import model_source_problem
@@ -63,9 +64,8 @@ def test_cli_unreachable_hub_is_one_error_line(no_hub, tmp_path):
 @pytest.mark.parametrize("case", ["directory", "missing-folder"])
 def test_dump_tokenized_path_checked_first(tmp_path, case, model_dirs):
     target = tmp_path if case == "directory" else tmp_path / "nope" / "tokens.jsonl"
-    out = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")),
-                          "--data_path", "examples/sharegpt.json", "--dump_tokenized", str(target)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = forkrun.run(["finetune.py", "--model_name_or_path", str(model_dirs("qwen2")), "--data_path",
+                       "examples/sharegpt.json", "--dump_tokenized", str(target)])
     assert out.returncode == 2 and "Traceback" not in out.stderr
     expected = ("is a directory; give the path of a file to write" if case == "directory"
                 else f"its directory {tmp_path / 'nope'} does not exist; create it first")
@@ -76,11 +76,10 @@ def test_dump_tokenized_path_checked_first(tmp_path, case, model_dirs):
 def test_eval_data_with_nothing_kept_is_an_error_before_training(tmp_path, model_dirs):
     long_prompt = {"conversations": [{"from": "human", "value": "word " * 300}, {"from": "gpt", "value": "ok"}]}
     (tmp_path / "eval.jsonl").write_text(json.dumps(long_prompt) + "\n")
-    out = subprocess.run([sys.executable, "finetune.py", "--model_name_or_path", str(model_dirs("qwen2")),
-                          "--data_path", "examples/sharegpt.json", "--eval_data_path", str(tmp_path / "eval.jsonl"),
-                          "--model_max_length", "64", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
-                          "--data_cache_dir", str(tmp_path / "cache")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = forkrun.run(["finetune.py", "--model_name_or_path", str(model_dirs("qwen2")),
+                       "--data_path", "examples/sharegpt.json", "--eval_data_path", str(tmp_path / "eval.jsonl"),
+                       "--model_max_length", "64", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
+                       "--data_cache_dir", str(tmp_path / "cache")])
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert ("error: no evaluation sample has a trained token left after truncation to 64 tokens (every answer starts "
             "beyond it); raise --model_max_length") in out.stderr

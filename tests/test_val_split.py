@@ -3,7 +3,6 @@ kept (--load_best_model_at_end, --early_stopping_patience) and loss.png next to 
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import forkrun
@@ -107,11 +106,11 @@ def test_evaluation_flags_without_evaluation_data_are_one_clear_error(extra, mes
 
 
 def train(model_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "finetune.py", "--model_name_or_path", str(model_dir), "--data_path",
+    args = ["finetune.py", "--model_name_or_path", str(model_dir), "--data_path",
             str(EXAMPLES / "sharegpt.json"), "--output_dir", str(out), "--use_cpu", "True", "--save_steps", "1",
             "--per_device_train_batch_size", "2", "--logging_steps", "1", "--preview_data", "0",
             "--data_cache_dir", str(out.parent / "cache"), "--seed", "0", *extra]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = forkrun.run(args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
