@@ -203,3 +203,29 @@ def test_prefix_renders_prepare_messages_as_apply_chat_template_does():
     for k in (1, 2, 3):
         assert prefix(k, True) == tok.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=False)
     assert "because|a" in prefix(2, False) and "(None)" not in prefix(2, False)
+
+
+@pytest.mark.parametrize("hostile", ["{{ messages.append(1) }}", "{{ messages[0].content.__class__.__mro__ }}",
+                                     "{{ messages[0].update(role='x') }}", "{{ ''.format.__globals__ }}",
+                                     "{{ messages.pop() }}{{ messages.pop() }}", "{{ messages[0].clear() }}",
+                                     "{{ messages[0].nope }}{{ messages[0].items() | list }}{{ messages[0].role }}"])
+def test_the_prefix_renderers_sandbox_refuses_what_apply_chat_templates_refuses(hostile):
+    """The prefix renderer's sandbox remembers its verdicts on plain values' attributes (chattune.data.hf): a
+    template from a model repository still cannot mutate the conversation or reach Python's internals, on the first
+    access or the tenth."""
+    from fixtures import qwen_tokenizer
+
+    from chattune.data.hf import RememberingSandbox
+
+    source = ("{% for m in messages %}{{ m.content.strip() }}{{ m.content.startswith('H') }}{% endfor %}" + hostile
+              + "{% for m in messages %}{{ m.role }}{% endfor %}")
+    tok = qwen_tokenizer(source)
+    messages = [U(" Hi "), A("Hello")]
+    prefix = make_renderer(tok).prefixes(messages, ())
+    for _ in range(10):
+        expected = outcome(lambda: tok.apply_chat_template(messages, tokenize=False))
+        assert outcome(lambda: prefix(2, False)) == expected
+    assert messages == [U(" Hi "), A("Hello")]  # nothing changed
+    env = prefix.__closure__  # the template the renderer uses runs in the remembering sandbox
+    compiled = next(c.cell_contents for c in env if type(c.cell_contents).__name__ == "Template")
+    assert isinstance(compiled.environment, RememberingSandbox) and compiled.environment.verdicts
