@@ -67,9 +67,11 @@ def torchrun(argv: list[str], nproc: int = 2, cwd: Path = ROOT, env: dict | None
     """`torchrun --nproc_per_node nproc --master_port PORT argv` on one node, its ranks forked, on a free port (a
     second try only if another process took it before rank 0 bound it). The exit code is the first failed rank's
     (torchrun's own is 1 then), or 0."""
+    from fixtures import free_port
+
     env, argv = dict(os.environ if env is None else env), [str(a) for a in argv]
     for _ in range(2):
-        port = _free_port()
+        port = free_port()
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                    str(port), *argv]
         server = _server_for(env)
@@ -81,12 +83,6 @@ def torchrun(argv: list[str], nproc: int = 2, cwd: Path = ROOT, env: dict | None
         if "Address already in use" not in proc.stderr:
             break
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _request(server: dict, command: list[str], request: dict, timeout: int) -> subprocess.CompletedProcess:
