@@ -10,10 +10,11 @@ A test checks it against apply_chat_template on every published template, and `t
 the first conversation of every chunk of data both ways.
 
 The template is the one apply_chat_template compiles, compiled again in the same sandbox (an overlay of its
-environment: the same options, filters, globals and extensions) that remembers which attributes are safe: the
-sandbox's check of `loop.first` or `content.startswith` depends only on the object's type and the attribute's name
-(but for functions, methods, classes, code, frames and generators), and took a sixth of the rendering time when it
-ran for every access.
+environment: the same options, filters, globals and extensions) with two shortcuts that change no outcome: the
+sandbox's verdict on `loop.first` or `content.startswith` depends only on the object's type and the attribute's name
+(but for functions, methods, classes, code, frames and generators), so it is remembered; and `message.content` on a
+plain dict is looked up as an item at once, where the sandbox first raised and caught an AttributeError. Measured on
+5-10 turn conversations, the two took 10-15% of the whole preparation's CPU.
 """
 
 from __future__ import annotations
