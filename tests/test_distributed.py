@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2/3, two CPU processes under torchrun (gloo): full and LoRA fine-tuning of the tiny Qwen2.
+"""DeepSpeed ZeRO-2/3, two CPU processes (gloo; started as torchrun starts them, forked by tests/forkrun.py): full and
+LoRA fine-tuning of the tiny Qwen2.
 
 The final output must be plain Hugging Face files that load where DeepSpeed is not installed, hold complete trained
 tensors (not ZeRO-3's empty local shards), and equal the state recovered independently from the last DeepSpeed

@@ -1,5 +1,6 @@
-"""--stage dpo under DeepSpeed ZeRO-3 with two CPU processes (torchrun, gloo): a plain adapter is saved, and a run
-stopped by a real SIGTERM to its processes resumes to the same adapter as a run that was never stopped."""
+"""--stage dpo under DeepSpeed ZeRO-3 with two CPU processes (gloo): a plain adapter is saved, and a run stopped by a
+real SIGTERM to its processes (under the real torchrun) resumes to the same adapter as a run that was never stopped
+(ranks forked as torchrun starts them, tests/forkrun.py)."""
 
 import json
 import math
