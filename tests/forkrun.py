@@ -62,6 +62,11 @@ def run(argv: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: int
     return _request(server, command, {"argv": argv, "cwd": str(cwd), "env": env}, timeout)
 
 
+def torchrun_command(port: int, nproc: int = 2) -> list[str]:
+    """The real torchrun's command line, for one node, before the script and its arguments."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+
+
 def torchrun(argv: list[str], nproc: int = 2, cwd: Path = ROOT, env: dict | None = None,
              timeout: int = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node nproc --master_port PORT argv` on one node, its ranks forked, on a free port (a
@@ -72,8 +77,7 @@ def torchrun(argv: list[str], nproc: int = 2, cwd: Path = ROOT, env: dict | None
     env, argv = dict(os.environ if env is None else env), [str(a) for a in argv]
     for _ in range(2):
         port = free_port()
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                   str(port), *argv]
+        command = [*torchrun_command(port, nproc), *argv]
         server = _server_for(env)
         if server is not None:
             proc = _request(server, command, {"argv": argv, "cwd": str(cwd), "env": env, "ranks": nproc,

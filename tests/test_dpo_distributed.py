@@ -5,7 +5,6 @@ real SIGTERM to its processes (under the real torchrun) resumes to the same adap
 import json
 import math
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -58,8 +57,7 @@ def test_zero3_lora_dpo_saves_a_plain_adapter_and_resumes_identically_after_sigt
     assert abs(logs[0]["loss"] - math.log(2)) < 1e-6
 
     stopped = tmp_path / "stopped"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]  # the real one: the job gets SIGTERM
+    torchrun = forkrun.torchrun_command(free_port())  # the real one: the job gets SIGTERM
     proc = subprocess.Popen(torchrun + args(model_dir, stopped, cache), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     lines: list[str] = []

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkrun
 import pytest
 import torch
 from fixtures import free_port
@@ -72,8 +73,7 @@ def test_zero3_on_cuda_saves_plain_adapter(model_dirs, tmp_path, mode):
     from safetensors.torch import load_file
 
     out = tmp_path / f"zero3-{mode}"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                str(free_port())]
+    launcher = forkrun.torchrun_command(free_port(), nproc=1)
     extra = ["--use_lora", "--bf16", "True", "--max_steps", 4, "--learning_rate", 1e-2, "--deepspeed",
              ROOT / "ds_configs" / "zero3.json", "--per_device_train_batch_size", 2]
     if mode == "qlora":

@@ -148,10 +148,8 @@ def test_forked_ranks_run_as_torchrun_runs_them(tmp_path, how):
     script = tmp_path / "ranks.py"
     script.write_text(RANKS_PROBE)
     env = dict(os.environ)
-    port = free_port()
-    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script), how], cwd=tmp_path, env=dict(env, TORCHELASTIC_SHUTDOWN_TIMEOUT="5"),
-                          capture_output=True, text=True, timeout=300)
+    real = subprocess.run([*forkrun.torchrun_command(free_port()), str(script), how], cwd=tmp_path,
+                          env=dict(env, TORCHELASTIC_SHUTDOWN_TIMEOUT="5"), capture_output=True, text=True, timeout=300)
     started = time.time()
     forked = forkrun.torchrun([str(script), how], cwd=tmp_path, env=env)
     took = time.time() - started
