@@ -127,3 +127,40 @@ def test_output_layer_matmuls_training_and_evaluation(small_chunks):
         chunked_loss_sum(head, h, y, V)
     assert train.get_total_flops() == 3 * one
     assert evaluation.get_total_flops() == one
+
+
+@pytest.mark.parametrize("select", ["shifted_targets", "preference"])
+def test_trained_positions_are_selected_without_copying_the_logits_whole(select):
+    """The logits of a micro-batch are its largest tensor (rows x length x vocabulary); of a chat sample most positions
+    are prompt or padding. Selecting the positions that predict a trained token copies only those: the elements of
+    every tensor the selection creates add up to less than a tenth of the logits, and the result equals the
+    reference (the shift, then the flat mask)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chattune.train.preference import _shifted
+
+    class Created(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and func not in (torch.ops.aten.slice.Tensor, torch.ops.aten.view.default,
+                                                                torch.ops.aten.alias.default):
+                    self.elements += t.numel()
+            return out
+
+    torch.manual_seed(0)
+    rows, length = 4, 64
+    logits = torch.randn(rows, length, V)
+    labels = torch.full((rows, length), L.IGNORE_INDEX)
+    labels[:, 60:] = torch.randint(0, V, (rows, 4))  # the answer: the last 4 positions of each row
+    index = torch.arange(rows)[:, None].expand(rows, length)
+    with Created() as created:
+        got = L.shifted_targets(logits, labels) if select == "shifted_targets" else _shifted(logits, labels, index)
+    flat = labels[:, 1:].reshape(-1) != L.IGNORE_INDEX
+    want = (logits[:, :-1].reshape(-1, V)[flat], labels[:, 1:].reshape(-1)[flat], index[:, 1:].reshape(-1)[flat])
+    for a, b in zip(got, want, strict=False):
+        assert torch.equal(a, b)
+    assert got[0].shape == (rows * 4, V)
+    assert created.elements < logits.numel() / 10, created.elements

@@ -82,11 +82,13 @@ def logit_transform(config: Any) -> LogitTransform:
 
 
 def shifted_targets(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states (or logits) that predict a trained token, and those tokens (position t predicts label t+1)."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
+    """Hidden states (or logits) that predict a trained token, and those tokens (position t predicts label t+1).
+
+    Selected from the shifted view by a [rows, length - 1] mask, which copies only the trained positions: reshaping
+    the view first would copy all of it (for logits, a full-vocabulary copy of every prompt and padding position)."""
+    y = labels[:, 1:]
     keep = y != IGNORE_INDEX
-    return h[keep], y[keep]
+    return hidden[:, :-1][keep], y[keep]
 
 
 def trained_token_count(labels: torch.Tensor) -> torch.Tensor:

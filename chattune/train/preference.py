@@ -83,10 +83,11 @@ def sequence_index(labels: torch.Tensor, position_ids: torch.Tensor | None) -> t
 
 def _shifted(values: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions that predict a trained token: their hidden states (or logits), the tokens, and their sequences."""
-    y = labels[:, 1:].reshape(-1)
+    """Positions that predict a trained token: their hidden states (or logits), the tokens, and their sequences
+    (selected from the shifted views without copying them whole: loss.shifted_targets)."""
+    y = labels[:, 1:]
     keep = y != IGNORE_INDEX
-    return values[:, :-1].reshape(-1, values.shape[-1])[keep], y[keep], index[:, 1:].reshape(-1)[keep]
+    return values[:, :-1][keep], y[keep], index[:, 1:][keep]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
