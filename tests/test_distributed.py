@@ -195,12 +195,12 @@ def test_zero3_lora_on_moe_saves_every_expert_whole_as_one_process_trains_it(mod
     model_dir = model_dirs("deepseek_v2")
     zero3, alone = tmp_path / "zero3", tmp_path / "alone"
     train(model_dir, zero3, 3, "lora", tmp_path / "cache")
-    one = [sys.executable, "finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(DATA),
+    one = ["finetune.py", "--model_name_or_path", str(model_dir), "--data_path", str(DATA),
            "--output_dir", str(alone), "--use_cpu", "True", "--max_steps", str(STEPS), "--save_strategy", "no",
            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--report_to", "none",
            "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0", "--use_lora",
            "--lora_r", str(LORA_R)]
-    proc = subprocess.run(one, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = forkrun.run(one)
     assert proc.returncode == 0, proc.stderr[-4000:]
     plans = [json.loads((d / "run_report.json").read_text())["plan"] for d in (zero3, alone)]
     assert plans[0]["adapters"] == plans[1]["adapters"]  # counted at full size, not as ZeRO-3's empty shards

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = ROOT / "examples" / "pairs.jsonl"
-STEPS = 8
+STEPS = 6
 
 
 def args(model_dir: Path, out: Path, cache: Path) -> list[str]:
