@@ -205,6 +205,33 @@ def test_prefix_renders_prepare_messages_as_apply_chat_template_does():
     assert "because|a" in prefix(2, False) and "(None)" not in prefix(2, False)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"greeting": "hey"}, {"messages": []}, {"add_generation_prompt": True}])
+def test_prefix_renders_see_the_templates_globals_and_variables_as_apply_chat_template_does(kwargs):
+    """Histories are rendered with the template's globals flattened once (chattune.data.hf): the globals
+    (raise_exception, strftime_now), the special tokens and --template_kwargs reach the template as they do through
+    apply_chat_template, and a variable named like one of their arguments fails (a TypeError either way)."""
+    from fixtures import qwen_tokenizer
+
+    tok = qwen_tokenizer("{{ bos_token }}{{ eos_token }}{{ greeting | default('-') }}{{ strftime_now('%Y')[:2] }}"
+                         "{% for m in messages %}{{ m.role }}:{{ m.content }};{% endfor %}"
+                         "{% if messages | length > 2 %}{{ raise_exception('too long: ' ~ messages | length) }}"
+                         "{% endif %}{% if add_generation_prompt %}>{% endif %}")
+    messages = [U("q"), A("a"), U("r")]
+    prefix = make_renderer(tok, kwargs).prefixes(messages, ())
+    clash = bool(kwargs) and "greeting" not in kwargs
+    for k in (1, 2, 3):
+        for generation in (False, True):
+            expected = outcome(lambda: tok.apply_chat_template(messages[:k], add_generation_prompt=generation,
+                                                               tokenize=False, **kwargs))
+            got = outcome(lambda: prefix(k, generation))
+            if clash:  # the messages name the function that refuses the argument
+                assert got[0] == expected[0] == "TypeError", (k, generation)
+            else:
+                assert got == expected, (k, generation)
+    if not clash:
+        assert outcome(lambda: prefix(3, False))[1].endswith("too long: 3")  # the template's own error
+
+
 @pytest.mark.parametrize("hostile", ["{{ messages.append(1) }}", "{{ messages[0].content.__class__.__mro__ }}",
                                      "{{ messages[0].update(role='x') }}", "{{ ''.format.__globals__ }}",
                                      "{{ messages.pop() }}{{ messages.pop() }}", "{{ messages[0].clear() }}",
