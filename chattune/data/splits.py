@@ -22,6 +22,7 @@ import bisect
 import json
 import re
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 # Pre-tokenizers that treat each split the same wherever it sits. Metaspace is listed separately: with
@@ -76,9 +77,10 @@ class SplitEncoder:
     def __init__(self, tokenizer: Any) -> None:
         backend = tokenizer.backend_tokenizer
         self.backend = backend
-        self.cache: dict[str, list[int]] = {}
         tokens = backend.get_added_tokens_decoder()
         self.added_ids = {token.content: index for index, token in tokens.items()}
+        # an added token alone tokenizes to its id: known without asking the tokenizer
+        self.cache: dict[str, list[int]] = {content: [index] for content, index in self.added_ids.items()}
         # Leftmost-longest matching, as the tokenizer's: at the leftmost position, the longest alternative first
         self.passes = [re.compile("|".join(re.escape(t) for t in sorted(group, key=len, reverse=True)))
                        for group in ([t.content for t in tokens.values() if not t.normalized],
@@ -87,12 +89,13 @@ class SplitEncoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, each distinct text once in the encoder's life
         (one chunk of conversations: a prompt's splits are the ones its sample is cut into later)."""
-        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        cache = self.cache
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
             self.backend.encode_special_tokens = False
             encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
-            self.cache.update(zip(new, (e.ids for e in encoded), strict=True))
-        return [self.cache[t] for t in texts]
+            cache.update(zip(new, (e.ids for e in encoded), strict=True))
+        return list(map(cache.__getitem__, texts))
 
     def count(self, text: str) -> int:
         """len(tokenize(text)): its added tokens, and the tokens of the text between them."""
@@ -114,16 +117,12 @@ class SplitEncoder:
                 return None
             plans.append(plan)
         ids = self.tokenize(texts)
-
-        def get(handle: int | tuple[int]) -> list[int]:
-            return ids[handle] if isinstance(handle, int) else list(handle)
-
         out, prompts = [], []
         for sample, (pieces, (windows, later)) in zip(samples, plans, strict=True):
-            parts = [([token for handle in atoms for token in get(handle)], trained) for atoms, trained in pieces]
+            parts = [(list(chain.from_iterable(map(ids.__getitem__, atoms))), trained) for atoms, trained in pieces]
             proven = [True]  # proven[m]: the first m windows tokenize the same cut and whole
             for _, whole, cut in windows:
-                proven.append(proven[-1] and get(whole) == [token for handle in cut for token in get(handle)])
+                proven.append(proven[-1] and ids[whole] == list(chain.from_iterable(map(ids.__getitem__, cut))))
             handles = []
             for answer, m in later:
                 exact = m is not None and proven[m]
@@ -149,15 +148,14 @@ class SplitEncoder:
         text = sample.text
         matches = self._matches(text)
         starts, ends = [s for s, _ in matches], [e for _, e in matches]
-        bounds = {p for m in matches for p in m}
         cuts = [b for _, b, _ in pieces[:-1]]
         for p in cuts:  # a cut inside an added token: the pieces do not split where the tokenizer does
             k = bisect.bisect_right(starts, p) - 1
             if k >= 0 and starts[k] < p < ends[k]:
                 return None
 
-        def atoms(a: int, b: int) -> list:
-            """Handles of text[a:b] cut at its added tokens: an index into `texts`, or the token's id as a 1-tuple."""
+        def atoms(a: int, b: int) -> list[int]:
+            """text[a:b] cut at its added tokens, each part as its index into `texts`."""
             out, at = [], a
             for k in range(bisect.bisect_left(starts, a), len(starts)):
                 s, e = matches[k]
@@ -166,7 +164,8 @@ class SplitEncoder:
                 if s > at:
                     out.append(len(texts))
                     texts.append(text[at:s])
-                out.append((self.added_ids[text[s:e]],))
+                out.append(len(texts))
+                texts.append(text[s:e])  # an added token: its id from the cache
                 at = e
             if at < b or not out:
                 out.append(len(texts))
@@ -175,6 +174,9 @@ class SplitEncoder:
 
         plan_pieces = [(atoms(a, b), trained) for a, b, trained in pieces]
         answers = [a for a, _, trained in pieces if trained][1:]
+        if not answers:  # one trained answer: no later prompt to prove
+            return plan_pieces, ((), ())
+        bounds = {p for m in matches for p in m}
         windows, at = [], []  # (end, whole, parts) of the split around each cut not at an added token; the cuts
         for p in cuts:
             if answers and p < answers[-1] and p not in bounds:
