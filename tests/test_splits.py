@@ -232,6 +232,26 @@ def test_prefix_renders_see_the_templates_globals_and_variables_as_apply_chat_te
         assert outcome(lambda: prefix(3, False))[1].endswith("too long: 3")  # the template's own error
 
 
+def test_the_prefix_renderers_template_is_compiled_once_per_process_as_transformers_compiles_it():
+    """Each chunk of data gets a new renderer; the template in the remembering sandbox is compiled once per source
+    (~20 ms), and again only when transformers compiles the source again."""
+    from fixtures import qwen_tokenizer
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    tok = qwen_tokenizer("{% for m in messages %}[{{ m.role }}|{{ m.content }}]{% endfor %}once per process")
+    messages = [U("q"), A("a")]
+
+    def template_of(prefix):
+        return next(c.cell_contents for c in prefix.__closure__ if type(c.cell_contents).__name__ == "Template")
+
+    first = template_of(make_renderer(tok).prefixes(messages, ()))
+    assert template_of(make_renderer(tok).prefixes(messages, ())) is first
+    _compile_jinja_template.cache_clear()
+    prefix = make_renderer(tok).prefixes(messages, ())
+    assert template_of(prefix) is not first
+    assert prefix(2, False) == tok.apply_chat_template(messages, tokenize=False)
+
+
 @pytest.mark.parametrize("hostile", ["{{ messages.append(1) }}", "{{ messages[0].content.__class__.__mro__ }}",
                                      "{{ messages[0].update(role='x') }}", "{{ ''.format.__globals__ }}",
                                      "{{ messages.pop() }}{{ messages.pop() }}", "{{ messages[0].clear() }}",

@@ -89,6 +89,22 @@ def remembering(compiled: Any, source: str) -> Any:
     return fast.from_string(source)
 
 
+# by source (the tool-use variant may differ): transformers' compiled template, ours, its globals. Kept for the
+# process (a worker prepares chunk after chunk: compiling took ~20 ms of each 1 MB chunk's ~500 ms)
+_TEMPLATES: dict[str, tuple[Any, Any, dict]] = {}
+
+
+def _template(compile_template: Callable[[str], Any], source: str) -> tuple[Any, dict]:
+    """`remembering(compile_template(source))` and its globals flattened, made again only when transformers
+    compiles the source anew (its own cache is by source)."""
+    theirs = compile_template(source)
+    known = _TEMPLATES.get(source)
+    if known is None or known[0] is not theirs:
+        ours = remembering(theirs, source)
+        known = _TEMPLATES[source] = theirs, ours, dict(ours.globals)
+    return known[1], known[2]
+
+
 def prefix_renderer(tokenizer: Any, template_kwargs: dict[str, Any]) -> Callable[..., PrefixRender] | None:
     """`bind(messages, tools)` -> `render(k, add_generation_prompt)` equal to `tokenizer.apply_chat_template(
     messages[:k], tools=tools or None, add_generation_prompt=..., tokenize=False, **template_kwargs)`; None where this
@@ -102,15 +118,10 @@ def prefix_renderer(tokenizer: Any, template_kwargs: dict[str, Any]) -> Callable
     except (ImportError, AttributeError):
         return None
 
-    templates: dict[str, tuple[Any, dict]] = {}  # by source (the tool-use variant may differ): template, globals
-
     def bind(messages: Sequence[dict], tools: Sequence[dict] = ()) -> PrefixRender:
         schemas = list(tools) if tools else None
         source = tokenizer.get_chat_template(None, schemas)
-        if source not in templates:
-            compiled = remembering(compile_template(source), source)
-            templates[source] = compiled, dict(compiled.globals)
-        compiled, flat = templates[source]
+        compiled, flat = _template(compile_template, source)
         variables = plain({**tokenizer.special_tokens_map, **template_kwargs})  # small: copied for each conversation
         schemas = plain(schemas)
         chat = alias(plain([{k: v for k, v in m.items() if v is not None} for m in messages]))
