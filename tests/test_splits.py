@@ -15,7 +15,9 @@ from chattune.data.template import make_renderer, render_conversation
 FAMILIES = ["qwen2_5", "qwen3", "qwen3_thinking_2507", "qwen3_5", "qwen3_6", "qwen3_8", "llama3_1", "deepseek_llm",
             "glm4"]
 TOOLS = {"qwen2_5", "qwen3", "qwen3_5", "qwen3_6", "qwen3_8", "llama3_1"}
-WORDS = ["the", "model", "answers", "code", "x = 1", "数据", "émigré", "🙂", "1234567", "  spaced", "tab\tbed", "end."]
+# "e\u0301" (a combining accent) is changed by Unicode normalization, which Qwen's tokenizer applies (NFC)
+WORDS = ["the", "model", "answers", "code", "x = 1", "数据", "e\u0301migré", "🙂", "1234567", "  spaced", "tab\tbed",
+         "end."]
 # How an answer may begin: each of these merges differently with the generation prompt's last token
 STARTS = ["", "\n", "\n\n", " ", "  ", "\t", "```python\n", "1.", "<", "'"]
 
@@ -62,6 +64,29 @@ def test_the_split_encoder_equals_the_reference_on_conversations_of_1_to_40_turn
     # every answer the reference trains on its own was flagged by a window (the rest needed no whole prompt)
     found = sum(prompt is not None for _, later in fast for prompt in later)
     assert sum(len(e) - 1 for e in encode._encode_reference(tok, samples)) <= found
+
+
+def test_ascii_texts_skip_only_a_normalizer_that_leaves_them_unchanged():
+    """Qwen2+'s tokenizer applies NFC, which changes no ASCII text: ASCII texts are tokenized without the normalizer,
+    the others with it, each giving the tokenizer's own ids, sample for sample as the reference path; the tokenizer
+    keeps its normalizer."""
+    from tokenizers import normalizers
+
+    tok, samples = samples_of("qwen2_5", seed=5, count=12)
+    tok.backend_tokenizer.normalizer = normalizers.NFC()  # as in Qwen2+'s tokenizer.json (the fixture has none)
+    texts = ["plain ascii, 12 tabs\t", "cafe\u0301 au lait", "caf\u00e9", "数据 and ascii", "e\u0301" * 3, "x"]
+    encoder = SplitEncoder(tok)
+    assert encoder.ascii_skips_normalizer
+    assert encoder.tokenize(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    assert encoder.tokenize(["cafe\u0301"]) == encoder.tokenize(["caf\u00e9"])  # normalized: the same ids
+    assert type(tok.backend_tokenizer.normalizer).__name__ == "NFC"
+    assert any("e\u0301" in sample.text for sample in samples)
+    assert as_lists(encode.encode_samples(tok, samples)) == as_lists(encode._encode_reference(tok, samples))
+    # a normalizer that changes ASCII text is always applied
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    encoder = SplitEncoder(tok)
+    assert not encoder.ascii_skips_normalizer
+    assert encoder.tokenize(["The Model", "the model"]) == tok(["the model"] * 2, add_special_tokens=False)["input_ids"]
 
 
 def test_every_later_prompt_is_proven_by_a_window_not_assumed():

@@ -11,7 +11,8 @@ not of the whole prompt. Where a window differs (a BPE merge across the cut), th
 reference path does.
 
 What is tokenized: every text between added tokens once (identical strings once per batch), plus one window per
-answer start that precedes a later answer. The result is identical to `encode._encode_reference`, which a test checks
+answer start that precedes a later answer. ASCII texts skip a normalizer made only of Unicode normalization forms
+(Qwen's NFC), which leaves them unchanged. The result is identical to `encode._encode_reference`, which a test checks
 over conversations of 1 to 40 turns on the real templates, and which `encode_samples` re-checks on one sample of
 every batch.
 """
@@ -62,6 +63,14 @@ def _identity(normalizer: Any) -> bool:
     return normalizer is None or json.loads(normalizer.__getstate__()) == {"type": "Sequence", "normalizers": []}
 
 
+def _unicode_forms(spec: dict) -> bool:
+    """Whether a normalizer only applies Unicode normalization forms (NFC, NFD, NFKC, NFKD), which change no ASCII
+    text."""
+    if spec.get("type") == "Sequence":
+        return all(_unicode_forms(n) for n in spec.get("normalizers", []))
+    return spec.get("type") in ("NFC", "NFD", "NFKC", "NFKD")
+
+
 def _local(spec: dict) -> bool:
     kind = spec.get("type")
     if kind == "Sequence":
@@ -81,6 +90,10 @@ class SplitEncoder:
         self.added_ids = {token.content: index for index, token in tokens.items()}
         # an added token alone tokenizes to its id: known without asking the tokenizer
         self.cache: dict[str, list[int]] = {content: [index] for content, index in self.added_ids.items()}
+        # Unicode normalization forms leave ASCII text as it is, so ASCII texts skip the normalizer: 11% of the
+        # tokenizer's time with Qwen's NFC, measured. Only ASCII: every Unicode version agrees on it.
+        self.ascii_skips_normalizer = backend.normalizer is not None and _unicode_forms(
+            json.loads(backend.normalizer.__getstate__()))
         # Leftmost-longest matching, as the tokenizer's: at the leftmost position, the longest alternative first
         self.passes = [re.compile("|".join(re.escape(t) for t in sorted(group, key=len, reverse=True)))
                        for group in ([t.content for t in tokens.values() if not t.normalized],
@@ -92,9 +105,21 @@ class SplitEncoder:
         cache = self.cache
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         if new:
-            self.backend.encode_special_tokens = False
-            encoded = self.backend.encode_batch_fast(new, add_special_tokens=False)
-            cache.update(zip(new, (e.ids for e in encoded), strict=True))
+            backend = self.backend
+            backend.encode_special_tokens = False
+            if self.ascii_skips_normalizer:
+                ascii_texts = [t for t in new if t.isascii()]
+                new = [t for t in new if not t.isascii()]
+                normalizer = backend.normalizer
+                backend.normalizer = None
+                try:
+                    encoded = backend.encode_batch_fast(ascii_texts, add_special_tokens=False)
+                finally:
+                    backend.normalizer = normalizer
+                cache.update(zip(ascii_texts, (e.ids for e in encoded), strict=True))
+            if new:
+                encoded = backend.encode_batch_fast(new, add_special_tokens=False)
+                cache.update(zip(new, (e.ids for e in encoded), strict=True))
         return list(map(cache.__getitem__, texts))
 
     def count(self, text: str) -> int:
