@@ -48,8 +48,9 @@ TYPE_IS_NOT_ENOUGH = (types.FunctionType, types.MethodType, type, types.CodeType
                       types.FrameType, types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
 
 
-DICT_ATTRIBUTES = frozenset(dir(dict))
-RENDER_ARGUMENTS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})  # all a plain dict has: its instances have no attributes of their own
+DICT_ATTRIBUTES = frozenset(dir(dict))  # all a plain dict has: its instances have no attributes of their own
+# what apply_chat_template passes to the template beside the special tokens and template kwargs
+RENDER_ARGUMENTS = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
 
 class RememberingSandbox(ImmutableSandboxedEnvironment):

@@ -204,7 +204,7 @@ class SplitEncoder:
         bounds = {p for m in matches for p in m}
         windows, at = [], []  # (end, whole, parts) of the split around each cut not at an added token; the cuts
         for p in cuts:
-            if answers and p < answers[-1] and p not in bounds:
+            if p < answers[-1] and p not in bounds:
                 lo = ends[bisect.bisect_right(ends, p) - 1] if ends and ends[0] <= p else 0
                 hi = starts[bisect.bisect_left(starts, p)] if starts and starts[-1] >= p else len(text)
                 inner = [lo, *cuts[bisect.bisect_right(cuts, lo):bisect.bisect_left(cuts, hi)], hi]
