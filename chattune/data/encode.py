@@ -184,6 +184,7 @@ class EncodeJob:
     char_cap: int = 0  # message texts are cut to this many characters before rendering (0: never)
     bound_turns: bool = True  # stop rendering a conversation at the first turn whose prompt fills max_length
     pairs: bool = False  # preference pairs: every conversation gives its chosen sample, then its rejected one
+    twin: Any = None  # twin.AsciiTwin of the tokenizer, for large inputs (built once, inherited by forked workers)
 
 
 def char_cap(tokenizer: Any, max_length: int) -> int:
@@ -215,7 +216,7 @@ def encode_conversations(bounds: tuple[int, int], job: EncodeJob) -> dict[str, n
     """Render, tokenize and truncate conversations[lo:hi]; flat arrays, one entry per sample."""
     lo, hi = bounds
     render = make_renderer(job.tokenizer, job.template_kwargs)
-    encoder = SplitEncoder(job.tokenizer) if factorizes(job.tokenizer) else None
+    encoder = SplitEncoder(job.tokenizer, job.twin) if factorizes(job.tokenizer) else None
     limit = PromptLimit(job.tokenizer, job.max_length, encoder and encoder.count) if job.bound_turns else None
     rendered, tool_turns, capped = [], [], []
     for index in range(lo, hi):

@@ -63,11 +63,11 @@ def _identity(normalizer: Any) -> bool:
     return normalizer is None or json.loads(normalizer.__getstate__()) == {"type": "Sequence", "normalizers": []}
 
 
-def _unicode_forms(spec: dict) -> bool:
+def unicode_forms_only(spec: dict) -> bool:
     """Whether a normalizer only applies Unicode normalization forms (NFC, NFD, NFKC, NFKD), which change no ASCII
     text."""
     if spec.get("type") == "Sequence":
-        return all(_unicode_forms(n) for n in spec.get("normalizers", []))
+        return all(unicode_forms_only(n) for n in spec.get("normalizers", []))
     return spec.get("type") in ("NFC", "NFD", "NFKC", "NFKD")
 
 
@@ -83,15 +83,16 @@ def _local(spec: dict) -> bool:
 class SplitEncoder:
     """Encodes samples as `encode._encode_reference` does, tokenizing each split once (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, twin: Any = None) -> None:
         backend = tokenizer.backend_tokenizer
         self.backend = backend
+        self.twin = twin  # twin.AsciiTwin: ASCII texts tokenized by tiktoken, where that is exact
         tokens = backend.get_added_tokens_decoder()
         # an added token alone tokenizes to its id: known without asking the tokenizer
         self.cache: dict[str, list[int]] = {token.content: [index] for index, token in tokens.items()}
         # Unicode normalization forms leave ASCII text as it is, so ASCII texts skip the normalizer: 11% of the
         # tokenizer's time with Qwen's NFC, measured. Only ASCII: every Unicode version agrees on it.
-        self.ascii_skips_normalizer = backend.normalizer is not None and _unicode_forms(
+        self.ascii_skips_normalizer = backend.normalizer is not None and unicode_forms_only(
             json.loads(backend.normalizer.__getstate__()))
         # Leftmost-longest matching, as the tokenizer's: at the leftmost position, the longest alternative first
         self.passes = [re.compile("|".join(re.escape(t) for t in sorted(group, key=len, reverse=True)))
@@ -103,6 +104,12 @@ class SplitEncoder:
         (one chunk of conversations: a prompt's splits are the ones its sample is cut into later)."""
         cache = self.cache
         new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new and self.twin is not None:  # ASCII texts without added tokens (a prompt has them)
+            plain = [t for t in new if t.isascii() and not any(p.search(t) for p in self.passes)]
+            ids = list(map(self.twin.encode, plain))
+            if self.twin.covers(plain, ids):  # else a regex match skipped text: the tokenizer encodes them
+                cache.update(zip(plain, ids, strict=True))
+                new = [t for t in new if t not in cache]
         if new and self.ascii_skips_normalizer:
             ascii_texts = [t for t in new if t.isascii()]
             new = [t for t in new if not t.isascii()]

@@ -1,0 +1,145 @@
+"""The ids of ASCII text by tiktoken, for byte-level BPE tokenizers whose ids tiktoken provably reproduces.
+
+A fast tokenizer spends about 0.25 CPU s per million characters (its pipeline keeps offsets and alignments for every
+split); tiktoken's encoder, the same algorithm family, about a fifth of that. `SplitEncoder` gives it the ASCII texts
+when `ascii_twin` finds the tokenizer is one tiktoken computes exactly, and checks every batch for lost text.
+
+Why the ids are the same. Both split the text with the same regex, then merge each piece from its bytes: the
+tokenizer merges the adjacent pair that comes first in its merge list (ties: leftmost), tiktoken the adjacent pair
+whose concatenation has the lowest id (ties: leftmost). With
+  (a) the merge list ordered by the id of what each merge makes (never decreasing), and
+  (b) every way of writing a vocabulary entry as two entries listed as a merge (tiktoken merges any such pair),
+the two choose alike except among pairs that make the same entry t by different splits. No such choice arises: a pair
+(x, y) that makes t covers t's bytes exactly, and nothing merged across their edges before, so the merges inside them
+were those of t's bytes alone, in the same order (their ranks, then leftmost); every available pair making t is
+therefore the split that merging t's bytes alone reaches last, the same one. So both pick the leftmost of identical
+pairs at every step, by induction the same sequence. Then:
+  (c) a piece that is a vocabulary entry is that entry (tiktoken looks it up first; the tokenizer does with
+      `ignore_merges`, otherwise its merges must rebuild every entry, which is checked);
+  (d) the same pieces: one `Split` regex, isolated matches, then byte-level mapping with no prefix space, no
+      normalization of ASCII (Unicode forms only), no dropout, byte fallback or word affixes; for ASCII text the
+      regex engines (Oniguruma, fancy-regex) agree on the classes and the matching (a test compares them on random
+      ASCII text), and tiktoken skips text no alternative matches where the tokenizer keeps it, which
+      `SplitEncoder` detects by counting each batch's bytes.
+Checking a 151k vocabulary takes about 2 s, so preparation builds the twin only for large inputs, once per process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from chattune.data.splits import unicode_forms_only
+
+# by the tokenizer backend (held, so its id is not reused): the twin and its tokens' byte lengths, or None
+_TWINS: dict[int, tuple[Any, Any]] = {}
+
+
+class AsciiTwin:
+    """tiktoken's encoder for a tokenizer's ASCII texts; `byte_lengths[id]` is the bytes token `id` stands for (0 for
+    added tokens, which never come out of it)."""
+
+    def __init__(self, encoding: Any, byte_lengths: np.ndarray) -> None:
+        self.encode: Callable[[str], list[int]] = encoding.encode_ordinary
+        self.byte_lengths = byte_lengths
+
+    def covers(self, texts: list[str], ids: list[list[int]]) -> bool:
+        """Whether the ids spell as many bytes as the texts hold: no text left out between regex matches."""
+        flat = np.fromiter(chain.from_iterable(ids), np.int64)
+        return int(self.byte_lengths[flat].sum()) == sum(map(len, texts))
+
+
+def ascii_twin(tokenizer: Any) -> AsciiTwin | None:
+    """The tiktoken twin of `tokenizer` for ASCII text, or None where its ids are not provably the tokenizer's (see
+    the module docstring), or tiktoken is missing. Checked once per tokenizer in a process."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    known = _TWINS.get(id(backend))
+    if known is None or known[0] is not backend:
+        known = _TWINS[id(backend)] = backend, _build(backend)
+    return known[1]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level characters -> the byte each stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _build(backend: Any) -> AsciiTwin | None:
+    why = twin_problem(backend)
+    if isinstance(why, str):
+        return None
+    ranks, pattern = why
+    import tiktoken
+
+    try:
+        encoding = tiktoken.Encoding("chattune-twin", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    except Exception:  # noqa: BLE001 - a pattern its regex engine rejects, ids it will not take: no twin
+        return None
+    lengths = np.zeros(max(backend.get_vocab_size(with_added_tokens=True), max(ranks.values()) + 1), np.int64)
+    for token, index in ranks.items():
+        lengths[index] = len(token)
+    return AsciiTwin(encoding, lengths)
+
+
+def twin_problem(backend: Any) -> str | tuple[dict[bytes, int], str]:
+    """Why tiktoken would not reproduce this tokenizer's ids of ASCII text; else (its mergeable ranks, its regex)."""
+    try:
+        import tiktoken  # noqa: F401
+    except ImportError:
+        return "tiktoken is not installed"
+    if backend.normalizer is not None and not unicode_forms_only(json.loads(backend.normalizer.__getstate__())):
+        return "its normalizer may change ASCII text"
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if not (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"):
+        return "its pre-tokenizer is not one regex split followed by the byte-level mapping"
+    split, level = steps
+    pattern = split.get("pattern", {}).get("Regex")
+    if pattern is None or split.get("behavior") != "Isolated" or split.get("invert"):
+        return "its split is not a regex keeping each match as a piece"
+    if level.get("add_prefix_space") or level.get("use_regex"):
+        return "its byte-level step adds a prefix space or splits again"
+    model = json.loads(backend.model.__getstate__())
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
+        return "its model is not a deterministic BPE without byte fallback"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "its BPE marks word pieces"
+    alphabet = _byte_level_alphabet()
+    vocab: dict[str, int] = model["vocab"]
+    if not set(chain.from_iterable(vocab)) <= alphabet.keys():
+        return "its vocabulary is not byte-level"
+    table = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+    spelled = {token: token.translate(table).encode("latin-1") for token in vocab}
+    ranks = {spelled[token]: index for token, index in vocab.items()}
+    if len(ranks) != len(vocab) or any(bytes([b]) not in ranks for b in range(256)):
+        return "its vocabulary spells some bytes twice or misses a byte"
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    last = -1
+    for left, right in merges:
+        made = ranks.get(spelled[left] + spelled[right]) if left in spelled and right in spelled else None
+        if made is None or made < last:
+            return "its merges are not ordered by the id of what they make"  # (a)
+        last = made
+    splits = sum(token[:k] in ranks and token[k:] in ranks for token in ranks for k in range(1, len(token)))
+    if splits != len(set(merges)):  # each distinct merge is one split: equal counts, every split is a merge
+        return "some vocabulary entries split into two entries that are not a merge"  # (b)
+    if not model.get("ignore_merges"):
+        tokenize = backend.model.tokenize
+        for token, index in vocab.items():
+            if len(token) > 1 and [t.id for t in tokenize(token)] != [index]:
+                return f"its merges do not rebuild the vocabulary entry {token!r}"  # (c)
+    return ranks, pattern

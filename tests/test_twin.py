@@ -1,0 +1,179 @@
+"""tiktoken as the tokenizer's twin for ASCII text (chattune.data.twin): the same ids as the tokenizer on Qwen's
+vocabulary (random and exhaustive short ASCII text, long runs where several splits make one token), each condition of
+the proof refused where it fails (with a text on which tiktoken then differs), text a regex match skips encoded by the
+tokenizer, and prepared data identical with and without it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import random
+import types
+
+import numpy as np
+import pytest
+from fixtures import qwen_tokenizer
+from test_splits import as_lists, samples_of
+
+from chattune.data import encode
+from chattune.data import prepare as prepare_module
+from chattune.data.splits import SplitEncoder
+from chattune.data.twin import _byte_level_alphabet, ascii_twin, twin_problem
+
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                r"\s+(?!\S)|\s+")
+# every class the pattern tells apart, and the characters of the tie-prone runs (spaces, dashes, equals)
+ALPHABET = " \t\n\r\x0b\x0c\x00\x1faZs0'-=._\"#<"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    tok = qwen_tokenizer()
+    twin = ascii_twin(tok)
+    assert twin is not None
+    return tok, twin
+
+
+def hf_ids(tok, texts):
+    return [e.ids for e in tok.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_the_twin_gives_the_tokenizers_ids_for_every_short_ascii_text(qwen):
+    tok, twin = qwen
+    texts = ["".join(p) for n in (1, 2, 3) for p in itertools.product(ALPHABET, repeat=n)]
+    assert list(map(twin.encode, texts)) == hf_ids(tok, texts)
+
+
+def test_the_twin_gives_the_tokenizers_ids_for_random_ascii_text_and_long_runs(qwen):
+    """Runs of spaces, dashes and equals are where one token has several splits (Qwen's "    " is made by ' '+'   ',
+    '  '+'  ' and '   '+' '): the proof says the choice among them never arises; the ids agree."""
+    tok, twin = qwen
+    rng = random.Random(0)
+    words = ["the", "The", "THE", "don't", "I'LL", "x=1", "  ", "\n", "\r\n", "\t", "----", "====", "    ", "42",
+             "3.14", "foo_bar", "a'", "'s", "#", "<div>", "\"q\"", "...", "\x0b", "\x00", "~!@", "()[]{}"]
+    texts = ["".join(rng.choice(words) + rng.choice(["", " ", "  ", "\n"]) for _ in range(rng.randint(1, 40)))
+             for _ in range(3000)]
+    texts += ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(1, 60))) for _ in range(3000)]
+    texts += [c * n for c in " -=\n_.0a" for n in range(1, 130)]
+    texts += [a * n + b * m for a, b in ((" ", "\n"), ("-", ">"), (" ", "-"), ("=", " ")) for n in range(1, 20)
+              for m in range(1, 20)]
+    assert list(map(twin.encode, texts)) == hf_ids(tok, texts)
+
+
+def test_the_split_encoder_with_the_twin_equals_the_reference_on_real_templates(qwen):
+    """Conversations of 1 to 40 turns with ASCII and non-ASCII words: ASCII texts without added tokens go to the
+    twin, the others (and every whole prompt, which holds added tokens) to the tokenizer; sample for sample the
+    reference path's ids and labels."""
+    from tokenizers import normalizers
+
+    tok, samples = samples_of("qwen3_5", seed=11, count=24)
+    tok.backend_tokenizer.normalizer = normalizers.NFC()  # as in Qwen2+'s tokenizer.json: it changes "e\u0301"
+    twin = ascii_twin(tok)
+    encoder = SplitEncoder(tok, twin)
+    calls = []
+    twin_encode, encoder.twin = twin.encode, types.SimpleNamespace(
+        encode=lambda t: calls.append(t) or twin_encode(t), covers=twin.covers)
+    assert as_lists(encode.encode_samples(tok, samples, encoder)) == as_lists(encode._encode_reference(tok, samples))
+    assert calls and all(t.isascii() and "<|" not in t for t in calls)
+
+
+def byte_level(vocab_extra, merges, *, pattern=QWEN_PATTERN, ignore_merges=False):
+    """A tokenizer over the 256 byte-level characters plus `vocab_extra` (ids 256...) with `merges`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    vocab = {c: b for c, b in _byte_level_alphabet().items()} | {t: 256 + i for i, t in enumerate(vocab_extra)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), "isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return backend
+
+
+def raw_tiktoken(backend):
+    """tiktoken over the backend's vocabulary, built without any of the checks."""
+    import tiktoken
+
+    spec = json.loads(backend.to_str())
+    pattern = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    alphabet = _byte_level_alphabet()
+    ranks = {bytes(alphabet[c] for c in t): i for t, i in spec["model"]["vocab"].items()}
+    return tiktoken.Encoding("raw", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+
+
+@pytest.mark.parametrize("case", ["merge order", "missing merge", "unbuilt entry"])
+def test_each_condition_of_the_proof_is_refused_where_tiktoken_would_differ(case):
+    if case == "merge order":  # (a): 'bc' (id 257) is merged before 'ab' (id 256): the tokenizer gives a|bc
+        backend, reason, text = byte_level(["ab", "bc"], [("b", "c"), ("a", "b")]), "not ordered", "abc"
+    elif case == "missing merge":  # (b): 'bc' is an entry but no merge: tiktoken joins b+c, the tokenizer never
+        backend = byte_level(["ab", "bc", "abc"], [("a", "b"), ("ab", "c")], ignore_merges=True)
+        reason, text = "not a merge", "xbc"
+    else:  # (c): 'abc' has no split into entries, so merges cannot make it; tiktoken looks it up whole
+        backend, reason, text = byte_level(["abc"], []), "do not rebuild", "abc"
+    problem = twin_problem(backend)
+    assert isinstance(problem, str) and reason in problem
+    assert raw_tiktoken(backend).encode_ordinary(text) != backend.encode(text).ids  # what the check prevents
+    assert isinstance(twin_problem(byte_level(["ab", "bc"], [("a", "b"), ("b", "c")])), tuple)  # the fixed one passes
+
+
+def test_tokenizers_of_other_shapes_get_no_twin():
+    from fixtures import deepseek_tokenizer
+    from tokenizers import normalizers, pre_tokenizers
+
+    assert ascii_twin(deepseek_tokenizer()) is None  # DeepSeek splits with several regexes
+    lowered = byte_level(["ab"], [("a", "b")])
+    lowered.normalizer = normalizers.Lowercase()
+    assert "normalizer" in twin_problem(lowered)
+    spaced = byte_level(["ab"], [("a", "b")])
+    spaced.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert "pre-tokenizer" in twin_problem(spaced)
+
+
+def test_text_a_regex_match_skips_is_encoded_by_the_tokenizer():
+    """A split pattern that matches no digit: the tokenizer keeps '12' as a piece of its own, tiktoken drops it. The
+    batch's byte count shows it, and the tokenizer encodes the batch."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = byte_level(["ab"], [("a", "b")], pattern=r"[a-z]+| ")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    twin = ascii_twin(tok)
+    assert twin is not None
+    texts = ["ab 12 ab", "ab ab"]
+    assert twin.encode(texts[0]) != backend.encode(texts[0]).ids  # the digits are gone
+    assert not twin.covers(texts, list(map(twin.encode, texts)))
+    assert SplitEncoder(tok, twin).tokenize(texts) == hf_ids(tok, texts)
+
+
+def test_prepared_data_is_the_same_with_and_without_the_twin(tmp_path, monkeypatch):
+    """The streamed preparation with two forked workers, the twin built for any input size: every id and label
+    equal to the preparation without it."""
+    from test_stream import records, write_jsonl
+
+    from chattune.data.chat_templates import setup_chat_template
+
+    tok = qwen_tokenizer()
+    setup = setup_chat_template(tok, "auto")
+    rows = records(300) + [{"conversations": [{"from": "human", "value": "code:\n" + "    x = 1\n" * (i % 9)},
+                                              {"from": "gpt", "value": "-" * i + " done"}]} for i in range(300)]
+    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    built, used = [], multiprocessing.Value("i", 0)  # shared with the forked workers
+
+    def counting_twin(t):
+        twin = ascii_twin(t)
+        built.append(twin)
+
+        def encode(text):
+            with used.get_lock():
+                used.value += 1
+            return twin.encode(text)
+        return types.SimpleNamespace(encode=encode, covers=twin.covers)
+
+    monkeypatch.setattr(prepare_module, "ascii_twin", counting_twin)
+    out = {}
+    for name, limit in (("without", 1 << 62), ("with", 0)):
+        monkeypatch.setattr(prepare_module, "_TWIN_MIN_BYTES", limit)
+        prepared = prepare_module.prepare_files(str(path), tok, stop_tokens=setup.stop_tokens, max_length=512,
+                                                cache_dir=tmp_path / name, num_proc=2)
+        out[name] = [np.concatenate([np.asarray(x) for x in prepared.dataset[c]]) for c in ("input_ids", "labels")]
+    assert len(built) == 1 and used.value > 100  # built once, in the parent; used by the workers
+    assert all(np.array_equal(a, b) for a, b in zip(out["with"], out["without"], strict=True))
