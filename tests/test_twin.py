@@ -40,8 +40,12 @@ def hf_ids(tok, texts):
 
 
 def test_the_twin_gives_the_tokenizers_ids_for_every_short_ascii_text(qwen):
+    """Every ASCII text of 1 or 2 characters (each character's class, for both regex engines), every text of 3 over
+    the pattern's classes."""
     tok, twin = qwen
-    texts = ["".join(p) for n in (1, 2, 3) for p in itertools.product(ALPHABET, repeat=n)]
+    ascii_chars = [chr(c) for c in range(128)]
+    texts = ["".join(p) for n in (1, 2) for p in itertools.product(ascii_chars, repeat=n)]
+    texts += ["".join(p) for p in itertools.product(ALPHABET, repeat=3)]
     assert list(map(twin.encode, texts)) == hf_ids(tok, texts)
 
 
@@ -101,19 +105,54 @@ def raw_tiktoken(backend):
     return tiktoken.Encoding("raw", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
 
 
-@pytest.mark.parametrize("case", ["merge order", "missing merge", "unbuilt entry"])
+@pytest.mark.parametrize("case", ["merge order", "unlisted merge", "another split", "unbuilt entry"])
 def test_each_condition_of_the_proof_is_refused_where_tiktoken_would_differ(case):
     if case == "merge order":  # (a): 'bc' (id 257) is merged before 'ab' (id 256): the tokenizer gives a|bc
         backend, reason, text = byte_level(["ab", "bc"], [("b", "c"), ("a", "b")]), "not ordered", "abc"
-    elif case == "missing merge":  # (b): 'bc' is an entry but no merge: tiktoken joins b+c, the tokenizer never
+    elif case == "unlisted merge":  # (b): 'bc' is an entry but b+c no merge: tiktoken joins them, the tokenizer never
         backend = byte_level(["ab", "bc", "abc"], [("a", "b"), ("ab", "c")], ignore_merges=True)
-        reason, text = "not a merge", "xbc"
+        reason, text = "not one of its merges", "xbc"
+    elif case == "another split":  # (b): tiktoken makes 'abc' from ab+c (ab has the lower id), the list has a+bc
+        backend = byte_level(["ab", "bc", "abc"], [("a", "b"), ("b", "c"), ("a", "bc")], ignore_merges=True)
+        reason, text = "not one of its merges", "abcx"
     else:  # (c): 'abc' has no split into entries, so merges cannot make it; tiktoken looks it up whole
         backend, reason, text = byte_level(["abc"], []), "do not rebuild", "abc"
     problem = twin_problem(backend)
     assert isinstance(problem, str) and reason in problem
     assert raw_tiktoken(backend).encode_ordinary(text) != backend.encode(text).ids  # what the check prevents
     assert isinstance(twin_problem(byte_level(["ab", "bc"], [("a", "b"), ("b", "c")])), tuple)  # the fixed one passes
+
+
+def test_a_merge_file_from_training_one_merge_per_entry_gets_the_twin(qwen):
+    """Qwen's own tokenizer.json lists one merge per entry (the one that built it), where the tests' conversion from
+    its tiktoken file lists every split. With only the merge tiktoken makes last for each entry, the twin is still
+    exact; with another split listed for one common entry ('the' as t+he), it is refused, and tiktoken's ids then
+    differ from the tokenizer's."""
+    from tokenizers import Tokenizer
+
+    from chattune.data.twin import _last_merge
+
+    tok, _ = qwen
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    alphabet = _byte_level_alphabet()
+    table = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+    spelled = {t: t.translate(table).encode("latin-1") for t in spec["model"]["vocab"]}
+    ranks = {spelled[t]: i for t, i in spec["model"]["vocab"].items()}
+    merges = spec["model"]["merges"]
+    first = [m for m in merges if _last_merge(spelled[m[0]] + spelled[m[1]], ranks) == (spelled[m[0]], spelled[m[1]])]
+    assert len(first) == len(ranks) - 256 < len(merges)  # one merge per entry made of two
+    spec["model"]["merges"], spec["model"]["ignore_merges"] = first, False  # as in Qwen's: entries built by merges
+    trained = Tokenizer.from_str(json.dumps(spec))
+    assert isinstance(twin_problem(trained), tuple)
+    rng = random.Random(1)
+    texts = ["".join(chr(rng.randrange(32, 127)) for _ in range(rng.randint(1, 80))) for _ in range(2000)]
+    texts += [c * n + "x" for c in " -=" for n in range(1, 70)]
+    assert list(map(raw_tiktoken(trained).encode_ordinary, texts)) == [e.ids for e in trained.encode_batch(texts)]
+    assert _last_merge(b"the", ranks) == (b"th", b"e")  # 'th' has a lower id than 'he'
+    spec["model"]["merges"] = [["t", "he"] if m == ["th", "e"] else m for m in first]
+    swapped = Tokenizer.from_str(json.dumps(spec))
+    assert "not one of its merges" in twin_problem(swapped)
+    assert raw_tiktoken(swapped).encode_ordinary("testingthe") != swapped.encode("testingthe").ids
 
 
 def test_tokenizers_of_other_shapes_get_no_twin():

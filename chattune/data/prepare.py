@@ -73,7 +73,7 @@ from chattune.data.workers import ordered_map
 
 # Below this much input, worker processes cost more than they save.
 _PARALLEL_MIN_BYTES = 4 << 20
-# From this much input on, checking whether tiktoken reproduces the tokenizer (~2 s for a 151k vocabulary) pays: it
+# From this much input on, checking whether tiktoken reproduces the tokenizer (~2.5 s for a 151k vocabulary) pays: it
 # tokenizes ASCII text in a fifth of the tokenizer's time (chattune.data.twin; 100k conversations: 26 s -> 17 s)
 _TWIN_MIN_BYTES = 32 << 20
 

@@ -12,9 +12,10 @@ reference path does.
 
 What is tokenized: every text between added tokens once (identical strings once per batch), plus one window per
 answer start that precedes a later answer. ASCII texts skip a normalizer made only of Unicode normalization forms
-(Qwen's NFC), which leaves them unchanged. The result is identical to `encode._encode_reference`, which a test checks
-over conversations of 1 to 40 turns on the real templates, and which `encode_samples` re-checks on one sample of
-every batch.
+(Qwen's NFC), which leaves them unchanged; for large inputs, ASCII texts without added tokens are tokenized by
+tiktoken where `twin.ascii_twin` proves its ids the tokenizer's. The result is identical to
+`encode._encode_reference`, which a test checks over conversations of 1 to 40 turns on the real templates, and which
+`encode_samples` re-checks on one sample of every batch.
 """
 
 from __future__ import annotations
