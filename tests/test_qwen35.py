@@ -143,3 +143,72 @@ def test_gptq_of_a_vision_language_checkpoint_says_what_it_needs_before_loading(
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
     with pytest.raises(ConfigError, match="vision-language checkpoint.*torchvision built for your torch"):
         check_processor_support(str(model_dirs("qwen3_5")))
+
+
+@pytest.mark.slow
+def test_qlora_trains_the_text_path_of_the_checkpoint_class_and_the_adapter_loads_into_it(model_dirs, tmp_path):
+    """Q-LoRA (NF4 base, bitsandbytes on CPU) of the vision-language checkpoint: the text path's linear layers are
+    4-bit, the adapter is on the text path only and loads into the checkpoint's own class with every module matched
+    and trained."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    base = model_dirs("qwen3_5")
+    out = tmp_path / "qlora"
+    trainer = train(base, out, "--use_lora", "--q_lora", "--bf16", "True", "--lora_r", "8")
+    model = trainer.model
+    assert type(model.get_base_model()).__name__ == "Qwen3_5ForConditionalGeneration"
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any(".language_model.layers." in n for n in four_bit)  # (the vision tower, never run on text, too)
+    saved = tensors(out)
+    assert saved and all(".language_model.layers." in n for n in saved)
+    assert all(t.abs().max() > 0 for n, t in saved.items() if "lora_B" in n)  # B starts at zero: it trained
+    reloaded = PeftModel.from_pretrained(Qwen3_5ForConditionalGeneration.from_pretrained(base, dtype=torch.float32),
+                                         out)
+    loaded = {n for n, _ in reloaded.named_parameters() if "lora_" in n}
+    assert loaded == {n for n, _ in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_zero3_saves_the_checkpoints_layout_whole(mode, model_dirs, tmp_path):
+    """Two ZeRO-3 processes (CPU, gloo) train the vision-language checkpoint. LoRA: the adapter holds every tensor at
+    its full shape, named in the checkpoint's layout, equal to the trained values DeepSpeed's own checkpoint holds.
+    Full: every base tensor is saved whole under its own name (transformers' ZeRO-3 save renamed the text path to
+    model.language_model.model.language_model.*: chattune.train.hf.keep_used_weight_conversions), the vision tower
+    and MTP head byte for byte as they were, the text path trained from the base's values, the config the base's."""
+    from safetensors.torch import load_file
+    from test_distributed import recovered_from_checkpoint
+
+    base = model_dirs("qwen3_5")
+    out = tmp_path / "zero3"
+    args = ["finetune.py", "--model_name_or_path", str(base), "--data_path", str(DATA), "--use_cpu", "True",
+            "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+            "--report_to", "none", "--preview_data", "0", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0",
+            "--model_max_length", "512", "--output_dir", str(out), "--deepspeed", "ds_configs/zero3.json",
+            "--per_device_train_batch_size", "2"]
+    proc = forkrun.torchrun([*args, *(["--use_lora", "--lora_r", "8"] if mode == "lora" else [])])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    if mode == "lora":
+        saved = load_file(str(out / "adapter_model.safetensors"))
+        trained = {n.replace(".default.", "."): t for n, t in recovered_from_checkpoint(out / "checkpoint-2").items()}
+        assert set(saved) == set(trained) and all(".language_model.layers." in n for n in saved)
+        for name, tensor in saved.items():
+            assert tensor.shape == trained[name].shape and 8 in tensor.shape, name  # whole, not ZeRO-3 shards
+            torch.testing.assert_close(tensor, trained[name], rtol=1e-5, atol=1e-6)
+            if "lora_B" in name:
+                assert tensor.abs().max() > 0, f"{name} is still at its zero initialization"
+        return
+    before, after = tensors(base), tensors(out)
+    assert set(after) == set(before) and layout_problems(str(out), str(base)) == []
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape, name  # whole tensors, not ZeRO-3's empty shards
+        if name.startswith("mtp.") or ".visual." in name:
+            assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+        else:  # two steps at 1e-3 from the base's values, not from a fresh initialization
+            assert (after[name].float() - tensor.float()).abs().max() < 0.01, name
+    assert any(not torch.equal(after[n].to(before[n].dtype), before[n]) for n in before
+               if ".language_model.layers." in n)
+    config, base_config = (json.loads((p / "config.json").read_text()) for p in (out, base))
+    assert config["architectures"] == base_config["architectures"] == ["Qwen3_5ForConditionalGeneration"]

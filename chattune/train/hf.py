@@ -62,6 +62,9 @@ SURFACE: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("peft.tuners.lora.layer.ParamWrapper.get_delta_factors", ("self", "adapter_name"),
      "4-bit experts apply peft's adapter per expert from its low-rank factors (lora/layer.py L2525); the "
      "wrapper's own forward, which adds the delta to the whole stack, is bypassed"),
+    ("transformers.core_model_loading.WeightTransform.was_used", ("self",),
+     "under ZeRO-3 the model keeps every weight conversion of its type for the save, not only the used ones: "
+     "filtered as the plain load filters (keep_used_weight_conversions; integrations/deepspeed.py L485)"),
     *DATA_SURFACE,  # chat templating, used by data preparation (chattune/data/hf.py, which data/ may import)
 )
 
@@ -274,3 +277,14 @@ def kept_linear_moe_targets(model: Any, target_modules: Any) -> list[str]:
         return []
     moved = {old for old, new in mapping.items() if "." not in new}
     return sorted(t for t in target_modules or () if "." in t and t.rsplit(".", 1)[-1] in moved)
+
+
+def keep_used_weight_conversions(model: Any) -> None:
+    """After a ZeRO-3 load: keep only the weight conversions that renamed a checkpoint tensor, as the plain load
+    does (core_model_loading.py L1876). transformers 5.23's ZeRO-3 load keeps all of its model type's
+    (integrations/deepspeed.py L485, from huggingface/transformers#43303), and save_pretrained reverses them: for
+    Qwen3.5's vision-language class the unused PrefixChange(prefix_to_remove="language_model") saved every text
+    tensor as model.language_model.model.language_model.* (test_qwen35's ZeRO-3 full fine-tuning test)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if c.was_used()]

@@ -15,6 +15,7 @@ from chattune.train import experts4bit
 from chattune.train.architecture import compute_dtype, existing_quantization, load_class
 from chattune.train.hf import (
     install_packed_linear_attention,
+    keep_used_weight_conversions,
     use_common_dtype_in_flex_attention,
 )
 
@@ -104,6 +105,8 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
             model = load_class(config).from_pretrained(model_args.model_name_or_path, **kwargs)
     except OSError as e:
         raise ConfigError(f"cannot load the model {model_args.model_name_or_path!r}: {e}") from None
+    if is_deepspeed_zero3_enabled():
+        keep_used_weight_conversions(model)
     if four_bit_experts:
         late = experts4bit.quantize_experts(model)
         if late:
