@@ -190,6 +190,10 @@ def test_zero3_saves_the_checkpoints_layout_whole(mode, model_dirs, tmp_path):
             "--per_device_train_batch_size", "2"]
     proc = forkrun.torchrun([*args, *(["--use_lora", "--lora_r", "8"] if mode == "lora" else [])])
     assert proc.returncode == 0, proc.stderr[-4000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    logged = [h["loss"] for h in history if "loss" in h]
+    # the summary is the mean over both ranks (the last steps were rank 0's own share before they were logged)
+    assert logged and history[-1]["train_loss"] == pytest.approx(logged[-1], rel=1e-6)
     if mode == "lora":
         saved = load_file(str(out / "adapter_model.safetensors"))
         trained = {n.replace(".default.", "."): t for n, t in recovered_from_checkpoint(out / "checkpoint-2").items()}

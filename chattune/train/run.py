@@ -30,6 +30,7 @@ from chattune.train.batches import StepSampler, pair_lengths, sample_lengths
 from chattune.train.callbacks import (
     CheckpointFilesCallback,
     EpochCallback,
+    LastStepLogCallback,
     LossPlotCallback,
     PreemptionCallback,
     ThroughputCallback,
@@ -279,7 +280,7 @@ def build_trainer(model, plan: Plan, training_args, tokenizer, data: Data, templ
         model=model, args=args, train_dataset=data.train.dataset,
         eval_dataset=data.eval.dataset if data.eval else None, data_collator=padding_collator(tokenizer),
         processing_class=tokenizer,
-        callbacks=[preemption, clock, EpochCallback(steps), LossPlotCallback(),
+        callbacks=[preemption, clock, EpochCallback(steps), LastStepLogCallback(), LossPlotCallback(),
                    *([EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience > 0 else [])],
         loss=LossSetup(plan.loss.choice, training_args.fused_ce, plan.logit_transform, plan.router_aux),
         steps=steps,
