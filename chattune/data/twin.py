@@ -18,10 +18,12 @@ candidate of lowest id at every step, by induction the same sequence. Then:
   (c) a piece that is a vocabulary entry is that entry (tiktoken looks it up first; the tokenizer does with
       `ignore_merges`, otherwise its merges must rebuild every entry, which is checked);
   (d) the same pieces: one `Split` regex, isolated matches, then byte-level mapping with no prefix space, no
-      normalization of ASCII (Unicode forms only), no dropout, byte fallback or word affixes; for ASCII text the
-      regex engines (Oniguruma, fancy-regex) agree on the classes and the matching (a test compares them on every
-      ASCII text of 2 characters and random ones), and tiktoken skips text no alternative matches where the
-      tokenizer keeps it, which `SplitEncoder` detects by counting each batch's bytes.
+      normalization of ASCII (Unicode forms only), no dropout, byte fallback or word affixes. The regex engines
+      (Oniguruma, fancy-regex) do not agree on every pattern even for ASCII text (Oniguruma's `^` and `$` match at
+      every line, its `(?i:ß)` matches "ss", an empty match panics in tiktoken), so only the patterns in
+      `PATTERNS` are taken, each compared on every ASCII text of 2 characters and on random text by a test; and
+      tiktoken skips text no alternative matches where the tokenizer keeps it, which `SplitEncoder` detects by
+      counting each batch's bytes.
 Both kinds of merge files pass where they are sound: those converted from tiktoken (every split of an entry listed)
 and those from BPE training (one merge per entry, the one that built it).
 Checking a 151k vocabulary takes about 2.5 s, so preparation builds the twin only for large inputs, once per process.
@@ -38,8 +40,17 @@ import numpy as np
 
 from chattune.data.splits import unicode_forms_only
 
-# by the tokenizer backend (held, so its id is not reused): the twin and its tokens' byte lengths, or None
-_TWINS: dict[int, tuple[Any, Any]] = {}
+# The split patterns whose matches on ASCII text both regex engines agree on (tests/test_twin.py compares them)
+PATTERNS = {
+    # Qwen2, Qwen2.5, Qwen3 (and Qwen's tiktoken file): digits one by one
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    # Llama 3 (cl100k_base's): digits in groups of up to three
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama3",
+}
+
+# by the tokenizer backend (held, so its id is not reused) and its normalizer and pre-tokenizer (changed in place, they
+# are another tokenizer): the twin, or None
+_TWINS: dict[tuple[int, bytes, bytes], tuple[Any, Any]] = {}
 
 
 class AsciiTwin:
@@ -62,9 +73,11 @@ def ascii_twin(tokenizer: Any) -> AsciiTwin | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    known = _TWINS.get(id(backend))
+    key = (id(backend), *(part.__getstate__() if part is not None else b""
+                            for part in (backend.normalizer, backend.pre_tokenizer)))
+    known = _TWINS.get(key)
     if known is None or known[0] is not backend:
-        known = _TWINS[id(backend)] = backend, _build(backend)
+        known = _TWINS[key] = backend, _build(backend)
     return known[1]
 
 
@@ -114,6 +127,8 @@ def twin_problem(backend: Any) -> str | tuple[dict[bytes, int], str]:
     pattern = split.get("pattern", {}).get("Regex")
     if pattern is None or split.get("behavior") != "Isolated" or split.get("invert"):
         return "its split is not a regex keeping each match as a piece"
+    if pattern not in PATTERNS:
+        return "its split pattern is not one whose matches both regex engines are known to agree on"
     if level.get("add_prefix_space") or level.get("use_regex"):
         return "its byte-level step adds a prefix space or splits again"
     model = json.loads(backend.model.__getstate__())
