@@ -350,8 +350,12 @@ def test_concurrent_main_processes_prepare_once(model_dirs, tmp_path):
 # Bounded memory
 # ----------------------------------------------------------------------------------------------------------------
 
+# The tiktoken twin (chattune.data.twin, from 32 MB of input on) is built for both sizes: a fixed cost (its tables,
+# ~40 MB in the main process, which the forked workers map too), not one that grows with the data.
 _PEAK = """
 import json, resource, sys
+import chattune.data.prepare
+chattune.data.prepare._TWIN_MIN_BYTES = 0
 from chattune.data.prepare import prepare_files
 from chattune.data.tokenizer import prepare_tokenizer
 tok, setup = prepare_tokenizer(sys.argv[1], "auto")
