@@ -125,15 +125,20 @@ def byte_level(vocab_extra, merges, *, pattern=QWEN_PATTERN, ignore_merges=False
     return backend
 
 
+def spelled_and_ranks(spec: dict) -> tuple[dict[str, bytes], dict[bytes, int]]:
+    """A tokenizer JSON's vocabulary entries as the bytes they spell, and those bytes -> id."""
+    alphabet = _byte_level_alphabet()
+    spelled = {t: bytes(alphabet[c] for c in t) for t in spec["model"]["vocab"]}
+    return spelled, {spelled[t]: i for t, i in spec["model"]["vocab"].items()}
+
+
 def raw_tiktoken(backend):
     """tiktoken over the backend's vocabulary, built without any of the checks."""
     import tiktoken
 
     spec = json.loads(backend.to_str())
     pattern = spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
-    alphabet = _byte_level_alphabet()
-    ranks = {bytes(alphabet[c] for c in t): i for t, i in spec["model"]["vocab"].items()}
-    return tiktoken.Encoding("raw", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return tiktoken.Encoding("raw", pat_str=pattern, mergeable_ranks=spelled_and_ranks(spec)[1], special_tokens={})
 
 
 @pytest.mark.parametrize("case", ["merge order", "unlisted merge", "another split", "unbuilt entry"])
@@ -165,10 +170,7 @@ def test_a_merge_file_from_training_one_merge_per_entry_gets_the_twin(qwen):
 
     tok, _ = qwen
     spec = json.loads(tok.backend_tokenizer.to_str())
-    alphabet = _byte_level_alphabet()
-    table = str.maketrans({c: chr(b) for c, b in alphabet.items()})
-    spelled = {t: t.translate(table).encode("latin-1") for t in spec["model"]["vocab"]}
-    ranks = {spelled[t]: i for t, i in spec["model"]["vocab"].items()}
+    spelled, ranks = spelled_and_ranks(spec)
     merges = spec["model"]["merges"]
     pairs = [(spelled[a], spelled[b]) for a, b in merges]
     last = {a + b: _last_merge(a + b, ranks) for a, b in set(pairs)}

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from chattune.data.splits import unicode_forms_only
+from chattune.data.splits import leaves_ascii_alone
 
 # The split patterns whose matches on ASCII text both regex engines agree on (tests/test_twin.py compares them)
 PATTERNS = {
@@ -119,7 +119,7 @@ def twin_problem(backend: Any) -> str | tuple[dict[bytes, int], str]:
         import tiktoken  # noqa: F401
     except ImportError:
         return "tiktoken is not installed"
-    if backend.normalizer is not None and not unicode_forms_only(json.loads(backend.normalizer.__getstate__())):
+    if not leaves_ascii_alone(backend.normalizer):
         return "its normalizer may change ASCII text"
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
